@@ -1,0 +1,259 @@
+"""Engines: one streaming call, `submit(request)`, that yields text deltas and ends with the totals.
+
+`submit` validates and admits the request before it returns, so a bad request or a full queue is
+an error the caller can answer with a status code before any response byte is sent; iterating the
+returned stream then does the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from inference.loading import LoadedModel, load_model
+from inference.prompt import PromptBuilder, resolve_terminators
+from inference.settings import Settings
+from inference.text import StopMatcher
+from inference.types import (
+    ContextTooLong,
+    EngineNotReady,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    ModelInfo,
+    StreamEvent,
+    TextDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+EngineState = Literal["loading", "ready", "failed", "stopping"]
+
+
+class Engine(ABC):
+    """What the web layer talks to: lifecycle, model info and one streaming generation call."""
+
+    def __init__(self) -> None:
+        self.state: EngineState = "loading"
+        self.state_reason = "model is loading"
+        self.info: ModelInfo | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def ensure_ready(self) -> ModelInfo:
+        if self.state != "ready" or self.info is None:
+            raise EngineNotReady(self.state_reason)
+        return self.info
+
+    @abstractmethod
+    def load(self) -> None:
+        """Blocking load; sets `state` to ready or failed."""
+
+    async def start(self) -> None:
+        """Load in a worker thread so the event loop keeps serving (health checks, 503s) meanwhile."""
+        await asyncio.to_thread(self.load)
+
+    @abstractmethod
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Validate and admit `request`; the returned iterator yields TextDelta... then one GenerationResult."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """The whole generation at once."""
+        stream = await self.submit(request)
+        async for event in stream:
+            if isinstance(event, GenerationResult):
+                return event
+        raise GenerationFailed("the generation ended without a result")
+
+    def close(self) -> None:
+        self.state = "stopping"
+        self.state_reason = "the service is shutting down"
+
+
+class LocalEngine(Engine, ABC):
+    """An engine that runs a transformers model in this process."""
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+        super().__init__()
+        self.settings = settings
+        self._loader = loader
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.prompt_builder: PromptBuilder | None = None
+        self.terminators: list[int] = []
+
+    def load(self) -> None:
+        try:
+            loaded = self._loader(self.settings)
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            self.prompt_builder = PromptBuilder(self.tokenizer)
+            self.terminators = resolve_terminators(self.tokenizer)
+            self.info = loaded.info
+            self.on_loaded()
+        except Exception as error:
+            self.state, self.state_reason = "failed", f"model failed to load: {error}"
+            raise
+        self.state, self.state_reason = "ready", "ready"
+
+    def on_loaded(self) -> None:
+        """Hook for engines that set up more after the model is in memory."""
+
+    def prepare(self, request: GenerationRequest) -> list[int]:
+        """Prompt ids for `request`, after the context check."""
+        info = self.ensure_ready()
+        assert self.prompt_builder is not None
+        try:
+            prompt_ids = self.prompt_builder.build(request.messages)
+        except InvalidRequest:
+            raise
+        except Exception as error:  # a tokenizer fault is this request's problem, not the service's
+            raise InvalidRequest(f"the prompt could not be tokenized: {type(error).__name__}") from error
+        if len(prompt_ids) + request.max_new_tokens > info.context_length:
+            raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
+        return prompt_ids
+
+    def sampling_config(self, request: GenerationRequest) -> Any:
+        """A GenerationConfig for `request`, starting from the model's own defaults."""
+        config = copy.deepcopy(self.model.generation_config)
+        greedy = request.temperature == 0
+        config.update(
+            max_new_tokens=request.max_new_tokens,
+            do_sample=not greedy,
+            temperature=1.0 if greedy else request.temperature,
+            top_p=1.0 if greedy or request.top_p is None else request.top_p,
+            top_k=None if greedy or request.top_k is None else request.top_k,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            eos_token_id=self.terminators,
+            pad_token_id=self._pad_token_id(),
+        )
+        return config
+
+    def _pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.terminators[0]
+
+
+@dataclass
+class _Job:
+    prompt_ids: list[int]
+    request: GenerationRequest
+    streamer: Any
+    cancel: threading.Event = field(default_factory=threading.Event)
+    output_ids: list[int] = field(default_factory=list)
+
+
+class _CancelCriteria:
+    """Stops `generate` at the next token once the request is cancelled (disconnect, stop sequence)."""
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel = cancel
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class SequentialEngine(LocalEngine):
+    """One `model.generate` at a time, in FIFO order, streamed through TextIteratorStreamer.
+
+    A single worker thread runs every generation, so the model is never run by two threads at once
+    and requests are served in arrival order.
+    """
+
+    name = "sequential"
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+        super().__init__(settings, loader)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        prompt_ids = self.prepare(request)
+        return self._stream(request, prompt_ids)
+
+    async def _stream(self, request: GenerationRequest, prompt_ids: list[int]) -> AsyncIterator[StreamEvent]:
+        from transformers import AsyncTextIteratorStreamer
+
+        started = time.perf_counter()
+        streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        job = _Job(prompt_ids=prompt_ids, request=request, streamer=streamer)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._generate_blocking, job)
+        matcher = StopMatcher(request.stop)
+        parts: list[str] = []
+        first_token_at: float | None = None
+        try:
+            async for piece in streamer:
+                text = matcher.feed(piece)
+                if text:
+                    first_token_at = first_token_at or time.perf_counter()
+                    parts.append(text)
+                    yield TextDelta(text)
+                if matcher.stopped:
+                    job.cancel.set()
+                    break
+            tail = matcher.flush()
+            if tail:
+                parts.append(tail)
+                yield TextDelta(tail)
+            await future
+        finally:
+            job.cancel.set()  # a consumer that leaves early (client gone) frees the model at the next token
+        output = job.output_ids
+        ended_on_terminator = bool(output) and output[-1] in self.terminators
+        if ended_on_terminator:
+            output = output[:-1]
+        finish = "length" if len(output) >= request.max_new_tokens and not matcher.stopped else "stop"
+        yield GenerationResult(
+            text="".join(parts),
+            input_length=len(prompt_ids),
+            output_length=len(output),
+            finish_reason=finish,
+            time_to_first_token_s=None if first_token_at is None else first_token_at - started,
+            duration_s=time.perf_counter() - started,
+        )
+
+    def _generate_blocking(self, job: _Job) -> None:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        if job.cancel.is_set():  # the client left while waiting in the queue
+            job.streamer.end()
+            return
+        try:
+            if job.request.seed is not None:
+                torch.manual_seed(job.request.seed)
+            input_ids = torch.tensor([job.prompt_ids], device=self.model.device)
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=self.sampling_config(job.request),
+                streamer=job.streamer,
+                stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancel)]),
+            )
+            job.output_ids = output[0, len(job.prompt_ids) :].tolist()
+        except Exception as error:
+            logger.exception("generation failed (request %s)", job.request.request_id or "-")
+            job.streamer.end()
+            raise GenerationFailed(f"generation failed: {type(error).__name__}") from error
+
+    def close(self) -> None:
+        super().close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine the settings ask for."""
+    if settings.engine == "sequential":
+        return SequentialEngine(settings)
+    raise ValueError(f"unknown ENGINE {settings.engine!r}")

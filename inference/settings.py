@@ -1,0 +1,73 @@
+"""Every knob of the service, read from environment variables (and a `.env` file) in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SAHABAT_AI_MODEL_ID = "GoToCompany/gemma2-9b-cpt-sahabatai-v1-instruct"
+EMBEDDED_MODEL_ID = "embedded"
+
+DEFAULT_CHAT_SYSTEM_MESSAGE = (
+    "You are Sahabat, a friendly and helpful assistant. Always answer in the language the user "
+    "writes in, including Indonesian (Bahasa Indonesia), Javanese (Basa Jawa) and Sundanese "
+    "(Basa Sunda). Be clear, warm and concise."
+)
+
+
+class Settings(BaseSettings):
+    """Service settings. Each field is read from the environment variable of the same name, upper-cased."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Model
+    model_id: str = Field(
+        "auto",
+        description="`auto` (sahabat-ai on a CUDA GPU, else the embedded demo model), `embedded`, "
+        "a Hugging Face hub id, or a local model directory.",
+    )
+    quantization: Literal["auto", "8bit", "4bit", "none"] = Field(
+        "auto", description="bitsandbytes quantization on CUDA; `auto` is 8bit on CUDA and none on CPU."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype; `auto` is bf16 where the device supports it, else fp32."
+    )
+    hf_token: SecretStr | None = Field(None, description="Token for gated or private hub models.")
+    trust_remote_code: bool = Field(False, description="Allow model repos that ship their own code.")
+
+    # Engine
+    engine: Literal["sequential"] = Field("sequential", description="Inference engine.")
+    max_new_tokens_cap: int = Field(2048, ge=1, description="Largest `max_new_tokens` a request may ask for.")
+
+    # HTTP server
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_keys: SecretStr | None = Field(None, description="Comma-separated Bearer API keys.")
+    api_keys_file: Path | None = Field(None, description="File with one API key per line (`#` comments).")
+    chat_system_message: str = Field(
+        DEFAULT_CHAT_SYSTEM_MESSAGE, description="The automatic system message of `/api/v1/chat` and the UI."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("MODEL_ID must not be empty")
+        return value.strip()
+
+    def load_api_keys(self) -> list[str]:
+        """The configured keys, from API_KEYS and API_KEYS_FILE together; empty if none is set."""
+        keys: list[str] = []
+        if self.api_keys is not None:
+            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as error:
+                raise ValueError(f"API_KEYS_FILE {self.api_keys_file} cannot be read: {error.strerror}") from None
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys

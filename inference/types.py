@@ -1,0 +1,105 @@
+"""The seam between the web layer and the engines: plain dataclasses and typed errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: the full conversation (system, history, new user turn) and its sampling knobs."""
+
+    messages: tuple[Message, ...]
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of newly generated text, ready to show."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The totals that end every stream."""
+
+    text: str
+    input_length: int  # prompt tokens after templating
+    output_length: int  # generated tokens, the terminator excluded
+    finish_reason: FinishReason
+    time_to_first_token_s: float | None = None
+    duration_s: float = 0.0
+
+
+StreamEvent = TextDelta | GenerationResult
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is being served, for responses, the UI banner and metrics."""
+
+    model_id: str
+    quantization: str
+    dtype: str
+    device: str
+    context_length: int
+    is_embedded_demo: bool
+    engine: str = "sequential"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class InferenceError(Exception):
+    """Base of every error the engines raise on purpose; the message is safe to show to a client."""
+
+
+class InvalidRequest(InferenceError):
+    """The request cannot be served as asked (bad roles, a template that rejects the conversation)."""
+
+
+class ContextTooLong(InvalidRequest):
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+            f"together {prompt_tokens + max_new_tokens}, above the model's context of {context_length} tokens"
+        )
+
+
+class EngineNotReady(InferenceError):
+    """The model is still loading, failed to load, or the service is shutting down."""
+
+
+class EngineBusy(InferenceError):
+    """The queue is full or the wait for a slot ran out; the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class GenerationFailed(InferenceError):
+    """The model raised while generating; the engine stays usable."""
+
+
+class ModelLoadError(InferenceError):
+    """The model could not be loaded; the message says what to set."""

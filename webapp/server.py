@@ -1,0 +1,69 @@
+"""create_app(settings, engine): the FastAPI app with the API routers and the Gradio page at `/`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import gradio as gr
+from fastapi import FastAPI
+
+from inference import Engine
+from inference.settings import Settings
+from webapp import api, ops
+from webapp.errors import install_error_handlers
+from webapp.ui import build_ui
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    api_keys: list[str],
+    *,
+    on_load_failed: Callable[[BaseException], None] | None = None,
+    with_ui: bool = True,
+) -> FastAPI:
+    """The whole service. The engine loads in the background once the app starts (if not loaded yet)."""
+    if not api_keys:
+        raise ValueError("at least one API key is required")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading: asyncio.Task[None] | None = None
+        if engine.state == "loading":
+            loading = asyncio.create_task(_load(engine, on_load_failed))
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            engine.close()
+
+    app = FastAPI(
+        title="Sahabat-AI text generation API",
+        version="1.0.0",
+        description="Indonesian-language chat model behind a documented REST API and a chat page.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.api_keys = [key.encode("utf-8") for key in api_keys]
+    install_error_handlers(app)
+    app.include_router(ops.router)
+    app.include_router(api.router)
+    if with_ui:
+        app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/")
+    return app
+
+
+async def _load(engine: Engine, on_load_failed: Callable[[BaseException], None] | None) -> None:
+    try:
+        await engine.start()
+    except Exception as error:
+        logger.error("%s", engine.state_reason)
+        if on_load_failed is not None:
+            on_load_failed(error)
