@@ -227,3 +227,13 @@ def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int = 2) -> int:
         kept = min(tokens, config.sliding_window) if layer_type == "sliding_attention" else tokens
         total += per_layer_token * kept
     return total
+
+
+def eager_attention_peak_bytes(config: Any, tokens: int, batch: int = 1) -> int:
+    """Transient bytes of one layer's attention scores during a prefill of `tokens` with eager attention.
+
+    Gemma2 cannot use SDPA (no soft-capping there), so without flash-attention transformers runs the eager
+    path: bf16 scores [batch, heads, tokens, tokens], softmax in fp32, cast back to bf16, all alive at once
+    (2 + 4 + 2 bytes per score). Sliding-window layers still materialise the full square.
+    """
+    return 8 * batch * config.num_attention_heads * tokens * tokens
