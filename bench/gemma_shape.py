@@ -163,6 +163,9 @@ def write_model_dir(
     directory.mkdir(parents=True, exist_ok=True)
     if model is None:
         model = build_random_model(config, device=device, dtype=dtype, seed=seed)
+    # sahabat-ai's generation_config.json (written by transformers 4.43) asks for the static "hybrid" cache;
+    # keep that, so the service meets the same generation defaults as with the real checkpoint.
+    model.generation_config.cache_implementation = "hybrid"
     model.save_pretrained(directory, max_shard_size=max_shard_size, safe_serialization=True)
     build_tokenizer(config.vocab_size).save_pretrained(directory)
     return directory

@@ -15,8 +15,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from bench.gemma_shape import END_OF_TURN, EOS, START_OF_TURN, TINY_SHAPE, gemma2_config, write_model_dir
+from bench.gemma_shape import (
+    END_OF_TURN,
+    EOS,
+    START_OF_TURN,
+    TINY_SHAPE,
+    build_tokenizer,
+    gemma2_config,
+    write_model_dir,
+)
 from inference import SequentialEngine
+from inference.prompt import PromptBuilder
 from inference.settings import Settings
 from inference.types import ContextTooLong, GenerationRequest, GenerationResult, InvalidRequest, Message, TextDelta
 from tests.conftest import API_KEY, AUTH
@@ -97,6 +106,31 @@ def test_template_has_no_system_role(gemma_engine: SequentialEngine) -> None:
         gemma_engine.tokenizer.apply_chat_template(
             [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], tokenize=False
         )
+
+
+def test_a_template_that_silently_drops_the_system_role_gets_it_folded() -> None:
+    """Some templates neither raise on a system message nor render it: the probe must not take that as support."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+        "<end_of_turn>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    builder = PromptBuilder(tokenizer)
+    assert builder.supports_system_role is False
+    ids = builder.build(request(("system", "Jawab singkat."), ("user", "Halo")).messages)
+    assert "Jawab singkat.\n\nHalo" in tokenizer.decode(ids)
+
+
+def test_a_template_with_a_system_role_keeps_it() -> None:
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    builder = PromptBuilder(tokenizer)
+    assert builder.supports_system_role is True
+    ids = builder.build(request(("system", "Jawab singkat."), ("user", "Halo")).messages)
+    assert tokenizer.decode(ids).startswith("<start_of_turn>system\nJawab singkat.<end_of_turn>")
 
 
 def test_system_message_is_folded_into_the_first_user_turn(gemma_engine: SequentialEngine) -> None:
