@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import platform
@@ -148,6 +149,23 @@ def device_used_gb() -> float | None:
         return None
     free, total = torch.cuda.mem_get_info()
     return (total - free) / GB
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so each mode gets its own peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gb() -> float | None:
+    """Host RAM high-water mark of this process (VmHWM), in GB; None where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        return None
+    return None
 
 
 # --- the model directory ------------------------------------------------------------------------------
@@ -293,6 +311,7 @@ def run_mode(mode: str, plan: Plan, cuda: bool) -> dict[str, Any]:
     )
     free_memory()
     reset_peak()
+    reset_peak_rss()
     started = time.perf_counter()
     loaded = load_model(settings)
     out: dict[str, Any] = {
@@ -302,6 +321,7 @@ def run_mode(mode: str, plan: Plan, cuda: bool) -> dict[str, Any]:
         "after_load_gb": allocated_gb(),
         "device_used_after_load_gb": device_used_gb(),
         "load_peak_gb": peak_gb(),
+        "load_peak_rss_gb": peak_rss_gb(),
     }
     print(f"{mode}: loaded in {out['load_s']:.1f}s as {out['info']}")
     single = SequentialEngine(settings, loader=lambda _settings: loaded)
@@ -384,6 +404,7 @@ def render_table(plan: Plan, results: dict[str, dict[str, Any]], environment: st
 
     row("load time (s)", lambda r: fmt(r.get("load_s"), ".1f"))
     row("served as", lambda r: f"{r['info']['quantization']}, {r['info']['dtype']}, {r['info']['device']}")
+    row("host RAM peak (RSS) while loading (GB)", lambda r: gb(r.get("load_peak_rss_gb")))
     row("GPU memory after load, allocated (GB)", lambda r: gb(r.get("after_load_gb")))
     row("GPU memory after load, device total incl. CUDA context (GB)", lambda r: gb(r.get("device_used_after_load_gb")))
     for length in plan.prompt_lengths:
