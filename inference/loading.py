@@ -171,8 +171,9 @@ def check_local_source(source: str) -> None:
 def _readable_load_error(source: str, error: BaseException) -> ModelLoadError:
     text = f"{type(error).__name__}: {error}".splitlines()[0][:300].rstrip(". ")
     lowered = text.lower()
-    if "out of memory" in lowered:
-        hint = "use QUANTIZATION=8bit or 4bit, a smaller model, or a GPU with more memory"
+    if "out of memory" in lowered or "dispatched on the cpu or the disk" in lowered:
+        # The second is what transformers says when a bitsandbytes model does not fit on the GPU.
+        hint = "the model does not fit in GPU memory: use QUANTIZATION=8bit or 4bit, a smaller model, or a larger GPU"
     elif "bitsandbytes" in lowered:
         hint = "install bitsandbytes on a CUDA machine, or set QUANTIZATION=none"
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(source).expanduser().is_dir():
@@ -212,7 +213,7 @@ def load_model(settings: Settings) -> LoadedModel:
                 device = "cuda"
         else:
             model, tokenizer = _load_pretrained(settings, choice.source, quantization, dtype, has_cuda)
-            model_id, device = choice.source, str(getattr(model, "device", "cpu"))
+            model_id, device = choice.source, describe_placement(model)
     except ModelLoadError:
         raise
     except (Exception, torch.cuda.OutOfMemoryError) as error:
@@ -235,6 +236,28 @@ def load_model(settings: Settings) -> LoadedModel:
         info.context_length,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def describe_placement(model: Any) -> str:
+    """Where the weights are, e.g. `cuda:0`; says so (and warns) when device_map="auto" offloaded some of them.
+
+    accelerate moves layers that do not fit in GPU memory to the CPU (or disk) instead of failing, and
+    every token then crosses PCIe: the service works, at a small fraction of its speed.
+    """
+    device = str(getattr(model, "device", "cpu"))
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted({str(d) for d in device_map.values() if str(d) in ("cpu", "disk")})
+    if not offloaded:
+        return device
+    count = sum(1 for d in device_map.values() if str(d) in offloaded)
+    logger.warning(
+        "the model does not fit in GPU memory: %d of %d modules were offloaded to %s, so generation will be very "
+        "slow; use QUANTIZATION=8bit or 4bit, or a GPU with more memory",
+        count,
+        len(device_map),
+        " and ".join(offloaded),
+    )
+    return f"{device} ({count} of {len(device_map)} modules offloaded to {' and '.join(offloaded)})"
 
 
 def _load_embedded(settings: Settings, dtype: Any) -> tuple[Any, Any]:

@@ -136,6 +136,39 @@ def test_broken_bitsandbytes_on_cuda_is_a_readable_error(tiny_dir: Path, monkeyp
         load_model(make_settings(model_id=str(tiny_dir), quantization="4bit"))
 
 
+# --- device placement -----------------------------------------------------------------------------
+
+
+class _Placed:
+    def __init__(self, device: str, device_map: dict[str, object] | None) -> None:
+        self.device = torch.device(device)
+        if device_map is not None:
+            self.hf_device_map = device_map
+
+
+def test_placement_on_one_device() -> None:
+    assert loading.describe_placement(_Placed("cpu", None)) == "cpu"
+    assert loading.describe_placement(_Placed("cpu", {"": 0})) == "cpu"
+
+
+def test_placement_with_offloaded_layers_is_said_and_warned(caplog: pytest.LogCaptureFixture) -> None:
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": "disk"}
+    with caplog.at_level("WARNING", logger="inference.loading"):
+        placement = loading.describe_placement(_Placed("cpu", device_map))
+    assert placement == "cpu (2 of 4 modules offloaded to cpu and disk)"
+    assert "does not fit in GPU memory" in caplog.text and "QUANTIZATION=8bit or 4bit" in caplog.text
+
+
+def test_bitsandbytes_model_too_large_for_the_gpu_is_a_readable_error() -> None:
+    error = ValueError(
+        "Some modules are dispatched on the CPU or the disk. Make sure you have enough GPU RAM to fit the "
+        "quantized model.\nIf you want to dispatch the model on the CPU or the disk while keeping these modules..."
+    )
+    message = str(loading._readable_load_error("GoToCompany/x", error))
+    assert "does not fit in GPU memory" in message and "QUANTIZATION=8bit or 4bit" in message
+    assert "\n" not in message
+
+
 # --- dtype ----------------------------------------------------------------------------------------
 
 
