@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from inference.loading import (
 )
 from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, Settings
 from inference.types import ModelLoadError
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,12 +235,6 @@ def test_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert message.startswith("could not load model 'nobody-here/no-such-model-0123'")
     assert "HF_HUB_OFFLINE=1" in message
     assert_one_readable_line(message)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_app_exits_with_a_short_message_when_the_model_cannot_load() -> None:
