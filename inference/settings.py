@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from inference.model_cache import default_cache_dir
+
 SAHABAT_AI_MODEL_ID = "GoToCompany/gemma2-9b-cpt-sahabatai-v1-instruct"
 EMBEDDED_MODEL_ID = "embedded"
 
@@ -37,6 +39,14 @@ class Settings(BaseSettings):
     )
     hf_token: SecretStr | None = Field(None, description="Token for gated or private hub models.")
     trust_remote_code: bool = Field(False, description="Allow model repos that ship their own code.")
+    model_cache: bool = Field(
+        True, description="Cache the embedded model's dequantised weights in MODEL_CACHE_DIR for a fast second start."
+    )
+    model_cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Where the weight cache lives (safe to delete). Default: `$XDG_CACHE_HOME/sahabat-ai-service`, "
+        "else `~/.cache/sahabat-ai-service`.",
+    )
 
     # Engine
     engine: Literal["sequential"] = Field("sequential", description="Inference engine.")
