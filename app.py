@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from inference import build_engine
 from inference.settings import Settings
+from webapp.observability import configure_logging
 from webapp.server import create_app
 
 logger = logging.getLogger("app")
@@ -39,7 +40,7 @@ def resolve_api_keys(settings: Settings) -> list[str]:
 
 def main() -> None:
     settings = read_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     api_keys = resolve_api_keys(settings)
     engine = build_engine(settings)
     config = uvicorn.Config(
@@ -47,6 +48,8 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep the service's handlers (LOG_FORMAT); uvicorn's loggers propagate to them
+        access_log=False,  # webapp.observability writes one line per request instead
         timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(config)

@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
+    # Operations
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`text` (human-readable) or `json` (one JSON object per line)."
+    )
+    log_prompts: bool = Field(False, description="Put the prompt text in the request log lines (off: never logged).")
+    metrics_public: bool = Field(
+        False, description="Serve `GET /metrics` without an API key (for a scraper inside a trusted network)."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long running generations may take to finish before the process exits anyway.",
+    )
+
     @field_validator("model_id")
     @classmethod
     def _model_id_not_blank(cls, value: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from inference import Engine, GenerationRequest, GenerationResult, Message
 from webapp.errors import BadRequest
+from webapp.observability import current_request_id
 from webapp.schemas import ChatMessage, GenerateTextResponse, TextGenerationRequest
 
 
@@ -31,7 +32,7 @@ def generation_request(
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop or ()),
-        request_id=request_id,
+        request_id=request_id or current_request_id(),
     )
 
 
