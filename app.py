@@ -13,6 +13,7 @@ from inference import build_engine
 from inference.settings import Settings
 from webapp.observability import configure_logging
 from webapp.server import create_app
+from webapp.shutdown import DrainingServer
 
 logger = logging.getLogger("app")
 
@@ -50,9 +51,9 @@ def main() -> None:
         log_level=settings.log_level,
         log_config=None,  # keep the service's handlers (LOG_FORMAT); uvicorn's loggers propagate to them
         access_log=False,  # webapp.observability writes one line per request instead
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),  # DrainingServer adjusts it
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, engine, settings.shutdown_timeout_s)
     failed: list[BaseException] = []
 
     def on_load_failed(error: BaseException) -> None:

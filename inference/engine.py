@@ -319,6 +319,9 @@ class SequentialEngine(LocalEngine):
             )
             job.output_ids = output[0, len(job.prompt_ids) :].tolist()
         except Exception as error:
+            if job.cancel.is_set():  # the consumer is gone (e.g. the event loop closed at shutdown): no one to tell
+                logger.debug("cancelled generation ended with %s", type(error).__name__)
+                return
             logger.exception("generation failed (request %s)", job.request.request_id or "-")
             job.streamer.end()
             raise GenerationFailed(f"generation failed: {type(error).__name__}") from error

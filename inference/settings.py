@@ -54,7 +54,7 @@ class Settings(BaseSettings):
 
     # HTTP server
     host: str = Field("0.0.0.0", description="Address to listen on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port, logged at start).")
     api_keys: SecretStr | None = Field(None, description="Comma-separated Bearer API keys.")
     api_keys_file: Path | None = Field(None, description="File with one API key per line (`#` comments).")
     chat_system_message: str = Field(
