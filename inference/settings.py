@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     )
     model_cache_dir: Path = Field(
         default_factory=default_cache_dir,
-        description="Where the weight cache lives (safe to delete). Default: `$XDG_CACHE_HOME/sahabat-ai-service`, "
-        "else `~/.cache/sahabat-ai-service`.",
+        description="Where the weight cache lives (about 270 MB for the embedded model; safe to delete).",
+        json_schema_extra={"default_shown": "$XDG_CACHE_HOME/sahabat-ai-service, else ~/.cache/sahabat-ai-service"},
     )
 
     # Engine
