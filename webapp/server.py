@@ -7,14 +7,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import gradio as gr
 from fastapi import FastAPI
 
 from inference import Engine
 from inference.settings import Settings
 from webapp import api, ops
 from webapp.errors import install_error_handlers
-from webapp.ui import build_ui
+from webapp.ui import mount_ui
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(api.router)
     if with_ui:
-        app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/")
+        app = mount_ui(app, engine, settings)
     return app
 
 
