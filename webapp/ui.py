@@ -597,7 +597,11 @@ class ChatUI:
         return chat
 
     def restore(self, saved_chat: Any, saved_prefs: Any) -> tuple[Any, ...]:
-        """On page load: the conversation, language and settings stored in this browser."""
+        """On page load: the conversation, language and settings stored in this browser.
+
+        The message box stays disabled until this has run, so a message typed at once is not wiped
+        by the stored conversation arriving just after it.
+        """
         prefs = saved_prefs if isinstance(saved_prefs, Mapping) else {}
         lang = language_of(prefs.get("lang"))
         stored = prefs.get("options") if isinstance(prefs.get("options"), Mapping) else {}
@@ -617,6 +621,8 @@ class ChatUI:
             *options.widget_values(),
             banner_markdown(self.engine, lang),
             gr.Timer(active=self.engine.state == "loading"),
+            gr.update(interactive=True),  # the message box: usable once the stored chat is in place
+            gr.update(interactive=True),  # the send button
         )
 
     def default_options(self) -> ChatOptions:
@@ -671,6 +677,7 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
             feedback_options=None,
             placeholder=tr(lang, "placeholder"),
             layout="bubble",
+            group_consecutive_messages=False,  # so a reply's copy button copies the reply, not its stats
         )
         with gr.Row():
             message = gr.Textbox(
@@ -681,8 +688,11 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                 max_lines=8,
                 scale=8,
                 autofocus=True,
+                interactive=False,  # until the stored conversation is restored (see `restore`)
             )
-            send = gr.Button(tr(lang, "send"), variant="primary", elem_id="send", scale=1, min_width=100)
+            send = gr.Button(
+                tr(lang, "send"), variant="primary", elem_id="send", scale=1, min_width=100, interactive=False
+            )
             stop = gr.Button(tr(lang, "stop"), variant="stop", elem_id="stop", scale=1, min_width=100, visible=False)
         with gr.Row():
             retry = gr.Button(tr(lang, "retry"), size="sm", elem_id="retry")
@@ -859,7 +869,7 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
         demo.load(
             ui.restore,
             [saved_chat, saved_prefs],
-            [chatbot, language, *option_inputs, banner, timer],
+            [chatbot, language, *option_inputs, banner, timer, message, send],
             **quick,
         )
     return demo
