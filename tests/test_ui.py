@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import gradio as gr
 import pytest
 
 from inference import (
@@ -308,7 +309,8 @@ def test_retry_undo_and_stop_edit_the_chat() -> None:
     assert ChatUI.prepare_retry(chat) == chat[:3]
     assert ChatUI.undo(chat, "") == (chat[:2], "b")
     assert ChatUI.undo([], "draft") == ([], "draft")
-    assert ChatUI.add_user_message("  ", chat[:2]) == ("  ", chat[:2])
+    with pytest.raises(gr.Error):  # ends the send chain: nothing is generated
+        ChatUI.add_user_message("  ", chat[:2])
     assert ChatUI.add_user_message("c", chat[:2]) == ("", [*chat[:2], user("c")])
     stopped = ChatUI.mark_stopped(chat[:4], "en")
     assert stopped[-1]["metadata"]["title"] == "⏹ Stopped"

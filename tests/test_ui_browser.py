@@ -224,9 +224,12 @@ def test_stop_mid_stream(page: Page, url: str, ui_engine: CountingEngine) -> Non
     page.locator("#message textarea").fill("Hitung dari 1 sampai 400, satu angka per baris.")
     page.locator("#send").click()
     expect(page.locator('#chatbot [data-testid="bot"]').first).not_to_have_text("")
+    expect(page.locator("#message textarea")).to_be_disabled()  # no second message mid-reply
+    expect(page.locator("#retry")).to_be_disabled()
     page.locator("#stop").click()
     expect(page.locator("#chatbot")).to_contain_text("Dihentikan")
     expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#message textarea")).to_be_editable()
     assert ui_engine.finished == before + 1  # the engine's generation ended with the stop
     partial = bot_messages(page)[0]
     page.wait_for_timeout(1500)
@@ -242,6 +245,11 @@ def test_stop_mid_stream(page: Page, url: str, ui_engine: CountingEngine) -> Non
 
 def test_max_new_tokens_setting_takes_effect(page: Page, url: str, ui_engine: CountingEngine) -> None:
     open_chat(page, url)
+    before = ui_engine.finished
+    page.locator("#send").click()  # an empty message: nothing happens, no error shown
+    page.wait_for_timeout(500)
+    assert ui_engine.finished == before
+    expect(page.locator(".toast-body")).to_have_count(0)
     set_number(page, "max-new-tokens", 3)
     send(page, ui_engine, "Tulis cerita panjang tentang seekor kucing.")
     assert stats_titles(page)[0].startswith("📊 3 token ·")

@@ -566,11 +566,13 @@ class ChatUI:
 
     @staticmethod
     def add_user_message(message: str, history: Any) -> tuple[str, History]:
-        """Show the user's message at once and empty the textbox (a blank message changes nothing)."""
-        chat = clean_history(history)
+        """Show the user's message at once and empty the textbox.
+
+        A blank message raises a silent error, which ends the event chain before any generation.
+        """
         if not message or not message.strip():
-            return message or "", chat
-        return "", [*chat, {"role": "user", "content": message}]
+            raise gr.Error("empty message", visible=False, print_exception=False)
+        return "", [*clean_history(history), {"role": "user", "content": message}]
 
     @staticmethod
     def prepare_retry(history: Any) -> History:
@@ -636,13 +638,16 @@ class ChatUI:
         return banner_markdown(self.engine, lang), gr.Timer(active=self.engine.state == "loading")
 
     @staticmethod
-    def busy() -> tuple[Any, Any]:
-        """Send becomes Stop while a reply streams."""
-        return gr.update(visible=False), gr.update(visible=True)
+    def busy() -> tuple[Any, ...]:
+        """While a reply streams: Send becomes Stop; the message box, Retry, Undo and Clear wait.
+
+        Outputs: send, stop, message, retry, undo, clear.
+        """
+        return gr.update(visible=False), gr.update(visible=True), *[gr.update(interactive=False)] * 4
 
     @staticmethod
-    def idle() -> tuple[Any, Any]:
-        return gr.update(visible=True), gr.update(visible=False)
+    def idle() -> tuple[Any, ...]:
+        return gr.update(visible=True), gr.update(visible=False), *[gr.update(interactive=True)] * 4
 
 
 def _examples(lang: str) -> list[list[str]]:
@@ -784,20 +789,22 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
         # would overwrite the stored conversation before it is restored.
         save_chat = {"fn": None, "inputs": [chatbot], "outputs": [saved_chat], "js": "(history) => [history]", **quick}
 
+        controls = [send, stop, message, retry, undo, clear]  # see ChatUI.busy
+
         # Send: show the message at once, then stream the reply.
         sent = gr.on([message.submit, send.click], ui.add_user_message, [message, chatbot], [message, chatbot], **quick)
-        sent_reply = sent.then(**save_chat).then(ui.busy, None, [send, stop], **quick).then(**respond)
-        sent_reply.then(ui.idle, None, [send, stop], **quick).then(**save_chat)
+        sent_reply = sent.success(**save_chat).then(ui.busy, None, controls, **quick).then(**respond)
+        sent_reply.then(ui.idle, None, controls, **quick).then(**save_chat)
 
         # Retry: drop the last reply (and its notes) and generate it again.
         retried = gr.on([retry.click, chatbot.retry], ui.prepare_retry, [chatbot], [chatbot], **quick)
-        retried_reply = retried.then(ui.busy, None, [send, stop], **quick).then(**respond)
-        retried_reply.then(ui.idle, None, [send, stop], **quick).then(**save_chat)
+        retried_reply = retried.then(ui.busy, None, controls, **quick).then(**respond)
+        retried_reply.then(ui.idle, None, controls, **quick).then(**save_chat)
 
         # Stop cancels the streaming event; closing its generator cancels the generation in the engine.
         stop.click(None, None, None, cancels=[sent_reply, retried_reply], **quick).then(
             ui.mark_stopped, [chatbot, language], [chatbot], **quick
-        ).then(ui.idle, None, [send, stop], **quick).then(**save_chat)
+        ).then(ui.idle, None, controls, **quick).then(**save_chat)
 
         gr.on([undo.click, chatbot.undo], ui.undo, [chatbot, message], [chatbot, message], **quick).then(**save_chat)
         gr.on([clear.click, chatbot.clear], lambda: [], None, [chatbot], **quick).then(**save_chat)
