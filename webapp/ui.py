@@ -650,11 +650,6 @@ class ChatUI:
         return gr.update(visible=True), gr.update(visible=False), *[gr.update(interactive=True)] * 4
 
 
-def _examples(lang: str) -> list[list[str]]:
-    del lang  # the prompts themselves are not translated: they are samples of the languages
-    return [[text] for _, text in EXAMPLES]
-
-
 def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
     ui = ChatUI(engine, settings)
     lang = DEFAULT_LANGUAGE
@@ -705,7 +700,7 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
             clear = gr.Button(tr(lang, "clear"), size="sm", elem_id="clear")
         examples = gr.Dataset(
             components=[gr.Textbox(visible=False)],
-            samples=_examples(lang),
+            samples=[[text] for _, text in EXAMPLES],  # not translated: they are samples of the languages
             sample_labels=[f"{text} ({EXAMPLE_LANGUAGE_NAMES[code]})" for code, text in EXAMPLES],
             label=tr(lang, "examples"),
             elem_id="examples",
