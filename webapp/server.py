@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import gradio as gr
 from fastapi import FastAPI
 
 from inference import Engine
@@ -17,7 +16,7 @@ from webapp import api, openai, ops
 from webapp.errors import install_error_handlers
 from webapp.metrics import ServiceMetrics
 from webapp.observability import RequestObserver, RequestObserverMiddleware
-from webapp.ui import build_ui
+from webapp.ui import mount_ui
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def create_app(
     app.include_router(api.router)
     app.include_router(openai.router)
     if with_ui:
-        app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/")
+        app = mount_ui(app, engine, settings)
     return app
 
 
