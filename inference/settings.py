@@ -49,7 +49,18 @@ class Settings(BaseSettings):
     )
 
     # Engine
-    engine: Literal["sequential"] = Field("sequential", description="Inference engine.")
+    engine: Literal["batched", "sequential"] = Field(
+        "batched",
+        description="Inference engine: `batched` (continuous batching: concurrent requests share forward passes) "
+        "or `sequential` (one `generate()` at a time, the baseline).",
+    )
+    max_batch: int = Field(8, ge=1, le=256, description="Most requests generating together (batched engine).")
+    max_queue: int = Field(
+        32, ge=0, description="Most requests waiting for a free slot; beyond it requests get 503 with Retry-After."
+    )
+    queue_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request may wait for a free slot before it fails with 503."
+    )
     max_new_tokens_cap: int = Field(2048, ge=1, description="Largest `max_new_tokens` a request may ask for.")
 
     # HTTP server
