@@ -15,6 +15,7 @@ from inference import Engine
 from inference.settings import Settings
 from webapp import api, openai, ops
 from webapp.errors import install_error_handlers
+from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.ui import build_ui
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,12 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(api.router)
     app.include_router(openai.router)
+    install_openapi(app, settings)
+    # Outermost of the app's own middleware: covers the API, the docs and the Gradio page alike.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if with_ui:
-        app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/")
+        credentials = settings.gradio_credentials()
+        app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/", auth=credentials or None)
     return app
 
 

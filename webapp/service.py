@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from inference import GenerationRequest, GenerationResult, InferenceError, Message, StreamEvent
+from inference.settings import Settings
 from webapp.errors import BadRequest, error_status
+from webapp.limits import check_conversation_limits
 from webapp.schemas import ChatMessage, GenerateTextResponse, TextGenerationRequest
 
 SSE_PING_SECONDS = 15
@@ -30,12 +32,24 @@ def check_max_new_tokens(value: int, cap: int, field: str = "max_new_tokens") ->
 
 
 def generation_request(
-    body: TextGenerationRequest, conversation: list[ChatMessage], max_new_tokens_cap: int, request_id: str = ""
+    body: TextGenerationRequest, conversation: list[ChatMessage], settings: Settings, request_id: str = ""
 ) -> GenerationRequest:
-    check_max_new_tokens(body.max_new_tokens, max_new_tokens_cap)
+    history = body.conversation_history or []
+    check_conversation_limits(
+        settings,
+        history_messages=len(history),
+        # What the client sent; the automatic system message of /chat is the operator's and not counted.
+        total_chars=len(body.text) + len(body.system_message or "") + sum(len(m.content) for m in history),
+        history_field="conversation_history",
+        text_field="text",
+    )
+    cap = settings.max_new_tokens_cap
+    # An explicit value above the cap is an error; the default is lowered to a cap below it.
+    max_new_tokens = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(body.max_new_tokens, cap)
+    check_max_new_tokens(max_new_tokens, cap)
     return GenerationRequest(
         messages=tuple(Message(role=m.role, content=m.content) for m in conversation),
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
