@@ -70,9 +70,11 @@ async def _sse_events(
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
-                yield ServerSentEvent(json.dumps({"delta": event.text}, ensure_ascii=False), event="delta")
+                yield ServerSentEvent(
+                    service.sse_json(json.dumps({"delta": event.text}, ensure_ascii=False)), event="delta"
+                )
             elif isinstance(event, GenerationResult):
                 final = service.text_response(conversation, event, model)
-                yield ServerSentEvent(final.model_dump_json(), event="complete")
+                yield ServerSentEvent(service.sse_json(final.model_dump_json()), event="complete")
     except InferenceError as error:
         yield ServerSentEvent(service.error_event_data(error), event="error")

@@ -138,7 +138,9 @@ async def _chunks(
             model=model,
             choices=[OpenAIChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
         )
-        return ServerSentEvent(payload.model_dump_json(exclude={"usage"} if not include_usage else set()))
+        return ServerSentEvent(
+            service.sse_json(payload.model_dump_json(exclude={"usage"} if not include_usage else set()))
+        )
 
     yield chunk(OpenAIDelta(role="assistant", content=""))
     try:
@@ -151,9 +153,9 @@ async def _chunks(
                     usage_chunk = OpenAIChatCompletionChunk(
                         id=completion_id, created=created, model=model, choices=[], usage=_usage(event)
                     )
-                    yield ServerSentEvent(usage_chunk.model_dump_json())
+                    yield ServerSentEvent(service.sse_json(usage_chunk.model_dump_json()))
     except InferenceError as error:
         code, message, _ = error_status(error)
-        yield ServerSentEvent(json.dumps(openai_error_body(code, message)))
+        yield ServerSentEvent(service.sse_json(json.dumps(openai_error_body(code, message))))
         return
     yield ServerSentEvent("[DONE]")
