@@ -124,6 +124,7 @@ class LocalEngine(Engine, ABC):
         except InvalidRequest:
             raise
         except Exception as error:  # a tokenizer fault is this request's problem, not the service's
+            logger.warning("prompt tokenization failed (request %s)", request.request_id or "-", exc_info=True)
             raise InvalidRequest(f"the prompt could not be tokenized: {type(error).__name__}") from error
         if len(prompt_ids) + request.max_new_tokens > info.context_length:
             raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
