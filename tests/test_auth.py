@@ -147,3 +147,23 @@ def test_settings_never_show_secrets() -> None:
     with pytest.raises(Exception) as raised:
         Settings(_env_file=None, gradio_auth="admin-without-password-pa55word")  # type: ignore[call-arg]
     assert "pa55word" not in str(raised.value)
+
+
+def test_gradio_auth_puts_the_chat_page_behind_a_login(engine) -> None:
+    settings = Settings(model_id="embedded", _env_file=None, gradio_auth="admin:pa55word, tamu:rahasia")  # type: ignore[call-arg]
+    http = TestClient(create_app(settings, engine, [API_KEY]))
+    # Without a login the page's API (config, queue, the chat function) is closed; the login form is not.
+    for path in ("/config", "/gradio_api/info"):
+        assert http.get(path).status_code == 401
+    assert http.post("/gradio_api/queue/join", json={"data": [], "fn_index": 0, "session_hash": "x"}).status_code == 401
+    assert http.post("/login", data={"username": "admin", "password": "wrong"}).status_code == 400
+    assert http.post("/login", data={"username": "tamu", "password": "rahasia"}).status_code == 200
+    assert http.get("/config").status_code == 200
+    # The page's login is not an API key: the API still wants its Bearer key.
+    assert http.get("/v1/models").status_code == 401
+    assert http.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def test_without_gradio_auth_the_chat_page_is_open(http: TestClient) -> None:
+    """Documented in the Security notes: the page (and its programmatic API) answers anyone."""
+    assert http.get("/config").status_code == 200
