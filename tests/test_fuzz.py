@@ -67,7 +67,7 @@ def fuzz_config(examples: int) -> schemathesis.Config:
             "max-failures": 50,
             "continue-on-failure": True,
             "headers": {"Authorization": f"Bearer {API_KEY}"},
-            "generation": {"mode": "all", "max-examples": examples},
+            "generation": {"mode": "all", "max-examples": examples, "database": "none"},  # no .hypothesis/ files
             "checks": {
                 # Valid JSON can still be refused on purpose (a conversation ending with an assistant turn,
                 # a template that rejects the roles' order): that is a 400, not a schema violation.
