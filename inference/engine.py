@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 EngineState = Literal["loading", "ready", "failed", "stopping"]
 ResultListener = Callable[[GenerationRequest, GenerationResult], None]
 
+# Temperatures below this decode greedily: dividing logits by a subnormal temperature (5e-324 is valid
+# JSON and within 0..2) overflows to inf and the sampler raises on the NaN probabilities.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 class Engine(ABC):
     """What the web layer talks to: lifecycle, model info and one streaming generation call."""
@@ -170,6 +174,7 @@ class LocalEngine(Engine, ABC):
         except InvalidRequest:
             raise
         except Exception as error:  # a tokenizer fault is this request's problem, not the service's
+            logger.warning("prompt tokenization failed (request %s)", request.request_id or "-", exc_info=True)
             raise InvalidRequest(f"the prompt could not be tokenized: {type(error).__name__}") from error
         if len(prompt_ids) + request.max_new_tokens > info.context_length:
             raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
@@ -178,7 +183,7 @@ class LocalEngine(Engine, ABC):
     def sampling_config(self, request: GenerationRequest) -> Any:
         """A GenerationConfig for `request`, starting from the model's own defaults."""
         config = copy.deepcopy(self.model.generation_config)
-        greedy = request.temperature == 0
+        greedy = request.temperature < GREEDY_BELOW_TEMPERATURE
         config.update(
             max_new_tokens=request.max_new_tokens,
             do_sample=not greedy,

@@ -14,6 +14,7 @@ from inference import Engine
 from inference.settings import Settings
 from webapp import api, openai, ops
 from webapp.errors import install_error_handlers
+from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.metrics import ServiceMetrics
 from webapp.observability import RequestObserver, RequestObserverMiddleware
 from webapp.ui import mount_ui
@@ -65,6 +66,9 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(api.router)
     app.include_router(openai.router)
+    install_openapi(app, settings)
+    # Outermost of the app's own middleware: covers the API, the docs and the Gradio page alike.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if with_ui:
         app = mount_ui(app, engine, settings)
     return app

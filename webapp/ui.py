@@ -890,6 +890,7 @@ def mount_ui(app: FastAPI, engine: Engine, settings: Settings) -> FastAPI:
         app,
         build_ui(engine, settings),
         path="/",
+        auth=settings.gradio_credentials() or None,
         footer_links=["gradio", "settings"],
         css=CSS,
         theme=gr.themes.Soft(),
