@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench bench-baselines clean
 
 install: $(STAMP)
 
@@ -31,6 +31,16 @@ lint: install
 format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# Throughput: concurrency 1,4,8,16 against ENGINE=sequential and ENGINE=batched (embedded model), with ratios.
+bench: install
+	$(PY) bench/loadgen.py --summary
+
+# Ours vs llama.cpp's llama-server -np 8 vs llama-cpp-python's server on the same GGUF (builds them first).
+bench-baselines: install
+	PYTHON=$(PY) bench/build_llama_server.sh
+	bench/build_llama_cpp_python.sh
+	$(PY) bench/baselines.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

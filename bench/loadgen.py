@@ -743,6 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="batched", help="ENGINE for --start-ours (sequential|batched)")
     parser.add_argument("--env", type=parse_env, action="append", default=[], help="extra KEY=VALUE for our server")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs our app.py")
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a series of runs, shared with bench/baselines.py."""
     parser.add_argument("-c", "--concurrency", type=int, nargs="+", help="concurrent clients, one run each")
     parser.add_argument("-n", "--requests", type=int, help="requests per run (default: clients x per-client)")
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -753,7 +759,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a started server may take")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here (e.g. bench/results/x.json)")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
