@@ -46,6 +46,8 @@ class Engine(ABC):
         self.state: EngineState = "loading"
         self.state_reason = "model is loading"
         self.info: ModelInfo | None = None
+        # Every token the model produced, cancelled generations included (observability, tests).
+        self.generated_tokens_total = 0
 
     @property
     def ready(self) -> bool:
@@ -154,14 +156,19 @@ class _Job:
 
 
 class _CancelCriteria:
-    """Stops `generate` at the next token once the request is cancelled (disconnect, stop sequence)."""
+    """Stops `generate` at the next token once the request is cancelled (disconnect, stop sequence).
 
-    def __init__(self, cancel: threading.Event) -> None:
+    Called once per generated token, so it also counts them.
+    """
+
+    def __init__(self, cancel: threading.Event, engine: Engine) -> None:
         self.cancel = cancel
+        self.engine = engine
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        self.engine.generated_tokens_total += 1
         return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -239,7 +246,7 @@ class SequentialEngine(LocalEngine):
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=self.sampling_config(job.request),
                 streamer=job.streamer,
-                stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancel)]),
+                stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancel, self)]),
             )
             job.output_ids = output[0, len(job.prompt_ids) :].tolist()
         except Exception as error:

@@ -104,9 +104,7 @@ def test_malformed_json_is_400(client: TestClient, path: str) -> None:
 
 
 def test_prompt_longer_than_context_is_400_with_both_numbers(client: TestClient) -> None:
-    response = client.post(
-        "/api/v1/generate-text", headers=AUTH, json={"text": "kata " * 9000, "max_new_tokens": 100}
-    )
+    response = client.post("/api/v1/generate-text", headers=AUTH, json={"text": "kata " * 9000, "max_new_tokens": 100})
     assert response.status_code == 400
     detail = response.json()["detail"]
     assert "8192" in detail and "100" in detail

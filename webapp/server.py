@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ from fastapi import FastAPI
 
 from inference import Engine
 from inference.settings import Settings
-from webapp import api, ops
+from webapp import api, openai, ops
 from webapp.errors import install_error_handlers
 from webapp.ui import build_ui
 
@@ -51,10 +52,12 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.started_at = int(time.time())
     app.state.api_keys = [key.encode("utf-8") for key in api_keys]
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(api.router)
+    app.include_router(openai.router)
     if with_ui:
         app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/")
     return app
