@@ -59,7 +59,8 @@ def main() -> None:
     config.app = create_app(settings, engine, api_keys, on_load_failed=on_load_failed)
     server.run()
     if failed:
-        sys.exit(f"start-up failed: {engine.state_reason}")
+        # The error itself: by now engine.state_reason only says the service is shutting down.
+        sys.exit(f"start-up failed: {failed[0]}")
 
 
 if __name__ == "__main__":
