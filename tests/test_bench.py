@@ -1,8 +1,9 @@
 """The load generator (bench/loadgen.py) against real loopback servers, so the script cannot rot.
 
-Our real server (sequential engine, embedded model) on a free loopback port, driven over HTTP with
-2 concurrent clients; plus a tiny fake server that streams the OpenAI and documented SSE formats
-with token counts that differ from the chunk counts, to check that tokens come from the server's usage.
+Our real server (conftest's live_server: sequential engine, embedded model, free loopback port), driven
+over HTTP by 2 concurrent streaming clients on both APIs; plus a tiny fake server that streams the OpenAI
+and documented SSE formats with token counts that differ from the chunk counts, to check that tokens come
+from the server's usage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
@@ -22,11 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bench import loadgen
-from inference.loading import LoadedModel
-from inference.settings import Settings
-from tests.conftest import API_KEY, engine_for
-from webapp.schemas import GenerateTextRequest
-from webapp.server import create_app
+from tests.conftest import API_KEY, LiveServer
 
 PROMPTS = [loadgen.Prompt("id", "Apa ibu kota Indonesia?"), loadgen.Prompt("en", "Name a large island.")]
 
@@ -60,50 +58,39 @@ def run(target: loadgen.Target, concurrency: int, requests: int, max_tokens: int
 # --- our real server ----------------------------------------------------------------------------------------------
 
 
-def _has_route(app: Any, path: str) -> bool:
-    return path in app.openapi()["paths"]  # app.routes hides included routers in this FastAPI
+def _port(live_server: LiveServer) -> int:
+    port = urlsplit(live_server.base_url).port
+    assert port is not None
+    return port
 
 
-@pytest.fixture(scope="module")
-def our_server(settings: Settings, embedded_model: LoadedModel) -> Iterator[tuple[int, Any]]:
-    """A real server of ours (its own sequential engine sharing the session's model), without the UI."""
-    app = create_app(settings, engine_for(settings, embedded_model), [API_KEY], with_ui=False)
-    with serving(app) as port:
-        yield port, app
-
-
-def test_loadgen_against_our_documented_endpoint(our_server: tuple[int, Any]) -> None:
-    port, _app = our_server
-    # Streams where the documented endpoints accept `stream`; plain JSON (TTFT = latency) where they do not yet.
-    streaming = "stream" in GenerateTextRequest.model_fields
-    target = loadgen.target_for_ours(port, "spec", API_KEY, stream=streaming)
-    report = run(target, concurrency=2, requests=2)
+def test_loadgen_against_our_openai_endpoint(live_server: LiveServer) -> None:
+    report = run(loadgen.target_for_ours(_port(live_server), "openai", API_KEY), concurrency=2, requests=2)
     assert report.errors == 0, report.error_kinds
     assert report.ok == 2
-    assert report.token_source == "output_length"
+    assert report.token_source == "usage"
     assert 2 <= report.output_tokens <= 8  # 1..4 tokens each, as the server counted them
     assert all(report.texts)
-    assert report.aggregate_tok_s > 0 and report.requests_per_s > 0
-    assert report.ttft_p50_s is not None and report.latency_p95_s is not None
-    assert report.ttft_p50_s <= report.latency_p95_s
-
-
-def test_loadgen_against_our_openai_endpoint(our_server: tuple[int, Any]) -> None:
-    port, app = our_server
-    if not _has_route(app, "/v1/chat/completions"):
-        pytest.skip("no /v1/chat/completions on this branch yet (the fake-server tests cover the OpenAI parser)")
-    report = run(loadgen.target_for_ours(port, "openai", API_KEY), concurrency=2, requests=2)
-    assert report.errors == 0, report.error_kinds
-    assert report.token_source == "usage"
-    assert 2 <= report.output_tokens <= 8
+    assert report.aggregate_tok_s > 0 and report.requests_per_s > 0 and report.per_stream_tok_s
     assert report.ttft_p50_s is not None and report.latency_p50_s is not None
     assert report.ttft_p50_s <= report.latency_p50_s
 
 
-def test_readiness_probe_and_wrong_key(our_server: tuple[int, Any]) -> None:
-    port, _app = our_server
-    asyncio.run(loadgen.wait_ready(loadgen.target_for_ours(port, "spec", API_KEY, stream=False), timeout_s=30))
-    report = run(loadgen.target_for_ours(port, "spec", "wrong-key", stream=False), concurrency=1, requests=1)
+def test_loadgen_against_our_documented_endpoint(live_server: LiveServer) -> None:
+    target = loadgen.target_for_ours(_port(live_server), "spec", API_KEY, spec_path="/api/v1/chat")
+    report = run(target, concurrency=2, requests=2)
+    assert report.errors == 0, report.error_kinds
+    assert report.token_source == "output_length"
+    assert 2 <= report.output_tokens <= 8
+    assert all(report.texts)
+    assert report.ttft_p95_s is not None and report.latency_p95_s is not None
+    assert report.ttft_p95_s <= report.latency_p95_s
+
+
+def test_readiness_probe_and_wrong_key(live_server: LiveServer) -> None:
+    port = _port(live_server)
+    asyncio.run(loadgen.wait_ready(loadgen.target_for_ours(port, "openai", API_KEY), timeout_s=30))
+    report = run(loadgen.target_for_ours(port, "openai", "wrong-key"), concurrency=1, requests=1)
     assert report.errors == 1 and report.error_kinds == {"HTTP 401": 1}
 
 
