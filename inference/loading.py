@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference.model_cache import CacheEntry
 from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, Settings
 from inference.types import ModelInfo, ModelLoadError
 
@@ -28,6 +30,7 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     info: ModelInfo
+    from_cache: bool = False  # the embedded model's weights came from MODEL_CACHE_DIR, not the GGUF file
 
 
 @dataclass(frozen=True)
@@ -204,9 +207,10 @@ def load_model(settings: Settings) -> LoadedModel:
         if has_cuda:
             ensure_bitsandbytes(quantization)
     dtype = resolve_dtype(settings, has_cuda)
+    from_cache = False
     try:
         if choice.source == EMBEDDED_MODEL_ID:
-            model, tokenizer = _load_embedded(settings, dtype)
+            model, tokenizer, from_cache = _load_embedded(settings, dtype)
             model_id, quantization, device = EMBEDDED_SERVED_ID, "none (dequantised from Q4_1 GGUF)", "cpu"
             if has_cuda:
                 model = model.to("cuda")
@@ -228,14 +232,15 @@ def load_model(settings: Settings) -> LoadedModel:
         is_embedded_demo=choice.source == EMBEDDED_MODEL_ID,
     )
     logger.info(
-        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d",
+        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d%s",
         info.model_id,
         info.quantization,
         info.dtype,
         info.device,
         info.context_length,
+        ", weights from the model cache" if from_cache else "",
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, from_cache=from_cache)
 
 
 def describe_placement(model: Any) -> str:
@@ -260,10 +265,26 @@ def describe_placement(model: Any) -> str:
     return f"{device} ({count} of {len(device_map)} modules offloaded to {' and '.join(offloaded)})"
 
 
-def _load_embedded(settings: Settings, dtype: Any) -> tuple[Any, Any]:
+def _load_embedded(settings: Settings, dtype: Any) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, from_cache): from the weight cache when it has a valid entry, else the GGUF file."""
+    gguf = embedded_gguf_path()
+    entry = CacheEntry.for_gguf(settings.model_cache_dir, gguf, dtype) if settings.model_cache else None
+    if entry is not None:
+        cached = entry.load(dtype)
+        if cached is not None:
+            logger.info("loaded the embedded model's weights from the cache %s", entry.path)
+            return *cached, True
+    started = time.perf_counter()
+    model, tokenizer = _load_gguf(gguf, dtype)
+    logger.info("dequantised %s in %.1f s", gguf.name, time.perf_counter() - started)
+    if entry is not None:
+        entry.store(model, tokenizer)
+    return model, tokenizer, False
+
+
+def _load_gguf(gguf: Path, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     return model, tokenizer
