@@ -14,9 +14,14 @@ VENV="$HERE/_build/venv-llcpp"
 PYTHON="${PYTHON:-python3}"
 
 mkdir -p "$HERE/_build"
-if ! "$VENV/bin/python" -c "import llama_cpp.server, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
+CPU_FLAGS="$("$HERE/ggml_cpu_flags.sh")"  # this machine's instruction sets without AMX (see that script)
+STAMP="$VENV/.built-with-$(echo "$VERSION $CPU_FLAGS" | cksum | cut -d' ' -f1)"
+if [[ ! -f "$STAMP" ]] || ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
     "$PYTHON" -m venv "$VENV"
-    CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_NATIVE=ON" \
-        "$VENV/bin/pip" install "llama-cpp-python[server]==$VERSION" >&2
+    # --no-cache-dir: pip's wheel cache does not know CMAKE_ARGS and would hand back a wheel built otherwise.
+    CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" CMAKE_ARGS="-DGGML_CUDA=OFF $CPU_FLAGS" \
+        "$VENV/bin/pip" install --no-cache-dir --force-reinstall "llama-cpp-python[server]==$VERSION" >&2
+    rm -f "$VENV"/.built-with-*
+    touch "$STAMP"
 fi
 echo "$VENV/bin/python"

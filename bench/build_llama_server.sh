@@ -26,11 +26,13 @@ if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
     tar -xzf "$SDIST" -C "$BUILD"
 fi
 
-# Release, CPU only, static, no web UI (the prebuilt UI would be fetched from a model hub), no HTTPS.
+# Release, CPU only (this machine's instruction sets without AMX: see ggml_cpu_flags.sh), static,
+# no web UI (the prebuilt UI would be fetched from a model hub), no HTTPS.
+# shellcheck disable=SC2046  # the flags are words
 cmake -S "$SRC" -B "$OUT" \
     -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF \
-    -DGGML_NATIVE=ON \
+    $("$HERE/ggml_cpu_flags.sh") \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF >&2
