@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install browser run test lint format bench clean settings-table docker-smoke
+.PHONY: install browser run test lint format bench bench-baselines clean settings-table docker-smoke
 
 install: $(STAMP)
 
@@ -39,6 +39,16 @@ lint: install
 format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# Throughput: concurrency 1,4,8,16 against ENGINE=sequential and ENGINE=batched (embedded model), with ratios.
+bench: install
+	$(PY) bench/loadgen.py --summary
+
+# Ours vs llama.cpp's llama-server -np 8 vs llama-cpp-python's server on the same GGUF (builds them first).
+bench-baselines: install
+	PYTHON=$(PY) bench/build_llama_server.sh
+	bench/build_llama_cpp_python.sh
+	$(PY) bench/baselines.py
 
 # Rewrite the README's settings table from the Settings class (a test fails while it is stale).
 settings-table: install
