@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference.engine import LocalEngine
+from inference.engine import GREEDY_BELOW_TEMPERATURE, LocalEngine
 from inference.loading import LoadedModel, load_model
 from inference.settings import Settings
 from inference.text import StopMatcher
@@ -79,7 +79,8 @@ class _Slot:
 
     @property
     def greedy(self) -> bool:
-        return self.request.temperature == 0
+        # Tiny temperatures divide logits into inf/NaN: treat them as greedy, as the sequential engine does.
+        return self.request.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @functools.cache
