@@ -16,6 +16,7 @@ from inference.types import (
     ModelLoadError,
     StreamEvent,
     TextDelta,
+    UpstreamError,
 )
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "Settings",
     "StreamEvent",
     "TextDelta",
+    "UpstreamError",
     "build_engine",
 ]

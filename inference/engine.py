@@ -36,7 +36,7 @@ from inference.types import (
 
 logger = logging.getLogger(__name__)
 
-EngineState = Literal["loading", "ready", "failed", "stopping"]
+EngineState = Literal["loading", "ready", "failed", "unavailable", "stopping"]  # unavailable: remote upstream down
 
 
 class Engine(ABC):
@@ -263,4 +263,8 @@ def build_engine(settings: Settings) -> Engine:
     """The engine the settings ask for."""
     if settings.engine == "sequential":
         return SequentialEngine(settings)
+    if settings.engine == "remote":
+        from inference.remote import RemoteEngine  # imports the openai client only in remote mode
+
+        return RemoteEngine(settings)
     raise ValueError(f"unknown ENGINE {settings.engine!r}")

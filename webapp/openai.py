@@ -33,7 +33,13 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": OpenAIErrorResponse, "description": text}
-    for code, text in [(400, "Invalid request"), (401, "Invalid API key"), (500, "Server error"), (503, "Busy")]
+    for code, text in [
+        (400, "Invalid request"),
+        (401, "Invalid API key"),
+        (500, "Server error"),
+        (502, "Upstream error"),
+        (503, "Busy"),
+    ]
 }
 
 

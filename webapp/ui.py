@@ -103,6 +103,8 @@ class ChatHandler:
                 ) from None
             except InvalidRequest as error:
                 raise gr.Error(str(error)) from None
+            except InferenceError as error:  # e.g. ENGINE=remote and the upstream failed
+                raise gr.Error(f"Gagal membuat jawaban / generation failed: {error}") from None
         if dropped:
             gr.Warning(f"{dropped} pesan terlama dihapus agar muat di konteks model / oldest messages dropped to fit")
         text = ""
