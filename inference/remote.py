@@ -335,7 +335,7 @@ class RemoteEngine(Engine):
             return await self._create(request, model, True)
 
     async def _create(self, request: GenerationRequest, model: str, fold: bool) -> Any:
-        params: dict[str, Any] = {
+        body: dict[str, Any] = {
             "model": model,
             "messages": self._messages(request, fold),
             "max_tokens": request.max_new_tokens,
@@ -343,23 +343,29 @@ class RemoteEngine(Engine):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if request.top_p is not None:
-            params["top_p"] = request.top_p
-        if request.seed is not None:
-            params["seed"] = request.seed
-        if request.stop:
-            params["stop"] = list(request.stop)
-        extra: dict[str, Any] = {}
-        if request.top_k is not None:
-            extra["top_k"] = request.top_k
-        if request.repetition_penalty is not None:
-            extra["repetition_penalty"] = request.repetition_penalty
-        if extra:
-            params["extra_body"] = extra
+        optional = {
+            "top_p": request.top_p,
+            "seed": request.seed,
+            "stop": list(request.stop) or None,
+            "top_k": request.top_k,  # an extension vLLM and this service take; sent only when asked for
+            "repetition_penalty": request.repetition_penalty,
+        }
+        body.update({name: value for name, value in optional.items() if value is not None})
+        options: dict[str, Any] = {}
         if request.request_id:
-            params["extra_headers"] = {"X-Request-Id": request.request_id}
+            options["headers"] = {"X-Request-Id": request.request_id}
         try:
-            return await self.client.chat.completions.create(**params)
+            # The client's generic POST: its transport, auth, error mapping and SSE decoder, with the chunks
+            # left as dicts (cast_to=object). Building typed chunk models cost about a fifth of this process's
+            # CPU per streamed token under load.
+            return await self.client.post(
+                "/chat/completions",
+                cast_to=object,
+                body=body,
+                options=options,
+                stream=True,
+                stream_cls=openai.AsyncStream[object],
+            )
         except openai.APIStatusError as error:
             raise self._status_error(error, request) from None
         except openai.APIConnectionError as error:
@@ -399,16 +405,20 @@ class RemoteEngine(Engine):
         usage: Any = None
         try:
             async for chunk in upstream:
-                if getattr(chunk, "usage", None) is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices[:1]:
-                    text = choice.delta.content if choice.delta is not None else None
+                if not isinstance(chunk, dict):
+                    continue
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                choices = chunk.get("choices") or []
+                if choices:
+                    choice = choices[0]
+                    text = (choice.get("delta") or {}).get("content")
                     if text:
                         first_token_at = first_token_at or time.perf_counter()
                         parts.append(text)
                         yield TextDelta(text)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
         except openai.APITimeoutError:
             raise UpstreamError(
                 f"the upstream went silent for {self.settings.remote_read_timeout_s:g} s mid-stream "
@@ -424,7 +434,8 @@ class RemoteEngine(Engine):
         if finish is None:
             raise UpstreamError("the upstream's stream ended without a finish reason")
         if usage is not None:
-            input_length, output_length = int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0)
+            input_length = int(usage.get("prompt_tokens") or 0)
+            output_length = int(usage.get("completion_tokens") or 0)
         else:
             if not self._warned_no_usage:
                 logger.warning("the upstream sends no usage in streams: output_length counts chunks, input_length is 0")
