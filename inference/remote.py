@@ -330,9 +330,10 @@ class RemoteEngine(Engine):
                 or not _SYSTEM_ROLE_REFUSED.search(str(error))
             ):
                 raise
+            upstream = await self._create(request, model, True)  # still refused: that error goes to the client
             logger.info("the upstream's chat template has no system role: folding system messages into user turns")
             self.fold_system = True
-            return await self._create(request, model, True)
+            return upstream
 
     async def _create(self, request: GenerationRequest, model: str, fold: bool) -> Any:
         body: dict[str, Any] = {

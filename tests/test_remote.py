@@ -644,3 +644,23 @@ def test_app_starts_in_remote_mode_without_model_packages(upstream: LiveServer) 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_remote_overhead_bench_runs(tmp_path: Path) -> None:
+    """bench/remote_overhead.py end to end on a tiny load: synthetic upstream, remote-mode front, the summary."""
+    out = tmp_path / "bench.json"
+    argv = ["--upstream", "synthetic", "-c", "2", "-n", "2", "--max-tokens", "3", "--rounds", "1"]
+    argv += ["--synthetic-interval-ms", "1", "--json", str(out)]
+    result = subprocess.run(
+        [sys.executable, "bench/remote_overhead.py", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "throughput through/direct" in result.stdout and "added TTFT p50" in result.stdout
+    summary = json.loads(out.read_text())["results"][0]
+    assert summary["concurrency"] == 2 and summary["direct_tok_s"] > 0 and summary["through_tok_s"] > 0
+    assert all(r["direct"]["errors"] == r["through"]["errors"] == 0 for r in summary["rounds"])
