@@ -23,7 +23,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -138,21 +138,32 @@ class RemoteStream:
     left before the first byte), so the upstream sees the disconnect and stops generating.
     """
 
-    def __init__(self, events: AsyncIterator[StreamEvent], upstream: Any) -> None:
+    def __init__(self, events: AsyncIterator[StreamEvent], upstream: Any, on_close: Callable[[], None]) -> None:
         self._events = events
         self._upstream = upstream
+        self._on_close: Callable[[], None] | None = on_close
 
     def __aiter__(self) -> RemoteStream:
         return self
 
     async def __anext__(self) -> StreamEvent:
-        return await self._events.__anext__()
+        try:
+            return await self._events.__anext__()
+        except BaseException:  # the end, an error or a cancellation: this generation no longer runs
+            self._closed()
+            raise
 
     async def aclose(self) -> None:
+        self._closed()
         try:
             await self._events.aclose()  # type: ignore[attr-defined]
         finally:
             await self._upstream.close()
+
+    def _closed(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
 
 class RemoteEngine(Engine):
@@ -177,6 +188,16 @@ class RemoteEngine(Engine):
         self._monitor: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._warned_no_usage = False
+        self._streams = 0  # open upstream generations
+
+    @property
+    def running(self) -> int:
+        """Generations streaming from the upstream now (the upstream queues and batches them)."""
+        return self._streams
+
+    def drain(self, reason: str = "the service is shutting down") -> None:
+        if self.state in ("loading", "ready", "unavailable"):
+            self.state, self.state_reason = "stopping", reason
 
     # --- lifecycle and health ------------------------------------------------------------------------
 
@@ -310,7 +331,11 @@ class RemoteEngine(Engine):
             raise InvalidRequest("the conversation must end with a user message")
         started = time.perf_counter()
         upstream = await self._open(request, info.model_id)
-        return RemoteStream(self._events(upstream, request, started), upstream)
+        self._streams += 1
+        return RemoteStream(self._events(upstream, request, started), upstream, self._stream_closed)
+
+    def _stream_closed(self) -> None:
+        self._streams -= 1
 
     def _messages(self, request: GenerationRequest, fold: bool) -> list[dict[str, str]]:
         if fold:
@@ -443,7 +468,7 @@ class RemoteEngine(Engine):
                 self._warned_no_usage = True
             input_length, output_length = 0, len(parts)
         self.generated_tokens_total += output_length
-        yield GenerationResult(
+        result = GenerationResult(
             text="".join(parts),
             input_length=input_length,
             output_length=output_length,
@@ -451,3 +476,5 @@ class RemoteEngine(Engine):
             time_to_first_token_s=None if first_token_at is None else first_token_at - started,
             duration_s=time.perf_counter() - started,
         )
+        self.report_result(request, result)  # metrics and request logs
+        yield result

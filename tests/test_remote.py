@@ -27,13 +27,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from inference import Message, UpstreamError
+from inference import EngineNotReady, Message, UpstreamError
 from inference.loading import LoadedModel
 from inference.remote import RemoteEngine, fold_system_messages, redact_url
 from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, free_port, start_live_server
 from tests.test_streaming import sse_events
-from webapp.ui import ChatHandler
+from webapp.ui import ChatUI, banner_markdown, error_note
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_CAP = 1500  # the upstream's MAX_NEW_TOKENS_CAP; the front's is the default 2048
@@ -266,6 +266,7 @@ def test_disconnect_cancels_the_upstream_generation(front: LiveServer, upstream:
     cancelled = upstream_engine.generated_tokens_total - before - after.json()["output_length"] - 1
     assert cancelled < 150, cancelled  # far below the 1400 asked for: the upstream stopped
     assert waited < 30, waited
+    assert front.engine.running == 0  # the abandoned stream is not counted as running
 
 
 def test_openai_stream_disconnect_cancels_upstream(front: LiveServer, upstream: LiveServer) -> None:
@@ -288,25 +289,35 @@ def test_openai_stream_disconnect_cancels_upstream(front: LiveServer, upstream: 
 def test_chat_page_function_streams_and_its_stop_cancels_upstream(upstream: LiveServer) -> None:
     settings = remote_settings(f"{upstream.base_url}/v1")
 
-    async def run() -> tuple[list[str], int]:
+    def user(text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}]
+
+    async def run() -> tuple[list[str], list[dict], int]:
         engine = RemoteEngine(settings)
         await engine.start()
         try:
-            handler = ChatHandler(engine, settings)
-            outputs = [text async for text in handler("Halo, apa kabar?", [], "", 10, 0.0)]
+            ui = ChatUI(engine, settings)
+            replies = [
+                chat[1]["content"]
+                async for chat in ui.respond(user("Halo, apa kabar?"), "", 10, 0.0, 1.0, 0, 1.0, None, "id")
+                if len(chat) > 1
+            ]
             before = upstream.engine.generated_tokens_total
-            replies = handler("Tulis cerita yang sangat panjang.", [], "", 1400, 0.0)
+            stream = ui.respond(user("Tulis cerita yang sangat panjang."), "", 1400, 0.0, 1.0, 0, 1.0, None, "id")
             for _ in range(3):
-                await replies.__anext__()
-            await replies.aclose()  # the stop button
-            assert [text async for text in handler("Halo", [], "Jawab singkat.", 3, 0.0)]
-            return outputs, upstream.engine.generated_tokens_total - before
+                await anext(stream)
+            await stream.aclose()  # the Stop button
+            final = [c async for c in ui.respond(user("Halo"), "Jawab singkat.", 3, 0.0, 1.0, 0, 1.0, None, "id")][-1]
+            assert engine.running == 0
+            return replies, final, upstream.engine.generated_tokens_total - before
         finally:
             await engine.aclose()
 
-    outputs, spent = asyncio.run(run())
-    assert len(outputs) >= 2
-    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(outputs))
+    replies, final, spent = asyncio.run(run())
+    texts = replies[:-1]  # the last value is the reply next to its stats note
+    assert len(texts) >= 2 and texts[-1].strip()
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
+    assert [m["role"] for m in final] == ["user", "assistant", "assistant"] and final[1]["content"]
     assert spent < 100, spent
 
 
@@ -329,6 +340,14 @@ def test_upstream_down_at_start_then_recovers(upstream_settings: Settings, embed
         assert oai_refused.status_code == 503
         assert oai_refused.json()["error"]["type"] == "service_unavailable_error"
         assert front.server.started  # the service stays up, waiting for its upstream
+        ready = httpx.get(f"{front.base_url}/ready", timeout=10)
+        assert ready.status_code == 503 and ready.headers["Retry-After"]
+        assert ready.json()["status"] == "unavailable" and "unreachable" in ready.json()["reason"]
+        metrics = httpx.get(f"{front.base_url}/metrics", headers=AUTH, timeout=10).text
+        assert 'engine_state{state="unavailable"} 1.0' in metrics
+        page = banner_markdown(engine, "en")  # the chat page says why, and keeps polling
+        assert "cannot be reached" in page and "unreachable" in page
+        assert "cannot be reached" in error_note(EngineNotReady(engine.state_reason), "en", engine)["content"]
 
         upstream = start_upstream(upstream_settings, embedded_model, port=port)
         try:
@@ -336,6 +355,8 @@ def test_upstream_down_at_start_then_recovers(upstream_settings: Settings, embed
             assert recovered_in < 10, recovered_in
             answer = post(front, "/api/v1/generate-text", body)
             assert answer.status_code == 200 and answer.json()["generated_text"]
+            assert httpx.get(f"{front.base_url}/ready", timeout=10).json()["status"] == "ready"
+            assert engine.running == 0
         finally:
             stop_server(upstream)
     finally:

@@ -9,6 +9,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from inference import GenerationRequest, GenerationResult, InferenceError, Message, StreamEvent
 from webapp.errors import BadRequest, error_status
+from webapp.observability import current_request_id
 from webapp.schemas import ChatMessage, GenerateTextResponse, TextGenerationRequest
 
 SSE_PING_SECONDS = 15
@@ -42,7 +43,7 @@ def generation_request(
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop or ()),
-        request_id=request_id,
+        request_id=request_id or current_request_id(),
     )
 
 
