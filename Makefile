@@ -29,12 +29,12 @@ run: install
 test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/hadolint Dockerfile deploy/Dockerfile
 	$(PY) -m pytest
 
 lint: install
 	$(PY) -m ruff check .
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/hadolint Dockerfile deploy/Dockerfile
 
 format: install
 	$(PY) -m ruff format .

@@ -17,6 +17,7 @@ from inference.types import (
     ModelLoadError,
     StreamEvent,
     TextDelta,
+    UpstreamError,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "Settings",
     "StreamEvent",
     "TextDelta",
+    "UpstreamError",
     "build_engine",
 ]

@@ -40,7 +40,7 @@ from inference.types import (
 
 logger = logging.getLogger(__name__)
 
-EngineState = Literal["loading", "ready", "failed", "stopping"]
+EngineState = Literal["loading", "ready", "failed", "unavailable", "stopping"]  # unavailable: remote upstream down
 ResultListener = Callable[[GenerationRequest, GenerationResult], None]
 
 # Temperatures below this decode greedily: dividing logits by a subnormal temperature (5e-324 is valid
@@ -416,4 +416,8 @@ def build_engine(settings: Settings) -> Engine:
         from inference.batching import BatchedEngine
 
         return BatchedEngine(settings)
+    if settings.engine == "remote":
+        from inference.remote import RemoteEngine  # imports the openai client only in remote mode
+
+        return RemoteEngine(settings)
     raise ValueError(f"unknown ENGINE {settings.engine!r}")

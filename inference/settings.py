@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference.model_cache import default_cache_dir
@@ -65,10 +65,11 @@ class Settings(BaseSettings):
     )
 
     # Engine
-    engine: Literal["batched", "sequential"] = Field(
+    engine: Literal["batched", "sequential", "remote"] = Field(
         "batched",
-        description="Inference engine: `batched` (continuous batching: concurrent requests share forward passes) "
-        "or `sequential` (one `generate()` at a time, the baseline).",
+        description="Inference engine: `batched` (continuous batching: concurrent requests share forward passes), "
+        "`sequential` (one `generate()` at a time, the baseline) or `remote` (an OpenAI-compatible upstream, "
+        "REMOTE_URL).",
     )
     max_batch: int = Field(8, ge=1, le=256, description="Most requests generating together (batched engine).")
     max_queue: int = Field(
@@ -94,6 +95,32 @@ class Settings(BaseSettings):
         ge=1,
         description="Most characters of message text in one request (system message, history "
         "and the new text together).",
+    )
+
+    # Remote engine (ENGINE=remote): vLLM, TGI's Messages API, llama.cpp's server or another instance of this service
+    remote_url: str | None = Field(
+        None,
+        validate_default=True,
+        description="The upstream's OpenAI-compatible base URL, ending in `/v1` (e.g. http://vllm:8000/v1).",
+    )
+    remote_api_key: SecretStr | None = Field(None, description="Bearer key the upstream expects (never logged).")
+    remote_model: str | None = Field(
+        None, description="Model id to ask the upstream for; default: first of GET /models."
+    )
+    remote_connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to the upstream.")
+    remote_read_timeout_s: float = Field(
+        120.0, gt=0, description="Longest silence from the upstream (waiting for the first token included)."
+    )
+    remote_health_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between upstream health probes while it is up (retried faster while down)."
+    )
+    remote_context_length: int | None = Field(
+        None, ge=1, description="The upstream model's context, if the upstream does not report it (informational)."
+    )
+    remote_system_role: Literal["auto", "native", "fold"] = Field(
+        "auto",
+        description="System messages: `native` sends them as they are, `fold` merges them into the next user turn "
+        "(for templates without a system role, e.g. Gemma2), `auto` folds once the upstream refuses one.",
     )
 
     # HTTP server
@@ -140,6 +167,18 @@ class Settings(BaseSettings):
     def gradio_credentials(self) -> list[tuple[str, str]]:
         """GRADIO_AUTH as (user, password) pairs; empty if unset."""
         return [] if self.gradio_auth is None else parse_credentials(self.gradio_auth.get_secret_value())
+
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_url_for_remote_engine(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value.strip():
+            url = value.strip().rstrip("/")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError("must be an http:// or https:// URL, e.g. http://vllm:8000/v1")
+            return url
+        if info.data.get("engine") == "remote":
+            raise ValueError("REMOTE_URL is required when ENGINE=remote (the upstream's base URL ending in /v1)")
+        return None
 
     def load_api_keys(self) -> list[str]:
         """The configured keys, from API_KEYS and API_KEYS_FILE together; empty if none is set."""

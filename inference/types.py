@@ -101,5 +101,9 @@ class GenerationFailed(InferenceError):
     """The model raised while generating; the engine stays usable."""
 
 
+class UpstreamError(InferenceError):
+    """The remote engine's upstream failed: a 5xx answer, a broken or cut stream, a timeout mid-generation."""
+
+
 class ModelLoadError(InferenceError):
     """The model could not be loaded; the message says what to set."""

@@ -67,9 +67,11 @@ class LiveServer:
     server: uvicorn.Server
 
 
-def start_live_server(settings: Settings, engine, api_keys: list[str] | None = None) -> LiveServer:
-    """A real uvicorn server on a free loopback port, in a thread."""
-    port = free_port()
+def start_live_server(
+    settings: Settings, engine, api_keys: list[str] | None = None, port: int | None = None
+) -> LiveServer:
+    """A real uvicorn server on a loopback port (a free one unless given), in a thread."""
+    port = port or free_port()
     app = create_app(settings, engine, api_keys or [API_KEY])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()

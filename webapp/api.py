@@ -25,6 +25,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
     413: {"model": ErrorResponse, "description": "Request body larger than MAX_BODY_BYTES"},
     500: {"model": ErrorResponse, "description": "Generation failed"},
+    502: {"model": ErrorResponse, "description": "ENGINE=remote: the upstream failed or its stream broke"},
     503: {"model": ErrorResponse, "description": "Model loading or service busy; retry after Retry-After seconds"},
 }
 OK_RESPONSE: dict[int | str, dict[str, object]] = {

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from inference import EngineBusy, EngineNotReady, GenerationFailed, InferenceError, InvalidRequest
+from inference import EngineBusy, EngineNotReady, GenerationFailed, InferenceError, InvalidRequest, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def error_status(error: Exception) -> tuple[int, str, dict[str, str]]:
         return status.HTTP_503_SERVICE_UNAVAILABLE, str(error), {"Retry-After": str(error.retry_after_s)}
     if isinstance(error, EngineNotReady):
         return status.HTTP_503_SERVICE_UNAVAILABLE, f"service unavailable: {error}", {"Retry-After": "5"}
+    if isinstance(error, UpstreamError):
+        return status.HTTP_502_BAD_GATEWAY, f"upstream error: {error}", {}
     if isinstance(error, GenerationFailed):
         return status.HTTP_500_INTERNAL_SERVER_ERROR, str(error), {}
     if isinstance(error, InferenceError):

@@ -45,7 +45,7 @@ class EngineCollector(Collector):
         running.add_metric([], engine.running)
         yield running
         state = GaugeMetricFamily(f"{PREFIX}_engine_state", "1 for the engine's current state.", labels=["state"])
-        for name in ("loading", "ready", "failed", "stopping"):
+        for name in ("loading", "ready", "failed", "unavailable", "stopping"):
             state.add_metric([name], 1.0 if engine.state == name else 0.0)
         yield state
         load = GaugeMetricFamily(f"{PREFIX}_model_load_seconds", "Seconds the model took to load (NaN before).")

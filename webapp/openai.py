@@ -40,6 +40,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
         (401, "Missing or invalid API key"),
         (413, "Request body larger than MAX_BODY_BYTES"),
         (500, "Server error"),
+        (502, "Upstream error"),
         (503, "Model loading or service busy; retry after Retry-After seconds"),
     ]
 }

@@ -324,6 +324,6 @@ class OpenAIErrorResponse(BaseModel):
 class ReadyResponse(BaseModel):
     """`GET /ready`: 200 once the model is loaded and the engine admits work, else 503 with the reason."""
 
-    status: Literal["ready", "loading", "failed", "stopping"]
+    status: Literal["ready", "loading", "failed", "unavailable", "stopping"]
     reason: str
     model: str | None = None

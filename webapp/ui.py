@@ -87,6 +87,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "loading": "⏳ **Model sedang dimuat…** Halaman ini diperbarui otomatis setelah model siap.",
         "load_failed": "❌ **Model gagal dimuat.** Hubungi pengelola layanan. Detail: {reason}",
         "stopping": "⏸ **Layanan sedang dimatikan.** Coba lagi nanti.",
+        "upstream_down": (
+            "⏳ **Server model belum bisa dihubungi.** Halaman ini diperbarui otomatis setelah tersambung. "
+            "Detail: {reason}"
+        ),
         "language": "Bahasa / Language",
         "chatbot": "Percakapan",
         "placeholder": "Tulis pesan di bawah atau pilih salah satu contoh. Jawaban muncul kata demi kata.",
@@ -140,6 +144,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "not_ready_loading": "Model sedang dimuat. Tunggu sebentar lalu tekan Coba lagi.",
         "not_ready_failed": "Model gagal dimuat, jadi layanan belum bisa menjawab. Hubungi pengelola layanan.",
         "not_ready_stopping": "Layanan sedang dimatikan. Coba lagi nanti.",
+        "not_ready_unavailable": "Server model belum bisa dihubungi. Tunggu sebentar lalu tekan Coba lagi.",
         "too_long": "Pesan terlalu panjang",
         "too_long_detail": (
             "Pesan ini ({prompt} token) ditambah maks. token baru ({max_new}) melebihi konteks model "
@@ -168,6 +173,9 @@ TEXTS: dict[str, dict[str, str]] = {
         "loading": "⏳ **Loading the model…** This page updates by itself once the model is ready.",
         "load_failed": "❌ **The model failed to load.** Contact the service operator. Details: {reason}",
         "stopping": "⏸ **The service is shutting down.** Try again later.",
+        "upstream_down": (
+            "⏳ **The model server cannot be reached.** This page updates by itself once it is back. Details: {reason}"
+        ),
         "language": "Bahasa / Language",
         "chatbot": "Conversation",
         "placeholder": "Type a message below or pick an example. The reply appears word by word.",
@@ -221,6 +229,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "not_ready_loading": "The model is still loading. Wait a moment, then press Retry.",
         "not_ready_failed": "The model failed to load, so the service cannot answer. Contact the service operator.",
         "not_ready_stopping": "The service is shutting down. Try again later.",
+        "not_ready_unavailable": "The model server cannot be reached. Wait a moment, then press Retry.",
         "too_long": "The message is too long",
         "too_long_detail": (
             "This message ({prompt} tokens) plus max new tokens ({max_new}) exceeds the model's context "
@@ -447,9 +456,10 @@ def error_note(error: Exception, lang: str, engine: Engine) -> dict[str, Any]:
     if isinstance(error, EngineBusy):
         summary, detail = "busy", tr(lang, "busy_detail", seconds=error.retry_after_s)
     elif isinstance(error, EngineNotReady):
-        key = {"failed": "not_ready_failed", "stopping": "not_ready_stopping"}.get(engine.state, "not_ready_loading")
+        keys = {"failed": "not_ready_failed", "stopping": "not_ready_stopping", "unavailable": "not_ready_unavailable"}
+        key = keys.get(engine.state, "not_ready_loading")
         summary, detail = "not_ready", tr(lang, key)
-    elif isinstance(error, ContextTooLong):
+    elif isinstance(error, ContextTooLong) and error.context_length > 0:  # a remote upstream gives words only
         summary = "too_long"
         detail = tr(
             lang,
@@ -474,12 +484,14 @@ def banner_markdown(engine: Engine, lang: str) -> str:
         return head + tr(lang, "load_failed", reason=engine.state_reason)
     if engine.state == "stopping":
         return head + tr(lang, "stopping")
+    if engine.state == "unavailable":  # ENGINE=remote and the upstream is down
+        return head + tr(lang, "upstream_down", reason=engine.state_reason)
     if info is None or engine.state != "ready":
         return head + tr(lang, "loading")
     line = (
         f"**{tr(lang, 'model')}:** `{info.model_id}` · **{tr(lang, 'quantization')}:** {info.quantization} "
         f"({info.dtype}) · **{tr(lang, 'device')}:** {info.device} · "
-        f"**{tr(lang, 'context')}:** {info.context_length} {tr(lang, 'tokens')}"
+        f"**{tr(lang, 'context')}:** {info.context_length or '?'} {tr(lang, 'tokens')}"
     )
     if info.is_embedded_demo:
         line += f"\n\n> ⚠️ {tr(lang, 'demo_note')}"
@@ -622,7 +634,7 @@ class ChatUI:
             lang,
             *options.widget_values(),
             banner_markdown(self.engine, lang),
-            gr.Timer(active=self.engine.state == "loading"),
+            gr.Timer(active=self.engine.state in ("loading", "unavailable")),
             gr.update(interactive=True),  # the message box: usable once the stored chat is in place
             gr.update(interactive=True),  # the send button
         )
@@ -634,8 +646,8 @@ class ChatUI:
         )
 
     def refresh_banner(self, lang: str) -> tuple[str, gr.Timer]:
-        """While the model loads, the page polls this; polling stops once loading is over."""
-        return banner_markdown(self.engine, lang), gr.Timer(active=self.engine.state == "loading")
+        """While the model loads (or a remote upstream is down), the page polls this; polling stops after."""
+        return banner_markdown(self.engine, lang), gr.Timer(active=self.engine.state in ("loading", "unavailable"))
 
     @staticmethod
     def busy() -> tuple[Any, ...]:
