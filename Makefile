@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint format bench clean
+.PHONY: install browser run test lint format bench clean settings-table docker-smoke
 
 install: $(STAMP)
 
@@ -17,20 +17,36 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Debian's Chromium for the browser tests of the chat page (Playwright drives it; its own browser
+# download, `playwright install`, is not used). Installed with apt only when missing (needs root).
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-noto-color-emoji; }
+
 run: install
 	$(PY) app.py
 
-test: install
+test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m pytest
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 
 format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# Rewrite the README's settings table from the Settings class (a test fails while it is stale).
+settings-table: install
+	$(PY) -m webapp.cli --write
+
+# CI step (network, minutes): the Dockerfile's install and start commands in a fresh venv.
+docker-smoke: install
+	$(PY) deploy/dockerfile_smoke.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,4 +1,8 @@
-"""Entry point: read settings, build the engine, serve the API and the chat page with uvicorn."""
+"""Entry point: read settings, build the engine, serve the API and the chat page with uvicorn.
+
+`python app.py --help` lists every setting. Heavy modules (torch, transformers, gradio) are imported
+only after the settings are valid, so `--help` and configuration errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,10 @@ import logging
 import secrets
 import sys
 
-import uvicorn
-from pydantic import ValidationError
-
-from inference import build_engine
 from inference.settings import Settings
-from webapp.server import create_app
+from webapp.cli import load_settings
 
 logger = logging.getLogger("app")
-
-
-def read_settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors())
-        sys.exit(f"invalid configuration: {problems}")
 
 
 def resolve_api_keys(settings: Settings) -> list[str]:
@@ -38,18 +30,28 @@ def resolve_api_keys(settings: Settings) -> list[str]:
 
 
 def main() -> None:
-    settings = read_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(sys.argv[1:])
     api_keys = resolve_api_keys(settings)
+
+    import uvicorn
+
+    from inference import build_engine
+    from webapp.observability import configure_logging
+    from webapp.server import create_app
+    from webapp.shutdown import DrainingServer
+
+    configure_logging(settings.log_level, settings.log_format)
     engine = build_engine(settings)
     config = uvicorn.Config(
         None,  # set below, once the server object exists for the load-failure callback
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        log_config=None,  # keep the service's handlers (LOG_FORMAT); uvicorn's loggers propagate to them
+        access_log=False,  # webapp.observability writes one line per request instead
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),  # DrainingServer adjusts it
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, engine, settings.shutdown_timeout_s)
     failed: list[BaseException] = []
 
     def on_load_failed(error: BaseException) -> None:
@@ -59,7 +61,8 @@ def main() -> None:
     config.app = create_app(settings, engine, api_keys, on_load_failed=on_load_failed)
     server.run()
     if failed:
-        sys.exit(f"start-up failed: {engine.state_reason}")
+        # The error itself: by now engine.state_reason only says the service is shutting down.
+        sys.exit(f"start-up failed: {failed[0]}")
 
 
 if __name__ == "__main__":

@@ -335,7 +335,7 @@ class BatchedEngine(LocalEngine):
                 yield TextDelta(tail)
         finally:
             self._cancel(slot)  # a consumer that leaves early frees its row at the next step
-        yield GenerationResult(
+        result = GenerationResult(
             text="".join(parts),
             input_length=len(slot.prompt_ids),
             output_length=consumed,
@@ -343,6 +343,8 @@ class BatchedEngine(LocalEngine):
             time_to_first_token_s=None if first_token_at is None else first_token_at - slot.submitted_at,
             duration_s=time.perf_counter() - slot.submitted_at,
         )
+        self.report_result(request, result)
+        yield result
 
     # ---- thread -> event loop --------------------------------------------------------------------------
 
@@ -525,6 +527,7 @@ class BatchedEngine(LocalEngine):
                 ended.append(slot)
                 continue
             slot.generated += 1
+            self.generated_tokens_total += 1
             events.append((slot, token))
             if slot.history:
                 slot.history.append(token)

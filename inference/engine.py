@@ -41,6 +41,7 @@ from inference.types import (
 logger = logging.getLogger(__name__)
 
 EngineState = Literal["loading", "ready", "failed", "stopping"]
+ResultListener = Callable[[GenerationRequest, GenerationResult], None]
 
 
 class Engine(ABC):
@@ -50,10 +51,52 @@ class Engine(ABC):
         self.state: EngineState = "loading"
         self.state_reason = "model is loading"
         self.info: ModelInfo | None = None
+        # Every token the model produced, cancelled generations included (observability, tests).
+        self.generated_tokens_total = 0
+        self.load_duration_s: float | None = None  # set once the model is loaded
+        self._result_listeners: list[ResultListener] = []
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    @property
+    def queue_depth(self) -> int:
+        """Admitted generations waiting for the model."""
+        return 0
+
+    @property
+    def running(self) -> int:
+        """Generations the model is working on now."""
+        return 0
+
+    @property
+    def idle(self) -> bool:
+        return self.queue_depth == 0 and self.running == 0
+
+    def add_result_listener(self, listener: ResultListener) -> None:
+        """Call `listener(request, result)` for every finished generation (metrics, request logs).
+
+        Engines call it from the stream iterator, just before yielding the GenerationResult, so it runs
+        in the consumer's context; a listener must be quick and must not raise (errors are logged).
+        """
+        self._result_listeners.append(listener)
+
+    def remove_result_listener(self, listener: ResultListener) -> None:
+        if listener in self._result_listeners:
+            self._result_listeners.remove(listener)
+
+    def report_result(self, request: GenerationRequest, result: GenerationResult) -> None:
+        for listener in self._result_listeners:
+            try:
+                listener(request, result)
+            except Exception:
+                logger.exception("a result listener failed")
+
+    def drain(self, reason: str = "the service is shutting down") -> None:
+        """Stop admitting new work (submit raises EngineNotReady); admitted generations run to the end."""
+        if self.state in ("loading", "ready"):
+            self.state, self.state_reason = "stopping", reason
 
     def ensure_ready(self) -> ModelInfo:
         if self.state != "ready" or self.info is None:
@@ -100,6 +143,7 @@ class LocalEngine(Engine, ABC):
         self.terminators: list[int] = []
 
     def load(self) -> None:
+        started = time.perf_counter()
         try:
             loaded = self._loader(self.settings)
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -110,7 +154,9 @@ class LocalEngine(Engine, ABC):
         except Exception as error:
             self.state, self.state_reason = "failed", f"model failed to load: {error}"
             raise
-        self.state, self.state_reason = "ready", "ready"
+        self.load_duration_s = time.perf_counter() - started
+        if self.state == "loading":  # not drained meanwhile
+            self.state, self.state_reason = "ready", "ready"
 
     def on_loaded(self) -> None:
         """Hook for engines that set up more after the model is in memory."""
@@ -158,6 +204,7 @@ class _Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
     output_ids: list[int] = field(default_factory=list)
+    phase: Literal["queued", "running", "done"] = "queued"
 
 
 class _Ticket:
@@ -173,14 +220,19 @@ class _Ticket:
 
 
 class _CancelCriteria:
-    """Stops `generate` at the next token once the request is cancelled (disconnect, stop sequence)."""
+    """Stops `generate` at the next token once the request is cancelled (disconnect, stop sequence).
 
-    def __init__(self, cancel: threading.Event) -> None:
+    Called once per generated token, so it also counts them.
+    """
+
+    def __init__(self, cancel: threading.Event, engine: Engine) -> None:
         self.cancel = cancel
+        self.engine = engine
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        self.engine.generated_tokens_total += 1
         return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -196,11 +248,37 @@ class SequentialEngine(LocalEngine):
     def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
         super().__init__(settings, loader)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._counts_lock = threading.Lock()
+        self._queued = 0
+        self._running = 0
+        # Admission (MAX_QUEUE) counts from submit(), before the stream is first iterated.
         self.max_queue = settings.max_queue
         self.queue_timeout_s = settings.queue_timeout
         self._admitted = 0  # the running request plus the waiting ones
         self._admission_lock = threading.Lock()
         self._mean_duration_s = 10.0  # running estimate of one generation's time, for Retry-After
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def _move(self, job: _Job, frm: str, to: Literal["running", "done"]) -> bool:
+        """Move `job` from phase `frm` to `to`, keeping the counts; False if it was not in `frm`."""
+        with self._counts_lock:
+            if job.phase != frm:
+                return False
+            if frm == "queued":
+                self._queued -= 1
+            elif frm == "running":
+                self._running -= 1
+            if to == "running":
+                self._running += 1
+            job.phase = to
+            return True
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         prompt_ids = self.prepare(request)
@@ -239,6 +317,8 @@ class SequentialEngine(LocalEngine):
 
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         job = _Job(prompt_ids=prompt_ids, request=request, streamer=streamer, submitted_at=started)
+        with self._counts_lock:
+            self._queued += 1
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._generate_blocking, job)
         matcher = StopMatcher(request.stop)
         parts: list[str] = []
@@ -260,6 +340,7 @@ class SequentialEngine(LocalEngine):
             await future
         finally:
             job.cancel.set()  # a consumer that leaves early (client gone) frees the model at the next token
+            self._move(job, "queued", "done")  # it never reached the model
         output = job.output_ids
         ended_on_terminator = bool(output) and output[-1] in self.terminators
         if ended_on_terminator:
@@ -267,7 +348,7 @@ class SequentialEngine(LocalEngine):
         finish = "length" if len(output) >= request.max_new_tokens and not matcher.stopped else "stop"
         duration = time.perf_counter() - started
         self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * duration
-        yield GenerationResult(
+        result = GenerationResult(
             text="".join(parts),
             input_length=len(prompt_ids),
             output_length=len(output),
@@ -275,16 +356,20 @@ class SequentialEngine(LocalEngine):
             time_to_first_token_s=None if first_token_at is None else first_token_at - started,
             duration_s=duration,
         )
+        self.report_result(request, result)
+        yield result
 
     def _generate_blocking(self, job: _Job) -> None:
         import torch
         from transformers import StoppingCriteriaList
 
-        if job.cancel.is_set():  # the client left while waiting in the queue
+        if job.cancel.is_set() or not self._move(job, "queued", "running"):  # the client left while queued
+            self._move(job, "queued", "done")
             job.streamer.end()
             return
         waited = time.perf_counter() - job.submitted_at
         if waited > self.queue_timeout_s:
+            self._move(job, "running", "done")
             job.streamer.end()
             raise EngineBusy(
                 f"the request waited {waited:.0f} s for the model (QUEUE_TIMEOUT={self.queue_timeout_s:g}); "
@@ -300,13 +385,18 @@ class SequentialEngine(LocalEngine):
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=self.sampling_config(job.request),
                 streamer=job.streamer,
-                stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancel)]),
+                stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancel, self)]),
             )
             job.output_ids = output[0, len(job.prompt_ids) :].tolist()
         except Exception as error:
+            if job.cancel.is_set():  # the consumer is gone (e.g. the event loop closed at shutdown): no one to tell
+                logger.debug("cancelled generation ended with %s", type(error).__name__)
+                return
             logger.exception("generation failed (request %s)", job.request.request_id or "-")
             job.streamer.end()
             raise GenerationFailed(f"generation failed: {type(error).__name__}") from error
+        finally:
+            self._move(job, "running", "done")
 
     def close(self) -> None:
         super().close()

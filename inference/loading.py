@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference.model_cache import CacheEntry
 from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, Settings
 from inference.types import ModelInfo, ModelLoadError
 
@@ -28,6 +30,7 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     info: ModelInfo
+    from_cache: bool = False  # the embedded model's weights came from MODEL_CACHE_DIR, not the GGUF file
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,28 @@ def resolve_quantization(settings: Settings, has_cuda: bool) -> str:
     return "8bit" if settings.quantization == "auto" else settings.quantization
 
 
+def ensure_bitsandbytes(quantization: str) -> None:
+    """Fail early and readably when QUANTIZATION asks for bitsandbytes and it cannot be imported.
+
+    Only called on CUDA with `8bit`/`4bit`: on CPU, or with `none`, bitsandbytes is never imported.
+    """
+    if quantization == "none":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"QUANTIZATION={quantization} needs the bitsandbytes package, which is not installed: "
+            "install it (`pip install bitsandbytes==0.50.2`) or set QUANTIZATION=none to load in bf16"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # a broken CUDA/bitsandbytes install raises all sorts of errors on import
+        first_line = f"{type(error).__name__}: {error}".splitlines()[0][:200].rstrip(". ")
+        raise ModelLoadError(
+            f"QUANTIZATION={quantization} needs bitsandbytes, which failed to import ({first_line}): "
+            "reinstall a bitsandbytes build that matches this CUDA, or set QUANTIZATION=none to load in bf16"
+        ) from None
+
+
 def build_quantization_config(quantization: str) -> Any | None:
     """The `BitsAndBytesConfig` for `8bit`/`4bit`, or None. Building it needs no GPU."""
     if quantization == "none":
@@ -122,13 +147,43 @@ def context_length_of(model: Any, tokenizer: Any) -> int:
     return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
 
 
+def looks_like_path(source: str) -> bool:
+    """A MODEL_ID meant as a directory rather than a hub id (`owner/name`)."""
+    return source.startswith(("/", ".", "~", "\\")) or source.count("/") > 1 or "\\" in source
+
+
+def check_local_source(source: str) -> None:
+    """Readable errors for a MODEL_ID that names a directory which is missing or holds no model."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"MODEL_ID={source} is a directory without config.json, so not a transformers model directory: "
+                "set MODEL_ID to a directory saved with save_pretrained (config.json, tokenizer, *.safetensors), "
+                "a hub id, or `embedded`"
+            )
+        return
+    if looks_like_path(source):
+        raise ModelLoadError(
+            f"MODEL_ID={source} is not an existing directory: set MODEL_ID to a local model directory "
+            f"(config.json, tokenizer, *.safetensors), a hub id such as {SAHABAT_AI_MODEL_ID}, "
+            "or `embedded` for the embedded demo model"
+        )
+
+
 def _readable_load_error(source: str, error: BaseException) -> ModelLoadError:
-    text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    text = f"{type(error).__name__}: {error}".splitlines()[0][:300].rstrip(". ")
     lowered = text.lower()
-    if "out of memory" in lowered:
-        hint = "use QUANTIZATION=8bit or 4bit, a smaller model, or a GPU with more memory"
+    if "out of memory" in lowered or "dispatched on the cpu or the disk" in lowered:
+        # The second is what transformers says when a bitsandbytes model does not fit on the GPU.
+        hint = "the model does not fit in GPU memory: use QUANTIZATION=8bit or 4bit, a smaller model, or a larger GPU"
     elif "bitsandbytes" in lowered:
         hint = "install bitsandbytes on a CUDA machine, or set QUANTIZATION=none"
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(source).expanduser().is_dir():
+        hint = (
+            "HF_HUB_OFFLINE=1 and the model is not in the local Hugging Face cache: download it first, "
+            "point MODEL_ID at a local model directory, or use MODEL_ID=embedded"
+        )
     elif any(s in lowered for s in ("connect", "offline", "resolve", "not a local folder", "couldn't", "gated")):
         hint = (
             "point MODEL_ID at a local model directory, set HF_TOKEN for a gated model, "
@@ -136,28 +191,34 @@ def _readable_load_error(source: str, error: BaseException) -> ModelLoadError:
         )
     else:
         hint = "check MODEL_ID, or use MODEL_ID=embedded to serve the embedded demo model"
-    return ModelLoadError(f"could not load model {source!r}: {text}. {hint}")
+    return ModelLoadError(f"could not load model {source!r} ({text}): {hint}")
 
 
 def load_model(settings: Settings) -> LoadedModel:
     """Load the model the settings ask for. Raises ModelLoadError with a readable message on failure."""
     import torch
 
+    started = time.perf_counter()
     has_cuda = cuda_available()
     choice = choose_model(settings, has_cuda)
     quantization = resolve_quantization(settings, has_cuda)
-    dtype = resolve_dtype(settings, has_cuda)
     logger.info("serving model %s (%s)", choice.source, choice.reason)
+    if choice.source != EMBEDDED_MODEL_ID:
+        check_local_source(choice.source)
+        if has_cuda:
+            ensure_bitsandbytes(quantization)
+    dtype = resolve_dtype(settings, has_cuda)
+    from_cache = False
     try:
         if choice.source == EMBEDDED_MODEL_ID:
-            model, tokenizer = _load_embedded(settings, dtype)
+            model, tokenizer, from_cache = _load_embedded(settings, dtype)
             model_id, quantization, device = EMBEDDED_SERVED_ID, "none (dequantised from Q4_1 GGUF)", "cpu"
             if has_cuda:
                 model = model.to("cuda")
                 device = "cuda"
         else:
             model, tokenizer = _load_pretrained(settings, choice.source, quantization, dtype, has_cuda)
-            model_id, device = choice.source, str(getattr(model, "device", "cpu"))
+            model_id, device = choice.source, describe_placement(model)
     except ModelLoadError:
         raise
     except (Exception, torch.cuda.OutOfMemoryError) as error:
@@ -172,20 +233,60 @@ def load_model(settings: Settings) -> LoadedModel:
         is_embedded_demo=choice.source == EMBEDDED_MODEL_ID,
     )
     logger.info(
-        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d",
+        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d, loaded in %.1f s%s",
         info.model_id,
         info.quantization,
         info.dtype,
         info.device,
         info.context_length,
+        time.perf_counter() - started,
+        " (weights from the model cache)" if from_cache else "",
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, from_cache=from_cache)
 
 
-def _load_embedded(settings: Settings, dtype: Any) -> tuple[Any, Any]:
+def describe_placement(model: Any) -> str:
+    """Where the weights are, e.g. `cuda:0`; says so (and warns) when device_map="auto" offloaded some of them.
+
+    accelerate moves layers that do not fit in GPU memory to the CPU (or disk) instead of failing, and
+    every token then crosses PCIe: the service works, at a small fraction of its speed.
+    """
+    device = str(getattr(model, "device", "cpu"))
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted({str(d) for d in device_map.values() if str(d) in ("cpu", "disk")})
+    if not offloaded:
+        return device
+    count = sum(1 for d in device_map.values() if str(d) in offloaded)
+    logger.warning(
+        "the model does not fit in GPU memory: %d of %d modules were offloaded to %s, so generation will be very "
+        "slow; use QUANTIZATION=8bit or 4bit, or a GPU with more memory",
+        count,
+        len(device_map),
+        " and ".join(offloaded),
+    )
+    return f"{device} ({count} of {len(device_map)} modules offloaded to {' and '.join(offloaded)})"
+
+
+def _load_embedded(settings: Settings, dtype: Any) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, from_cache): from the weight cache when it has a valid entry, else the GGUF file."""
+    gguf = embedded_gguf_path()
+    entry = CacheEntry.for_gguf(settings.model_cache_dir, gguf, dtype) if settings.model_cache else None
+    if entry is not None:
+        cached = entry.load(dtype)
+        if cached is not None:
+            logger.info("loaded the embedded model's weights from the cache %s", entry.path)
+            return *cached, True
+    started = time.perf_counter()
+    model, tokenizer = _load_gguf(gguf, dtype)
+    logger.info("dequantised %s in %.1f s", gguf.name, time.perf_counter() - started)
+    if entry is not None:
+        entry.store(model, tokenizer)
+    return model, tokenizer, False
+
+
+def _load_gguf(gguf: Path, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     return model, tokenizer
@@ -196,7 +297,10 @@ def _load_pretrained(settings: Settings, source: str, quantization: str, dtype: 
 
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     common: dict[str, Any] = {"token": token, "trust_remote_code": settings.trust_remote_code}
-    if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
+    if Path(source).expanduser().is_dir():
+        source = str(Path(source).expanduser())
+        common["local_files_only"] = True
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
         common["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     kwargs: dict[str, Any] = {"dtype": dtype, **common}

@@ -48,12 +48,17 @@ class PromptBuilder:
         self.supports_system_role = self._probe_system_role()
 
     def _probe_system_role(self) -> bool:
-        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        """Whether the template renders a system message: it must neither raise nor silently drop it.
+
+        The probe texts are private-use markers, so template text ("system", "user", ...) cannot fake them.
+        """
+        system_text, user_text = f"{_MARK_OPEN}system-probe{_MARK_CLOSE}", f"{_MARK_OPEN}user-probe{_MARK_CLOSE}"
+        probe = [{"role": "system", "content": system_text}, {"role": "user", "content": user_text}]
         try:
             rendered = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
         except TemplateError:
             return False
-        return "s" in rendered.replace("u", "", 1)
+        return system_text in rendered
 
     def template_messages(self, messages: Sequence[Message]) -> list[dict[str, str]]:
         """The messages as the template will get them: system text folded in where the template has no system role."""

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from inference.model_cache import default_cache_dir
+
 SAHABAT_AI_MODEL_ID = "GoToCompany/gemma2-9b-cpt-sahabatai-v1-instruct"
 EMBEDDED_MODEL_ID = "embedded"
 
@@ -37,6 +39,14 @@ class Settings(BaseSettings):
     )
     hf_token: SecretStr | None = Field(None, description="Token for gated or private hub models.")
     trust_remote_code: bool = Field(False, description="Allow model repos that ship their own code.")
+    model_cache: bool = Field(
+        True, description="Cache the embedded model's dequantised weights in MODEL_CACHE_DIR for a fast second start."
+    )
+    model_cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Where the weight cache lives (about 270 MB for the embedded model; safe to delete).",
+        json_schema_extra={"default_shown": "$XDG_CACHE_HOME/sahabat-ai-service, else ~/.cache/sahabat-ai-service"},
+    )
 
     # Engine
     engine: Literal["batched", "sequential"] = Field(
@@ -55,13 +65,27 @@ class Settings(BaseSettings):
 
     # HTTP server
     host: str = Field("0.0.0.0", description="Address to listen on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port, logged at start).")
     api_keys: SecretStr | None = Field(None, description="Comma-separated Bearer API keys.")
     api_keys_file: Path | None = Field(None, description="File with one API key per line (`#` comments).")
     chat_system_message: str = Field(
         DEFAULT_CHAT_SYSTEM_MESSAGE, description="The automatic system message of `/api/v1/chat` and the UI."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    # Operations
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`text` (human-readable) or `json` (one JSON object per line)."
+    )
+    log_prompts: bool = Field(False, description="Put the prompt text in the request log lines (off: never logged).")
+    metrics_public: bool = Field(
+        False, description="Serve `GET /metrics` without an API key (for a scraper inside a trusted network)."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long running generations may take to finish before the process exits anyway.",
+    )
 
     @field_validator("model_id")
     @classmethod

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from inference import SequentialEngine
@@ -46,3 +52,42 @@ def client(settings: Settings, engine: SequentialEngine) -> Iterator[TestClient]
     app = create_app(settings, engine, [API_KEY, "second-key"])
     with TestClient(app) as test_client:
         yield test_client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    engine: SequentialEngine
+    server: uvicorn.Server
+
+
+def start_live_server(settings: Settings, engine, api_keys: list[str] | None = None) -> LiveServer:
+    """A real uvicorn server on a free loopback port, in a thread."""
+    port = free_port()
+    app = create_app(settings, engine, api_keys or [API_KEY])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return LiveServer(base_url, engine, server)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("live server did not start")
+
+
+@pytest.fixture(scope="session")
+def live_server(settings: Settings, embedded_model: LoadedModel) -> Iterator[LiveServer]:
+    """A real server with its own engine instance (sharing the loaded model) for over-the-wire tests."""
+    live = start_live_server(settings, engine_for(settings, embedded_model))
+    yield live
+    live.server.should_exit = True

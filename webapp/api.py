@@ -1,12 +1,24 @@
-"""The documented endpoints: POST /api/v1/generate-text and POST /api/v1/chat."""
+"""The documented endpoints: POST /api/v1/generate-text and POST /api/v1/chat (JSON, or SSE with "stream")."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+import json
+from collections.abc import AsyncIterator
 
+from fastapi import APIRouter, Depends, Request
+from sse_starlette import ServerSentEvent
+
+from inference import Engine, GenerationResult, InferenceError, TextDelta
 from webapp import service
 from webapp.auth import authenticate
-from webapp.schemas import ChatRequest, ErrorResponse, GenerateTextRequest, GenerateTextResponse
+from webapp.schemas import (
+    ChatMessage,
+    ChatRequest,
+    ErrorResponse,
+    GenerateTextRequest,
+    GenerateTextResponse,
+    TextGenerationRequest,
+)
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
@@ -14,20 +26,52 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     500: {"model": ErrorResponse, "description": "Generation failed"},
     503: {"model": ErrorResponse, "description": "Model loading or service busy; retry after Retry-After seconds"},
 }
+OK_RESPONSE: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": 'The generated text; with `"stream": true` a `text/event-stream` of `delta` events '
+        "and one final `complete` event carrying this object.",
+        "content": {"text/event-stream": {}},
+    }
+}
 
 router = APIRouter(prefix="/api/v1", tags=["text generation"], dependencies=[Depends(authenticate)])
 
 
-@router.post("/generate-text", response_model=GenerateTextResponse, responses=ERROR_RESPONSES)
-async def generate_text(body: GenerateTextRequest, request: Request) -> GenerateTextResponse:
+@router.post("/generate-text", response_model=GenerateTextResponse, responses={**OK_RESPONSE, **ERROR_RESPONSES})
+async def generate_text(body: GenerateTextRequest, request: Request):
     """General-purpose generation with an optional system message and history."""
-    state = request.app.state
-    return await service.respond(state.engine, body, body.system_message, state.settings.max_new_tokens_cap)
+    return await _respond(request, body, body.system_message)
 
 
-@router.post("/chat", response_model=GenerateTextResponse, responses=ERROR_RESPONSES)
-async def chat(body: ChatRequest, request: Request) -> GenerateTextResponse:
+@router.post("/chat", response_model=GenerateTextResponse, responses={**OK_RESPONSE, **ERROR_RESPONSES})
+async def chat(body: ChatRequest, request: Request):
     """Chat with the automatic conversational system message (replaced by `system_message` if given)."""
-    state = request.app.state
-    system = body.system_message or state.settings.chat_system_message
-    return await service.respond(state.engine, body, system, state.settings.max_new_tokens_cap)
+    return await _respond(request, body, body.system_message or request.app.state.settings.chat_system_message)
+
+
+async def _respond(request: Request, body: TextGenerationRequest, system_message: str | None):
+    engine: Engine = request.app.state.engine
+    conversation = service.conversation_of(body, system_message)
+    generation = service.generation_request(body, conversation, request.app.state.settings.max_new_tokens_cap)
+    info = engine.ensure_ready()
+    stream = await engine.submit(generation)  # a bad or unadmitted request fails here, before any byte is sent
+    if body.stream:
+        return service.sse_response(_sse_events(service.closing(stream), conversation, info.model_id))
+    async for event in service.closing(stream):
+        if isinstance(event, GenerationResult):
+            return service.text_response(conversation, event, info.model_id)
+    raise InferenceError("the generation ended without a result")
+
+
+async def _sse_events(
+    stream: AsyncIterator[object], conversation: list[ChatMessage], model: str
+) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                yield ServerSentEvent(json.dumps({"delta": event.text}, ensure_ascii=False), event="delta")
+            elif isinstance(event, GenerationResult):
+                final = service.text_response(conversation, event, model)
+                yield ServerSentEvent(final.model_dump_json(), event="complete")
+    except InferenceError as error:
+        yield ServerSentEvent(service.error_event_data(error), event="error")

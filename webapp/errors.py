@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from inference import EngineBusy, EngineNotReady, GenerationFailed, InferenceError, InvalidRequest
 
@@ -17,9 +18,10 @@ logger = logging.getLogger(__name__)
 class BadRequest(Exception):
     """A request the schema accepted but the service's limits do not (e.g. above MAX_NEW_TOKENS_CAP)."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, param: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.param = param
 
 
 def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
@@ -55,19 +57,60 @@ def error_status(error: Exception) -> tuple[int, str, dict[str, str]]:
     return status.HTTP_500_INTERNAL_SERVER_ERROR, "internal server error", {}
 
 
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable_error",
+}
+
+
+def is_openai_path(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def openai_error_body(code: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": OPENAI_ERROR_TYPES.get(code, "invalid_request_error" if code < 500 else "server_error"),
+            "param": param,
+            "code": None,
+        }
+    }
+
+
+def error_response(
+    request: Request, code: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
+) -> JSONResponse:
+    """The error body in the shape of the API the request came in by: `{"detail"}` or OpenAI's `{"error"}`."""
+    body = openai_error_body(code, message, param) if is_openai_path(request) else {"detail": message}
+    return JSONResponse(body, code, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": describe_validation_errors(list(error.errors()))}, status.HTTP_400_BAD_REQUEST)
+        errors = list(error.errors())
+        param = next((".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors), None)
+        return error_response(request, 400, describe_validation_errors(errors), param=param or None)
+
+    async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return error_response(request, error.status_code, str(error.detail), dict(error.headers or {}))
 
     async def on_known_error(request: Request, error: Exception) -> JSONResponse:
         code, message, headers = error_status(error)
-        return JSONResponse({"detail": message}, code, headers=headers)
+        return error_response(request, code, message, headers, param=getattr(error, "param", None))
 
     async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal server error"}, status.HTTP_500_INTERNAL_SERVER_ERROR)
+        return error_response(request, 500, "internal server error")
 
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(BadRequest, on_known_error)
     app.add_exception_handler(InferenceError, on_known_error)
     app.add_exception_handler(Exception, on_unexpected_error)

@@ -46,6 +46,9 @@ class TextGenerationRequest(SamplingParams):
     conversation_history: list[ChatMessage] | None = Field(
         None, description="Earlier messages, oldest first (roles user/assistant/system)."
     )
+    stream: bool = Field(
+        False, description="Stream the reply as text/event-stream: `delta` events, then one `complete` event."
+    )
 
     @field_validator("text")
     @classmethod
@@ -91,3 +94,191 @@ class ErrorResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str
+
+
+class TextDeltaEvent(BaseModel):
+    """SSE `event: delta` payload of the documented endpoints in streaming mode."""
+
+    delta: str
+
+
+# --- OpenAI-compatible API (/v1) -------------------------------------------------------------
+
+
+class OpenAITextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[OpenAITextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class OpenAIChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`. Fields OpenAI defines that this server cannot honour are a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Ignored beyond echoing: this server serves one model.")
+    messages: list[OpenAIChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=1000, description="Extension (as in vLLM).")
+    repetition_penalty: float | None = Field(None, ge=0.5, le=2.0, description="Extension (as in vLLM).")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Accepted only at the value that means "off": anything else is refused rather than ignored.
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    parallel_tool_calls: bool | None = None
+    # Harmless metadata, accepted and ignored.
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return value
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, reason) of the first field set to something this server does not do."""
+        checks: list[tuple[str, bool, str]] = [
+            ("n", self.n != 1, "only n=1 is supported"),
+            ("logprobs", self.logprobs, "logprobs are not supported"),
+            ("top_logprobs", self.top_logprobs is not None, "logprobs are not supported"),
+            ("presence_penalty", self.presence_penalty != 0, "use repetition_penalty instead"),
+            ("frequency_penalty", self.frequency_penalty != 0, "use repetition_penalty instead"),
+            ("tools", bool(self.tools), "tool calling is not supported"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tool calling is not supported"),
+            ("functions", bool(self.functions), "function calling is not supported"),
+            ("function_call", self.function_call not in (None, "none"), "function calling is not supported"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+            (
+                "response_format",
+                self.response_format is not None and self.response_format.get("type") != "text",
+                "only response_format type 'text' is supported",
+            ),
+        ]
+        for name, refused, reason in checks:
+            if refused:
+                return name, reason
+        return None
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class OpenAIResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class OpenAIChoice(BaseModel):
+    index: int = 0
+    message: OpenAIResponseMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class OpenAIChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[OpenAIChoice]
+    usage: OpenAIUsage
+
+
+class OpenAIDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class OpenAIChunkChoice(BaseModel):
+    index: int = 0
+    delta: OpenAIDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class OpenAIChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[OpenAIChunkChoice]
+    usage: OpenAIUsage | None = None
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sahabat-ai-service"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class ReadyResponse(BaseModel):
+    """`GET /ready`: 200 once the model is loaded and the engine admits work, else 503 with the reason."""
+
+    status: Literal["ready", "loading", "failed", "stopping"]
+    reason: str
+    model: str | None = None

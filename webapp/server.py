@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import gradio as gr
 from fastapi import FastAPI
 
 from inference import Engine
 from inference.settings import Settings
-from webapp import api, ops
+from webapp import api, openai, ops
 from webapp.errors import install_error_handlers
-from webapp.ui import build_ui
+from webapp.metrics import ServiceMetrics
+from webapp.observability import RequestObserver, RequestObserverMiddleware
+from webapp.ui import mount_ui
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading: asyncio.Task[None] | None = None
+        engine.add_result_listener(observer.on_result)
         if engine.state == "loading":
             loading = asyncio.create_task(_load(engine, on_load_failed))
         try:
@@ -41,6 +44,7 @@ def create_app(
         finally:
             if loading is not None and not loading.done():
                 loading.cancel()
+            engine.remove_result_listener(observer.on_result)
             engine.close()
 
     app = FastAPI(
@@ -51,12 +55,18 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.started_at = int(time.time())
     app.state.api_keys = [key.encode("utf-8") for key in api_keys]
+    metrics = ServiceMetrics(engine)
+    observer = RequestObserver(metrics, log_prompts=settings.log_prompts)
+    app.state.metrics = metrics
+    app.add_middleware(RequestObserverMiddleware, observer=observer)
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(api.router)
+    app.include_router(openai.router)
     if with_ui:
-        app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/")
+        app = mount_ui(app, engine, settings)
     return app
 
 

@@ -1,10 +1,18 @@
-"""Translation between the documented API's bodies and the engine seam (no HTTP here)."""
+"""Translation between API bodies and the engine seam, shared by the documented and OpenAI routes."""
 
 from __future__ import annotations
 
-from inference import Engine, GenerationRequest, GenerationResult, Message
-from webapp.errors import BadRequest
+import json
+from collections.abc import AsyncIterator
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from inference import GenerationRequest, GenerationResult, InferenceError, Message, StreamEvent
+from webapp.errors import BadRequest, error_status
+from webapp.observability import current_request_id
 from webapp.schemas import ChatMessage, GenerateTextResponse, TextGenerationRequest
+
+SSE_PING_SECONDS = 15
 
 
 def conversation_of(body: TextGenerationRequest, system_message: str | None) -> list[ChatMessage]:
@@ -17,11 +25,15 @@ def conversation_of(body: TextGenerationRequest, system_message: str | None) -> 
     return messages
 
 
+def check_max_new_tokens(value: int, cap: int, field: str = "max_new_tokens") -> None:
+    if value > cap:
+        raise BadRequest(f"{field}: must be at most {cap} (MAX_NEW_TOKENS_CAP)", param=field)
+
+
 def generation_request(
     body: TextGenerationRequest, conversation: list[ChatMessage], max_new_tokens_cap: int, request_id: str = ""
 ) -> GenerationRequest:
-    if body.max_new_tokens > max_new_tokens_cap:
-        raise BadRequest(f"max_new_tokens: must be at most {max_new_tokens_cap} (MAX_NEW_TOKENS_CAP)")
+    check_max_new_tokens(body.max_new_tokens, max_new_tokens_cap)
     return GenerationRequest(
         messages=tuple(Message(role=m.role, content=m.content) for m in conversation),
         max_new_tokens=body.max_new_tokens,
@@ -31,7 +43,7 @@ def generation_request(
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop or ()),
-        request_id=request_id,
+        request_id=request_id or current_request_id(),
     )
 
 
@@ -45,11 +57,21 @@ def text_response(conversation: list[ChatMessage], result: GenerationResult, mod
     )
 
 
-async def respond(
-    engine: Engine, body: TextGenerationRequest, system_message: str | None, max_new_tokens_cap: int
-) -> GenerateTextResponse:
-    conversation = conversation_of(body, system_message)
-    request = generation_request(body, conversation, max_new_tokens_cap)
-    info = engine.ensure_ready()
-    result = await engine.generate(request)
-    return text_response(conversation, result, info.model_id)
+async def closing(stream: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    """Iterate an engine stream and always close it, so a departed client cancels its generation."""
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def sse_response(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    return EventSourceResponse(
+        events, ping=SSE_PING_SECONDS, sep="\n", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def error_event_data(error: InferenceError) -> str:
+    code, message, _ = error_status(error)
+    return json.dumps({"detail": message, "status": code})

@@ -1,0 +1,183 @@
+"""SIGTERM on a real `python app.py` process: new work gets 503, the in-flight request completes, exit 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inference.loading import LoadedModel
+from inference.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-shutdown-test-9d2e41"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LONG_REQUEST = {
+    "text": "Hitung dari 1 sampai 500, pisahkan dengan koma. / Count from 1 to 500, separated by commas.",
+    "temperature": 0,
+}
+TARGET_GENERATION_S = 8.0  # long enough to signal and probe mid-generation, on a fast or a loaded machine
+
+
+LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    url: str = ""
+    output: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+
+def start_server(settings: Settings, **env: str) -> Served:
+    environment = {
+        **os.environ,
+        "MODEL_ID": "embedded",
+        "MODEL_CACHE_DIR": str(settings.model_cache_dir),  # warmed by the session's model load
+        "HOST": "127.0.0.1",
+        "PORT": "0",  # any free port: the test reads it from the log (no race with other processes)
+        "API_KEYS": KEY,
+        "METRICS_PUBLIC": "true",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "app.py"],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    served = Served(process)
+    assert process.stdout is not None
+    stdout = process.stdout
+    threading.Thread(target=lambda: served.output.extend(iter(stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app.py exited with {process.returncode}:\n{served.log()}")
+        if not served.url:
+            found = LISTENING.search(served.log())
+            served.url = found.group(1) if found else ""
+        try:
+            if served.url and httpx.get(f"{served.url}/ready", timeout=2).status_code == 200:
+                return served
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"app.py was not ready in time:\n{served.log()}")
+
+
+@pytest.fixture
+def server(settings: Settings, embedded_model: LoadedModel) -> Iterator[Served]:
+    served = start_server(settings, SHUTDOWN_TIMEOUT_S="600")
+    yield served
+    if served.process.poll() is None:
+        served.process.kill()
+        served.process.wait(10)
+
+
+def tokens_for_a_long_request(url: str) -> int:
+    """max_new_tokens that keeps this machine busy for about TARGET_GENERATION_S (measured, not guessed)."""
+    started = time.monotonic()
+    response = httpx.post(
+        f"{url}/api/v1/generate-text", headers=AUTH, json={**LONG_REQUEST, "max_new_tokens": 8}, timeout=120
+    )
+    assert response.status_code == 200, response.text
+    per_token = (time.monotonic() - started) / max(1, response.json()["output_length"])
+    return max(16, min(1000, int(TARGET_GENERATION_S / per_token)))
+
+
+def running_generations(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    line = next(line for line in text.splitlines() if line.startswith("sahabat_engine_running_requests "))
+    return float(line.split()[1])
+
+
+def test_sigterm_drains_the_in_flight_request_and_exits_0(server: Served) -> None:
+    url = server.url
+    outcome: dict[str, object] = {}
+    max_new_tokens = tokens_for_a_long_request(url)
+
+    def long_request() -> None:
+        response = httpx.post(
+            f"{url}/api/v1/generate-text",
+            headers=AUTH,
+            json={**LONG_REQUEST, "max_new_tokens": max_new_tokens},
+            timeout=600,
+        )
+        outcome["at"] = time.monotonic()
+        outcome["status"] = response.status_code
+        outcome["body"] = response.json()
+
+    client = threading.Thread(target=long_request)
+    client.start()
+    deadline = time.monotonic() + 60
+    while running_generations(url) < 1:
+        assert time.monotonic() < deadline and client.is_alive(), "the long request never started generating"
+        time.sleep(0.05)
+
+    server.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    # Draining: still listening, refusing new work with a clear 503, not ready, alive.
+    ready = httpx.get(f"{url}/ready", timeout=5)
+    assert ready.status_code == 503 and ready.json()["status"] == "stopping"
+    refused = httpx.post(f"{url}/api/v1/chat", headers=AUTH, json={"text": "Halo", "max_new_tokens": 2}, timeout=10)
+    assert refused.status_code == 503, refused.text
+    assert "shutting down" in refused.json()["detail"] and int(refused.headers["Retry-After"]) > 0
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    assert client.is_alive(), "the long request should still be generating during these checks"
+
+    client.join(600)
+    assert outcome["status"] == 200, outcome
+    body = outcome["body"]
+    assert isinstance(body, dict) and body["generated_text"]
+    assert body["output_length"] > max_new_tokens // 2  # it ran on after the signal, not cut short
+    assert float(outcome["at"]) > signalled  # type: ignore[arg-type]
+    assert server.process.wait(60) == 0, server.log()
+    log = server.log()
+    assert "shutdown requested" in log
+    assert KEY not in log
+
+
+def test_the_shutdown_timeout_bounds_the_wait(settings: Settings, embedded_model: LoadedModel) -> None:
+    served = start_server(settings, SHUTDOWN_TIMEOUT_S="1")
+    try:
+        client = threading.Thread(
+            target=lambda: httpx.post(
+                f"{served.url}/api/v1/generate-text",
+                headers=AUTH,
+                json={**LONG_REQUEST, "max_new_tokens": 2000},
+                timeout=300,
+            ),
+            daemon=True,
+        )
+        client.start()
+        deadline = time.monotonic() + 60
+        while running_generations(served.url) < 1:
+            assert time.monotonic() < deadline, "the request never started generating"
+            time.sleep(0.05)
+        served.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert served.process.wait(60) == 0, served.log()
+        assert time.monotonic() - signalled < 30
+        assert "shutdown timeout of 1 s reached" in served.log()
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()

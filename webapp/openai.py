@@ -1,0 +1,132 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions and GET /v1/models, behind the same API keys."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette import ServerSentEvent
+
+from inference import Engine, GenerationRequest, GenerationResult, InferenceError, Message, TextDelta
+from webapp import service
+from webapp.auth import authenticate
+from webapp.errors import BadRequest, error_status, openai_error_body
+from webapp.schemas import (
+    DEFAULT_MAX_NEW_TOKENS,
+    OpenAIChatCompletion,
+    OpenAIChatCompletionChunk,
+    OpenAIChatCompletionRequest,
+    OpenAIChoice,
+    OpenAIChunkChoice,
+    OpenAIDelta,
+    OpenAIErrorResponse,
+    OpenAIModel,
+    OpenAIModelList,
+    OpenAIResponseMessage,
+    OpenAIUsage,
+)
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": OpenAIErrorResponse, "description": text}
+    for code, text in [(400, "Invalid request"), (401, "Invalid API key"), (500, "Server error"), (503, "Busy")]
+}
+
+
+@router.get("/models", response_model=OpenAIModelList, responses=ERRORS)
+async def list_models(request: Request) -> OpenAIModelList:
+    info = request.app.state.engine.ensure_ready()
+    return OpenAIModelList(data=[OpenAIModel(id=info.model_id, created=request.app.state.started_at)])
+
+
+@router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=ERRORS)
+async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
+    engine: Engine = request.app.state.engine
+    generation = _generation_request(body, request.app.state.settings.max_new_tokens_cap)
+    info = engine.ensure_ready()
+    stream = await engine.submit(generation)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _chunks(service.closing(stream), completion_id, created, info.model_id, include_usage)
+        return service.sse_response(chunks)
+    async for event in service.closing(stream):
+        if isinstance(event, GenerationResult):
+            return OpenAIChatCompletion(
+                id=completion_id,
+                created=created,
+                model=info.model_id,
+                choices=[
+                    OpenAIChoice(message=OpenAIResponseMessage(content=event.text), finish_reason=event.finish_reason)
+                ],
+                usage=_usage(event),
+            )
+    raise InferenceError("the generation ended without a result")
+
+
+def _generation_request(body: OpenAIChatCompletionRequest, cap: int) -> GenerationRequest:
+    refused = body.unsupported()
+    if refused is not None:
+        field, reason = refused
+        raise BadRequest(f"{field}: {reason}", param=field)
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_new_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS
+    service.check_max_new_tokens(max_new_tokens, cap, field)
+    messages = tuple(
+        Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
+    )
+    return GenerationRequest(
+        messages=messages,
+        max_new_tokens=max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+    )
+
+
+def _usage(result: GenerationResult) -> OpenAIUsage:
+    return OpenAIUsage(
+        prompt_tokens=result.input_length,
+        completion_tokens=result.output_length,
+        total_tokens=result.input_length + result.output_length,
+    )
+
+
+async def _chunks(
+    stream: AsyncIterator[object], completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[ServerSentEvent]:
+    def chunk(delta: OpenAIDelta, finish: str | None = None) -> ServerSentEvent:
+        payload = OpenAIChatCompletionChunk(
+            id=completion_id,
+            created=created,
+            model=model,
+            choices=[OpenAIChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+        )
+        return ServerSentEvent(payload.model_dump_json(exclude={"usage"} if not include_usage else set()))
+
+    yield chunk(OpenAIDelta(role="assistant", content=""))
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                yield chunk(OpenAIDelta(content=event.text))
+            elif isinstance(event, GenerationResult):
+                yield chunk(OpenAIDelta(), event.finish_reason)
+                if include_usage:
+                    usage_chunk = OpenAIChatCompletionChunk(
+                        id=completion_id, created=created, model=model, choices=[], usage=_usage(event)
+                    )
+                    yield ServerSentEvent(usage_chunk.model_dump_json())
+    except InferenceError as error:
+        code, message, _ = error_status(error)
+        yield ServerSentEvent(json.dumps(openai_error_body(code, message)))
+        return
+    yield ServerSentEvent("[DONE]")
