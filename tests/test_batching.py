@@ -113,7 +113,7 @@ async def test_concurrent_greedy_requests_match_sequential(
 async def test_request_joining_mid_batch_completes_correctly(
     sequential: SequentialEngine, batched: BatchedEngine
 ) -> None:
-    long_request = greedy(PROMPTS[1], max_new_tokens=40)
+    long_request = greedy(PROMPTS[1], max_new_tokens=24)
     joiner = greedy(PROMPTS[4], max_new_tokens=10)
     expected_long, expected_joiner = await sequential_results(sequential, [long_request, joiner])
     long_stream = await batched.submit(long_request)
@@ -129,7 +129,7 @@ async def test_request_joining_mid_batch_completes_correctly(
     assert joiner_result.output_length == expected_joiner.output_length
     rest, long_result = await collect(long_stream)
     assert "".join(long_deltas + rest) == long_result.text == expected_long.text
-    assert long_result.output_length == expected_long.output_length == 40
+    assert long_result.output_length == expected_long.output_length == 24
 
 
 async def test_each_request_keeps_its_own_knobs(sequential: SequentialEngine, batched: BatchedEngine) -> None:
@@ -165,13 +165,13 @@ async def test_each_request_keeps_its_own_knobs(sequential: SequentialEngine, ba
 
 async def test_seeded_sampling_is_reproducible_whatever_the_batch(batched: BatchedEngine) -> None:
     seeded = GenerationRequest(
-        messages=(Message("user", "Tulis puisi pendek tentang laut."),), max_new_tokens=16, temperature=1.0, seed=1234
+        messages=(Message("user", "Tulis puisi pendek tentang laut."),), max_new_tokens=12, temperature=1.0, seed=1234
     )
     alone = await batched.generate(seeded)
     again = await batched.generate(seeded)
     assert again.text == alone.text
     others = [
-        GenerationRequest(messages=(Message("user", text),), max_new_tokens=16, temperature=1.0) for text in PROMPTS
+        GenerationRequest(messages=(Message("user", text),), max_new_tokens=12, temperature=1.0) for text in PROMPTS[:4]
     ]
     streams = [await batched.submit(request) for request in [*others[:2], seeded, *others[2:]]]
     results = [result for _, result in await asyncio.gather(*map(collect, streams))]
@@ -276,6 +276,20 @@ async def test_default_dtype_batched_engine(
         assert default.max_rows_seen >= 2
     finally:
         default.close()
+
+
+def test_prefill_groups_trade_padding_against_passes() -> None:
+    from inference.batching import plan_prefill_groups
+
+    lengths = [48, 64, 40, 97, 38, 41, 55]
+    groups = plan_prefill_groups(lengths, overhead=100, budget=8192)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each prompt exactly once
+    assert groups == [[4, 2, 5, 0, 6], [1, 3]]  # shortest first; the 97-token prompt does not pad the short ones
+    assert plan_prefill_groups(lengths, overhead=10_000, budget=8192) == [sorted(range(7), key=lambda i: lengths[i])]
+    assert all(len(g) == 1 for g in plan_prefill_groups(lengths, overhead=0, budget=8192))
+    assert plan_prefill_groups([4000, 4000, 4000], overhead=10_000, budget=8192) == [[0, 1], [2]]  # memory cap
+    assert plan_prefill_groups([9000], overhead=100, budget=8192) == [[0]]  # a lone long prompt still runs
+    assert plan_prefill_groups([], overhead=100, budget=8192) == []
 
 
 # ---- a tiny random Gemma2: sliding window attention and logit soft-capping through the batched engine ----
