@@ -50,6 +50,7 @@ class RunResult:
     ttft_p95_s: float
     latency_p50_s: float
     latency_p95_s: float
+    cpu_ms_per_token: float  # process CPU time per output token: less sensitive to other load than tok/s
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,20 +73,25 @@ async def one_request(engine: LocalEngine, request: GenerationRequest) -> tuple[
     raise RuntimeError("no result")
 
 
-async def run(engine: LocalEngine, concurrency: int, rounds: int, max_new_tokens: int) -> RunResult:
+async def run(
+    engine: LocalEngine, concurrency: int, rounds: int, max_new_tokens: int, stagger_s: float = 0.0
+) -> RunResult:
+    """`concurrency` clients, `rounds` requests each. With `stagger_s`, client i starts i * stagger_s late and
+    the requests ask for 50-100 % of `max_new_tokens`, so arrivals spread out (no synchronized bursts)."""
     results: list[tuple[GenerationResult, float | None]] = []
 
     async def client(index: int) -> None:
+        await asyncio.sleep(index * stagger_s)
         for round_ in range(rounds):
-            prompt = PROMPTS[(index + round_ * concurrency) % len(PROMPTS)]
-            request = GenerationRequest(
-                messages=(Message("user", prompt),), max_new_tokens=max_new_tokens, temperature=0.0
-            )
+            number = index + round_ * concurrency
+            prompt = PROMPTS[number % len(PROMPTS)]
+            tokens = max_new_tokens if not stagger_s else max(1, round(max_new_tokens * (0.5 + (number * 7 % 11) / 20)))
+            request = GenerationRequest(messages=(Message("user", prompt),), max_new_tokens=tokens, temperature=0.0)
             results.append(await one_request(engine, request))
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     tokens = sum(r.output_length for r, _ in results)
     ttfts = [t for _, t in results if t is not None]
     latencies = [r.duration_s for r, _ in results]
@@ -102,6 +108,7 @@ async def run(engine: LocalEngine, concurrency: int, rounds: int, max_new_tokens
         ttft_p95_s=round(percentile(ttfts, 95), 3),
         latency_p50_s=round(percentile(latencies, 50), 2),
         latency_p95_s=round(percentile(latencies, 95), 2),
+        cpu_ms_per_token=round(1000 * cpu / max(1, tokens), 1),
     )
 
 
@@ -121,8 +128,13 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
         dtype=args.dtype,
         max_batch=args.max_batch,
         max_queue=max(64, max(args.concurrency)),
+        queue_timeout=3600,
         _env_file=None,  # type: ignore[call-arg]
     )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     loaded = load_model(settings)
     print(f"model {loaded.info.model_id} dtype={loaded.info.dtype} device={loaded.info.device}", flush=True)
     out: list[RunResult] = []
@@ -130,7 +142,7 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
         engine = build(kind, settings, loaded)
         await run(engine, 1, 1, 4)  # warm-up
         for concurrency in args.concurrency:
-            result = await run(engine, concurrency, args.rounds, args.max_new_tokens)
+            result = await run(engine, concurrency, args.rounds, args.max_new_tokens, args.stagger)
             out.append(result)
             print(json.dumps(asdict(result)), flush=True)
         engine.close()
@@ -161,8 +173,15 @@ def main(argv: list[str] | None = None) -> Any:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, back to back")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="seconds between client starts, and 50-100%% of --max-new-tokens per request (0: all start together)",
+    )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--model-id", default="embedded")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))

@@ -24,7 +24,7 @@ import pytest
 from inference import BatchedEngine, EngineBusy, GenerationRequest, GenerationResult, Message, SequentialEngine
 from inference.loading import LoadedModel
 from inference.settings import Settings
-from inference.types import ModelInfo, StreamEvent, TextDelta
+from inference.types import StreamEvent, TextDelta
 
 PROMPTS = [
     "Apa ibu kota Indonesia?",
@@ -113,7 +113,7 @@ async def test_concurrent_greedy_requests_match_sequential(
 async def test_request_joining_mid_batch_completes_correctly(
     sequential: SequentialEngine, batched: BatchedEngine
 ) -> None:
-    long_request = greedy(PROMPTS[1], max_new_tokens=40)
+    long_request = greedy(PROMPTS[1], max_new_tokens=24)
     joiner = greedy(PROMPTS[4], max_new_tokens=10)
     expected_long, expected_joiner = await sequential_results(sequential, [long_request, joiner])
     long_stream = await batched.submit(long_request)
@@ -129,7 +129,7 @@ async def test_request_joining_mid_batch_completes_correctly(
     assert joiner_result.output_length == expected_joiner.output_length
     rest, long_result = await collect(long_stream)
     assert "".join(long_deltas + rest) == long_result.text == expected_long.text
-    assert long_result.output_length == expected_long.output_length == 40
+    assert long_result.output_length == expected_long.output_length == 24
 
 
 async def test_each_request_keeps_its_own_knobs(sequential: SequentialEngine, batched: BatchedEngine) -> None:
@@ -165,13 +165,13 @@ async def test_each_request_keeps_its_own_knobs(sequential: SequentialEngine, ba
 
 async def test_seeded_sampling_is_reproducible_whatever_the_batch(batched: BatchedEngine) -> None:
     seeded = GenerationRequest(
-        messages=(Message("user", "Tulis puisi pendek tentang laut."),), max_new_tokens=16, temperature=1.0, seed=1234
+        messages=(Message("user", "Tulis puisi pendek tentang laut."),), max_new_tokens=12, temperature=1.0, seed=1234
     )
     alone = await batched.generate(seeded)
     again = await batched.generate(seeded)
     assert again.text == alone.text
     others = [
-        GenerationRequest(messages=(Message("user", text),), max_new_tokens=16, temperature=1.0) for text in PROMPTS
+        GenerationRequest(messages=(Message("user", text),), max_new_tokens=12, temperature=1.0) for text in PROMPTS[:4]
     ]
     streams = [await batched.submit(request) for request in [*others[:2], seeded, *others[2:]]]
     results = [result for _, result in await asyncio.gather(*map(collect, streams))]
@@ -212,6 +212,25 @@ async def test_queue_limit_gives_engine_busy(settings: Settings, model32: Loaded
         assert result.output_length == 2
     finally:
         small.close()
+
+
+async def test_full_queue_is_503_with_retry_after_over_http(settings: Settings, model32: LoadedModel) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import API_KEY, AUTH
+    from webapp.server import create_app
+
+    small = batched_engine(settings, model32, max_batch=1, max_queue=0)
+    app = create_app(settings, small, [API_KEY], with_ui=False)
+    running = await small.submit(greedy(PROMPTS[1], max_new_tokens=400))  # holds the only slot
+    with TestClient(app) as client:  # its lifespan closes the engine on exit
+        for stream in (False, True):
+            body = {"text": "Halo", "max_new_tokens": 4, "stream": stream}
+            response = client.post("/api/v1/generate-text", headers=AUTH, json=body)
+            assert response.status_code == 503, response.text
+            assert int(response.headers["Retry-After"]) >= 1
+            assert "busy" in response.json()["detail"]
+        await running.aclose()  # type: ignore[attr-defined]
 
 
 async def test_queue_timeout_gives_engine_busy(settings: Settings, model32: LoadedModel) -> None:
@@ -259,101 +278,56 @@ async def test_default_dtype_batched_engine(
         default.close()
 
 
+def test_prefill_groups_trade_padding_against_passes() -> None:
+    from inference.batching import plan_prefill_groups
+
+    lengths = [48, 64, 40, 97, 38, 41, 55]
+    groups = plan_prefill_groups(lengths, overhead=100, budget=8192)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each prompt exactly once
+    assert groups == [[4, 2, 5, 0, 6], [1, 3]]  # shortest first; the 97-token prompt does not pad the short ones
+    assert plan_prefill_groups(lengths, overhead=10_000, budget=8192) == [sorted(range(7), key=lambda i: lengths[i])]
+    assert all(len(g) == 1 for g in plan_prefill_groups(lengths, overhead=0, budget=8192))
+    assert plan_prefill_groups([4000, 4000, 4000], overhead=10_000, budget=8192) == [[0, 1], [2]]  # memory cap
+    assert plan_prefill_groups([9000], overhead=100, budget=8192) == [[0]]  # a lone long prompt still runs
+    assert plan_prefill_groups([], overhead=100, budget=8192) == []
+
+
 # ---- a tiny random Gemma2: sliding window attention and logit soft-capping through the batched engine ----
-
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-
-
-def build_tiny_gemma2(directory: Path) -> LoadedModel:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        PreTrainedTokenizerFast,
-    )
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    raw.train_from_iterator([*PROMPTS, "user model Halo apa kabar? Baik, terima kasih."] * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )
-    tokenizer.chat_template = GEMMA_TEMPLATE
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=16,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    Gemma2ForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    loaded_tokenizer = AutoTokenizer.from_pretrained(directory)
-    info = ModelInfo(
-        model_id="tiny-gemma2",
-        quantization="none",
-        dtype="float32",
-        device="cpu",
-        context_length=256,
-        is_embedded_demo=False,
-    )
-    return LoadedModel(model=model, tokenizer=loaded_tokenizer, info=info)
 
 
 async def test_tiny_gemma2_sliding_window_through_the_batched_engine(settings: Settings, tmp_path: Path) -> None:
-    loaded = build_tiny_gemma2(tmp_path / "gemma2")
-    assert loaded.model.config.sliding_window == 16 and loaded.model.config.final_logit_softcapping
-    gemma_settings = settings.model_copy(update={"model_id": str(tmp_path / "gemma2")})
+    """sahabat-ai's architecture (bench.gemma_shape's tiny Gemma2, window 16), loaded by the service's loader."""
+    from bench.gemma_shape import TINY_SHAPE, gemma2_config, write_model_dir
+    from inference.loading import load_model
+
+    directory = write_model_dir(tmp_path / "gemma2", gemma2_config(TINY_SHAPE), seed=1234)
+    gemma_settings = settings.model_copy(update={"model_id": str(directory), "dtype": "float32"})
+    loaded = load_model(gemma_settings)
+    config = loaded.model.config
+    assert config.sliding_window == 16 and config.final_logit_softcapping and config.attn_logit_softcapping
+    assert "sliding_attention" in config.layer_types
     sequential = SequentialEngine(gemma_settings, loader=lambda _s: loaded)
     sequential.load()
     batched = batched_engine(gemma_settings, loaded, max_batch=4)
     try:
-        requests = [  # prompts of different lengths, and outputs that run well past the 16-token window
+        requests = [  # prompts of different lengths, outputs that run well past the 16-token window
             greedy(PROMPTS[3], max_new_tokens=30),
             greedy(PROMPTS[1], max_new_tokens=24),
-            GenerationRequest(
+            GenerationRequest(  # Gemma's template has no system role: the engine folds it into the user turn
                 messages=(Message("system", "Jawab singkat."), Message("user", PROMPTS[2])),
                 max_new_tokens=28,
                 temperature=0.0,
             ),
         ]
         expected = await sequential_results(sequential, requests)
-        assert all(len(loaded.tokenizer(r.text)["input_ids"]) > 8 for r in expected)  # the random model babbles
+        assert all(r.output_length > 16 for r in expected)  # the random model babbles past the window
         first = await batched.submit(requests[0])
         head = await first.__anext__()  # type: ignore[attr-defined]
         rest_streams = [await batched.submit(request) for request in requests[1:]]  # these join mid-way
         results = await asyncio.gather(collect(first), *map(collect, rest_streams))
         assert isinstance(head, TextDelta)
         assert head.text + "".join(results[0][0]) == results[0][1].text == expected[0].text
-        for (_, result), reference in zip(results[1:], expected[1:], strict=True):
+        for (_, result), reference in zip(results, expected, strict=True):
             assert result.text == reference.text
             assert result.output_length == reference.output_length
         assert batched.max_rows_seen >= 2
