@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint format bench bench-baselines clean settings-table docker-smoke
+.PHONY: install browser run test lint format bench bench-baselines clean settings-table docker-smoke
 
 install: $(STAMP)
 
@@ -17,10 +17,16 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Debian's Chromium for the browser tests of the chat page (Playwright drives it; its own browser
+# download, `playwright install`, is not used). Installed with apt only when missing (needs root).
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-noto-color-emoji; }
+
 run: install
 	$(PY) app.py
 
-test: install
+test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile

@@ -1,5 +1,6 @@
 """Model loading, prompt building and generation engines. Knows nothing of HTTP or UIs."""
 
+from inference.batching import BatchedEngine
 from inference.engine import Engine, SequentialEngine, build_engine
 from inference.settings import Settings
 from inference.types import (
@@ -19,6 +20,7 @@ from inference.types import (
 )
 
 __all__ = [
+    "BatchedEngine",
     "ContextTooLong",
     "Engine",
     "EngineBusy",

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
+import math
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +27,7 @@ from inference.settings import Settings
 from inference.text import StopMatcher
 from inference.types import (
     ContextTooLong,
+    EngineBusy,
     EngineNotReady,
     GenerationFailed,
     GenerationRequest,
@@ -38,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 EngineState = Literal["loading", "ready", "failed", "stopping"]
 ResultListener = Callable[[GenerationRequest, GenerationResult], None]
+
+# Temperatures below this decode greedily: dividing logits by a subnormal temperature (5e-324 is valid
+# JSON and within 0..2) overflows to inf and the sampler raises on the NaN probabilities.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 class Engine(ABC):
@@ -127,6 +135,8 @@ class Engine(ABC):
 class LocalEngine(Engine, ABC):
     """An engine that runs a transformers model in this process."""
 
+    name = "local"
+
     def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
         super().__init__()
         self.settings = settings
@@ -143,7 +153,7 @@ class LocalEngine(Engine, ABC):
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.prompt_builder = PromptBuilder(self.tokenizer)
             self.terminators = resolve_terminators(self.tokenizer)
-            self.info = loaded.info
+            self.info = dataclasses.replace(loaded.info, engine=self.name)
             self.on_loaded()
         except Exception as error:
             self.state, self.state_reason = "failed", f"model failed to load: {error}"
@@ -164,6 +174,7 @@ class LocalEngine(Engine, ABC):
         except InvalidRequest:
             raise
         except Exception as error:  # a tokenizer fault is this request's problem, not the service's
+            logger.warning("prompt tokenization failed (request %s)", request.request_id or "-", exc_info=True)
             raise InvalidRequest(f"the prompt could not be tokenized: {type(error).__name__}") from error
         if len(prompt_ids) + request.max_new_tokens > info.context_length:
             raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
@@ -172,7 +183,7 @@ class LocalEngine(Engine, ABC):
     def sampling_config(self, request: GenerationRequest) -> Any:
         """A GenerationConfig for `request`, starting from the model's own defaults."""
         config = copy.deepcopy(self.model.generation_config)
-        greedy = request.temperature == 0
+        greedy = request.temperature < GREEDY_BELOW_TEMPERATURE
         config.update(
             max_new_tokens=request.max_new_tokens,
             do_sample=not greedy,
@@ -195,9 +206,22 @@ class _Job:
     prompt_ids: list[int]
     request: GenerationRequest
     streamer: Any
+    submitted_at: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
     output_ids: list[int] = field(default_factory=list)
     phase: Literal["queued", "running", "done"] = "queued"
+
+
+class _Ticket:
+    """One admitted request's place in an engine's count, given back exactly once."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class _CancelCriteria:
@@ -232,6 +256,12 @@ class SequentialEngine(LocalEngine):
         self._counts_lock = threading.Lock()
         self._queued = 0
         self._running = 0
+        # Admission (MAX_QUEUE) counts from submit(), before the stream is first iterated.
+        self.max_queue = settings.max_queue
+        self.queue_timeout_s = settings.queue_timeout
+        self._admitted = 0  # the running request plus the waiting ones
+        self._admission_lock = threading.Lock()
+        self._mean_duration_s = 10.0  # running estimate of one generation's time, for Retry-After
 
     @property
     def queue_depth(self) -> int:
@@ -257,14 +287,41 @@ class SequentialEngine(LocalEngine):
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         prompt_ids = self.prepare(request)
-        return self._stream(request, prompt_ids)
+        with self._admission_lock:
+            if self._admitted >= 1 + self.max_queue:
+                retry_after = max(1, min(60, math.ceil(self._mean_duration_s * self._admitted)))
+                raise EngineBusy(
+                    f"the server is busy ({self._admitted - 1} requests waiting); retry shortly",
+                    retry_after_s=retry_after,
+                )
+            self._admitted += 1
+        ticket = _Ticket(self._leave)
+        stream = self._stream(request, prompt_ids, ticket, time.perf_counter())
+        weakref.finalize(stream, ticket.release)  # a stream dropped before it is iterated gives its place back
+        return stream
 
-    async def _stream(self, request: GenerationRequest, prompt_ids: list[int]) -> AsyncIterator[StreamEvent]:
+    def _leave(self) -> None:
+        with self._admission_lock:
+            self._admitted -= 1
+
+    async def _stream(
+        self, request: GenerationRequest, prompt_ids: list[int], ticket: _Ticket, submitted_at: float
+    ) -> AsyncIterator[StreamEvent]:
+        try:
+            async for event in self._generate_stream(request, prompt_ids, submitted_at):
+                if isinstance(event, GenerationResult):
+                    ticket.release()  # done: the caller may keep the finished stream around
+                yield event
+        finally:
+            ticket.release()
+
+    async def _generate_stream(
+        self, request: GenerationRequest, prompt_ids: list[int], started: float
+    ) -> AsyncIterator[StreamEvent]:
         from transformers import AsyncTextIteratorStreamer
 
-        started = time.perf_counter()
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        job = _Job(prompt_ids=prompt_ids, request=request, streamer=streamer)
+        job = _Job(prompt_ids=prompt_ids, request=request, streamer=streamer, submitted_at=started)
         with self._counts_lock:
             self._queued += 1
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._generate_blocking, job)
@@ -294,13 +351,15 @@ class SequentialEngine(LocalEngine):
         if ended_on_terminator:
             output = output[:-1]
         finish = "length" if len(output) >= request.max_new_tokens and not matcher.stopped else "stop"
+        duration = time.perf_counter() - started
+        self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * duration
         result = GenerationResult(
             text="".join(parts),
             input_length=len(prompt_ids),
             output_length=len(output),
             finish_reason=finish,
             time_to_first_token_s=None if first_token_at is None else first_token_at - started,
-            duration_s=time.perf_counter() - started,
+            duration_s=duration,
         )
         self.report_result(request, result)
         yield result
@@ -313,6 +372,15 @@ class SequentialEngine(LocalEngine):
             self._move(job, "queued", "done")
             job.streamer.end()
             return
+        waited = time.perf_counter() - job.submitted_at
+        if waited > self.queue_timeout_s:
+            self._move(job, "running", "done")
+            job.streamer.end()
+            raise EngineBusy(
+                f"the request waited {waited:.0f} s for the model (QUEUE_TIMEOUT={self.queue_timeout_s:g}); "
+                "retry shortly",
+                retry_after_s=max(1, min(60, math.ceil(self._mean_duration_s))),
+            )
         try:
             if job.request.seed is not None:
                 torch.manual_seed(job.request.seed)
@@ -344,4 +412,8 @@ def build_engine(settings: Settings) -> Engine:
     """The engine the settings ask for."""
     if settings.engine == "sequential":
         return SequentialEngine(settings)
+    if settings.engine == "batched":
+        from inference.batching import BatchedEngine
+
+        return BatchedEngine(settings)
     raise ValueError(f"unknown ENGINE {settings.engine!r}")

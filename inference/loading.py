@@ -198,6 +198,7 @@ def load_model(settings: Settings) -> LoadedModel:
     """Load the model the settings ask for. Raises ModelLoadError with a readable message on failure."""
     import torch
 
+    started = time.perf_counter()
     has_cuda = cuda_available()
     choice = choose_model(settings, has_cuda)
     quantization = resolve_quantization(settings, has_cuda)
@@ -232,13 +233,14 @@ def load_model(settings: Settings) -> LoadedModel:
         is_embedded_demo=choice.source == EMBEDDED_MODEL_ID,
     )
     logger.info(
-        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d%s",
+        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d, loaded in %.1f s%s",
         info.model_id,
         info.quantization,
         info.dtype,
         info.device,
         info.context_length,
-        ", weights from the model cache" if from_cache else "",
+        time.perf_counter() - started,
+        " (weights from the model cache)" if from_cache else "",
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, from_cache=from_cache)
 

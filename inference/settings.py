@@ -20,10 +20,26 @@ DEFAULT_CHAT_SYSTEM_MESSAGE = (
 )
 
 
+def parse_credentials(text: str) -> list[tuple[str, str]]:
+    """`user:password,user2:password2` -> pairs. The error says which entry is wrong, never what it holds."""
+    pairs: list[tuple[str, str]] = []
+    for position, item in enumerate((i.strip() for i in text.split(",") if i.strip()), start=1):
+        user, sep, password = item.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(f"entry {position} is not `user:password`")
+        pairs.append((user.strip(), password))
+    if not pairs:
+        raise ValueError("no `user:password` pair given")
+    return pairs
+
+
 class Settings(BaseSettings):
     """Service settings. Each field is read from the environment variable of the same name, upper-cased."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a misconfigured secret (API_KEYS, GRADIO_AUTH, HF_TOKEN) never reaches an error message.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     # Model
     model_id: str = Field(
@@ -49,14 +65,45 @@ class Settings(BaseSettings):
     )
 
     # Engine
-    engine: Literal["sequential"] = Field("sequential", description="Inference engine.")
+    engine: Literal["batched", "sequential"] = Field(
+        "batched",
+        description="Inference engine: `batched` (continuous batching: concurrent requests share forward passes) "
+        "or `sequential` (one `generate()` at a time, the baseline).",
+    )
+    max_batch: int = Field(8, ge=1, le=256, description="Most requests generating together (batched engine).")
+    max_queue: int = Field(
+        32, ge=0, description="Most requests waiting for a free slot; beyond it requests get 503 with Retry-After."
+    )
+    queue_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request may wait for a free slot before it fails with 503."
+    )
     max_new_tokens_cap: int = Field(2048, ge=1, description="Largest `max_new_tokens` a request may ask for.")
+
+    # Request limits (each refused with a clear 4xx before any work is done)
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest HTTP request body in bytes, on every route (413 above it)."
+    )
+    max_history_messages: int = Field(
+        100,
+        ge=0,
+        description="Most earlier messages a request may carry (`conversation_history`, or `messages` "
+        "before the last one on /v1).",
+    )
+    max_total_chars: int = Field(
+        100_000,
+        ge=1,
+        description="Most characters of message text in one request (system message, history "
+        "and the new text together).",
+    )
 
     # HTTP server
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port, logged at start).")
     api_keys: SecretStr | None = Field(None, description="Comma-separated Bearer API keys.")
     api_keys_file: Path | None = Field(None, description="File with one API key per line (`#` comments).")
+    gradio_auth: SecretStr | None = Field(
+        None, description="Protect the chat page at `/` with a login: comma-separated `user:password` pairs."
+    )
     chat_system_message: str = Field(
         DEFAULT_CHAT_SYSTEM_MESSAGE, description="The automatic system message of `/api/v1/chat` and the UI."
     )
@@ -82,6 +129,17 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("MODEL_ID must not be empty")
         return value.strip()
+
+    @field_validator("gradio_auth")
+    @classmethod
+    def _gradio_auth_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_credentials(value.get_secret_value())
+        return value
+
+    def gradio_credentials(self) -> list[tuple[str, str]]:
+        """GRADIO_AUTH as (user, password) pairs; empty if unset."""
+        return [] if self.gradio_auth is None else parse_credentials(self.gradio_auth.get_secret_value())
 
     def load_api_keys(self) -> list[str]:
         """The configured keys, from API_KEYS and API_KEYS_FILE together; empty if none is set."""

@@ -21,7 +21,7 @@ class GenerationRequest:
 
     messages: tuple[Message, ...]
     max_new_tokens: int = 256
-    temperature: float = 0.7  # 0 means greedy decoding
+    temperature: float = 0.7  # 0 (anything below 1e-5) means greedy decoding
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None

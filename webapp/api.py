@@ -23,6 +23,7 @@ from webapp.schemas import (
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    413: {"model": ErrorResponse, "description": "Request body larger than MAX_BODY_BYTES"},
     500: {"model": ErrorResponse, "description": "Generation failed"},
     503: {"model": ErrorResponse, "description": "Model loading or service busy; retry after Retry-After seconds"},
 }
@@ -52,7 +53,7 @@ async def chat(body: ChatRequest, request: Request):
 async def _respond(request: Request, body: TextGenerationRequest, system_message: str | None):
     engine: Engine = request.app.state.engine
     conversation = service.conversation_of(body, system_message)
-    generation = service.generation_request(body, conversation, request.app.state.settings.max_new_tokens_cap)
+    generation = service.generation_request(body, conversation, request.app.state.settings)
     info = engine.ensure_ready()
     stream = await engine.submit(generation)  # a bad or unadmitted request fails here, before any byte is sent
     if body.stream:
@@ -69,9 +70,11 @@ async def _sse_events(
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
-                yield ServerSentEvent(json.dumps({"delta": event.text}, ensure_ascii=False), event="delta")
+                yield ServerSentEvent(
+                    service.sse_json(json.dumps({"delta": event.text}, ensure_ascii=False)), event="delta"
+                )
             elif isinstance(event, GenerationResult):
                 final = service.text_response(conversation, event, model)
-                yield ServerSentEvent(final.model_dump_json(), event="complete")
+                yield ServerSentEvent(service.sse_json(final.model_dump_json()), event="complete")
     except InferenceError as error:
         yield ServerSentEvent(service.error_event_data(error), event="error")

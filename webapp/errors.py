@@ -24,11 +24,25 @@ class BadRequest(Exception):
         self.param = param
 
 
+MAX_ERROR_MESSAGE_CHARS = 2000
+MAX_FIELD_NAME_CHARS = 64
+
+
+def safe_text(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
+    """Client-supplied text (a field name) made safe to echo: valid UTF-8 (lone surrogates become `?`), bounded."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _field_path(loc: Any) -> list[str]:
+    return [safe_text(str(p), MAX_FIELD_NAME_CHARS) for p in loc if p != "body"]
+
+
 def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     """One readable line naming each offending field."""
     parts: list[str] = []
-    for error in errors:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+    for error in errors[:10]:
+        loc = _field_path(error.get("loc", ()))
         kind = error.get("type", "")
         if kind == "json_invalid":
             parts.append(f"request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})")
@@ -37,6 +51,8 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         else:
             message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
             parts.append(f"{'.'.join(loc) or 'body'}: {message}")
+    if len(errors) > 10:
+        parts.append(f"and {len(errors) - 10} more")
     return "; ".join(parts) or "invalid request"
 
 
@@ -88,6 +104,8 @@ def error_response(
     request: Request, code: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
 ) -> JSONResponse:
     """The error body in the shape of the API the request came in by: `{"detail"}` or OpenAI's `{"error"}`."""
+    message = safe_text(message)
+    param = None if param is None else safe_text(param, MAX_FIELD_NAME_CHARS * 4)
     body = openai_error_body(code, message, param) if is_openai_path(request) else {"detail": message}
     return JSONResponse(body, code, headers=headers)
 
@@ -95,7 +113,7 @@ def error_response(
 def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = list(error.errors())
-        param = next((".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors), None)
+        param = next((".".join(_field_path(e.get("loc", ()))) for e in errors), None)
         return error_response(request, 400, describe_validation_errors(errors), param=param or None)
 
     async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -11,9 +11,11 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from inference import Engine, GenerationRequest, GenerationResult, InferenceError, Message, TextDelta
+from inference.settings import Settings
 from webapp import service
 from webapp.auth import authenticate
 from webapp.errors import BadRequest, error_status, openai_error_body
+from webapp.limits import check_conversation_limits
 from webapp.schemas import (
     DEFAULT_MAX_NEW_TOKENS,
     OpenAIChatCompletion,
@@ -33,7 +35,21 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": OpenAIErrorResponse, "description": text}
-    for code, text in [(400, "Invalid request"), (401, "Invalid API key"), (500, "Server error"), (503, "Busy")]
+    for code, text in [
+        (400, "Invalid request"),
+        (401, "Missing or invalid API key"),
+        (413, "Request body larger than MAX_BODY_BYTES"),
+        (500, "Server error"),
+        (503, "Model loading or service busy; retry after Retry-After seconds"),
+    ]
+}
+COMPLETION_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": 'The completion; with `"stream": true` a `text/event-stream` of `chat.completion.chunk` '
+        "objects ending with `data: [DONE]`.",
+        "content": {"text/event-stream": {}},
+    },
+    **ERRORS,
 }
 
 
@@ -43,10 +59,10 @@ async def list_models(request: Request) -> OpenAIModelList:
     return OpenAIModelList(data=[OpenAIModel(id=info.model_id, created=request.app.state.started_at)])
 
 
-@router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=ERRORS)
+@router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=COMPLETION_RESPONSES)
 async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
-    generation = _generation_request(body, request.app.state.settings.max_new_tokens_cap)
+    generation = _generation_request(body, request.app.state.settings)
     info = engine.ensure_ready()
     stream = await engine.submit(generation)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -68,19 +84,30 @@ async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     raise InferenceError("the generation ended without a result")
 
 
-def _generation_request(body: OpenAIChatCompletionRequest, cap: int) -> GenerationRequest:
+def _generation_request(body: OpenAIChatCompletionRequest, settings: Settings) -> GenerationRequest:
     refused = body.unsupported()
     if refused is not None:
         field, reason = refused
         raise BadRequest(f"{field}: {reason}", param=field)
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
-    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_new_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS
-    service.check_max_new_tokens(max_new_tokens, cap, field)
     messages = tuple(
         Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
     )
+    check_conversation_limits(
+        settings,
+        history_messages=len(messages) - 1,
+        total_chars=sum(len(m.content) for m in messages),
+        history_field="messages",
+        text_field="messages",
+    )
+    cap = settings.max_new_tokens_cap
+    for field in ("max_tokens", "max_completion_tokens"):  # each explicit value is checked, even the unused one
+        value = getattr(body, field)
+        if value is not None:
+            service.check_max_new_tokens(value, cap, field)
+    # max_completion_tokens wins over the older max_tokens; the default is lowered to a cap below it.
+    max_new_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_NEW_TOKENS, cap)
     return GenerationRequest(
         messages=messages,
         max_new_tokens=max_new_tokens,
@@ -111,7 +138,9 @@ async def _chunks(
             model=model,
             choices=[OpenAIChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
         )
-        return ServerSentEvent(payload.model_dump_json(exclude={"usage"} if not include_usage else set()))
+        return ServerSentEvent(
+            service.sse_json(payload.model_dump_json(exclude={"usage"} if not include_usage else set()))
+        )
 
     yield chunk(OpenAIDelta(role="assistant", content=""))
     try:
@@ -124,9 +153,9 @@ async def _chunks(
                     usage_chunk = OpenAIChatCompletionChunk(
                         id=completion_id, created=created, model=model, choices=[], usage=_usage(event)
                     )
-                    yield ServerSentEvent(usage_chunk.model_dump_json())
+                    yield ServerSentEvent(service.sse_json(usage_chunk.model_dump_json()))
     except InferenceError as error:
         code, message, _ = error_status(error)
-        yield ServerSentEvent(json.dumps(openai_error_body(code, message)))
+        yield ServerSentEvent(service.sse_json(json.dumps(openai_error_body(code, message))))
         return
     yield ServerSentEvent("[DONE]")

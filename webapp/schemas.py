@@ -2,25 +2,77 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.7
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _valid_unicode(value: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (`"\\ud800"`); they are not text and no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = ord(value[error.start])
+        raise ValueError(
+            f"contains an unpaired UTF-16 surrogate (U+{bad:04X}) at character {error.start}: not valid Unicode text"
+        ) from None
+    return value
 
+
+# Every string that reaches the tokenizer or comes back in a response.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class RequestModel(BaseModel):
+    """Request bodies are validated strictly: `"stream": 0`, `"max_new_tokens": "5"` or `"temperature": true`
+    are type errors (400), not values quietly converted. Integers are accepted for number fields, and whole
+    numbers written as floats (`5.0`) for integer fields, as JSON Schema defines `integer`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_floats_to_int(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        integer_fields = {name for name, f in cls.model_fields.items() if f.annotation in (int, int | None)}
+        return {
+            key: int(value) if key in integer_fields and isinstance(value, float) and value.is_integer() else value
+            for key, value in data.items()
+        }
+
+
+def _stop_schema(schema: dict[str, Any]) -> None:
+    """Document the `stop` rules checked by the validators: non-empty strings, at most 4."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch["maxItems"] = 4
+            branch.setdefault("items", {})["minLength"] = 1
+
+
+def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty strings")
+    for stop in stops:
+        _valid_unicode(stop)
+    return value
+
+
+class ChatMessage(RequestModel):
     role: Literal["user", "assistant", "system"] = Field(description="Who said it.")
-    content: str = Field(description="What was said.")
+    content: Text = Field(description="What was said.")
 
 
-class SamplingParams(BaseModel):
+class SamplingParams(RequestModel):
     """Generation knobs shared by the documented endpoints."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(
         DEFAULT_MAX_NEW_TOKENS, ge=1, description="Most tokens to generate (capped by MAX_NEW_TOKENS_CAP)."
@@ -30,19 +82,20 @@ class SamplingParams(BaseModel):
     top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k most likely tokens.")
     repetition_penalty: float | None = Field(None, ge=0.5, le=2.0, description="Above 1 discourages repeats.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Same seed and input give the same text.")
-    stop: list[str] | None = Field(None, max_length=4, description="Up to 4 stop sequences; the match is not returned.")
+    stop: list[str] | None = Field(
+        None,
+        max_length=4,
+        description="Up to 4 stop sequences; the match is not returned.",
+        json_schema_extra=_stop_schema,
+    )
 
-    @field_validator("stop")
-    @classmethod
-    def _stops_not_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(not s for s in value):
-            raise ValueError("stop sequences must not be empty strings")
-        return value
+    _stops = field_validator("stop")(_check_stops)
 
 
 class TextGenerationRequest(SamplingParams):
-    text: str = Field(description="The user message or prompt.")
-    system_message: str | None = Field(None, description="Optional system message for the conversation.")
+    # The pattern documents the not-blank rule below for clients and fuzzers (JSON Schema `pattern` searches).
+    text: Text = Field(description="The user message or prompt.", json_schema_extra={"pattern": r"\S"})
+    system_message: Text | None = Field(None, description="Optional system message for the conversation.")
     conversation_history: list[ChatMessage] | None = Field(
         None, description="Earlier messages, oldest first (roles user/assistant/system)."
     )
@@ -105,19 +158,20 @@ class TextDeltaEvent(BaseModel):
 # --- OpenAI-compatible API (/v1) -------------------------------------------------------------
 
 
-class OpenAITextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OpenAITextPart(RequestModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class OpenAIChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OpenAIChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[OpenAITextPart]
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_text(cls, value: str | list[OpenAITextPart]) -> str | list[OpenAITextPart]:
+        return _valid_unicode(value) if isinstance(value, str) else value
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -125,16 +179,12 @@ class OpenAIChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class OpenAIChatCompletionRequest(BaseModel):
+class OpenAIChatCompletionRequest(RequestModel):
     """`POST /v1/chat/completions`. Fields OpenAI defines that this server cannot honour are a 400."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Ignored beyond echoing: this server serves one model.")
     messages: list[OpenAIChatMessage] = Field(min_length=1)
@@ -144,22 +194,25 @@ class OpenAIChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, le=1000, description="Extension (as in vLLM).")
     repetition_penalty: float | None = Field(None, ge=0.5, le=2.0, description="Extension (as in vLLM).")
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(
+        None, description="A stop sequence or up to 4; the match is not returned.", json_schema_extra=_stop_schema
+    )
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Accepted only at the value that means "off": anything else is refused rather than ignored.
-    n: int = 1
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    functions: list[dict] | None = None
-    function_call: str | dict | None = None
-    response_format: dict | None = None
-    logit_bias: dict | None = None
+    # Accepted only at the value that means "off": anything else is refused (400, naming the field) rather
+    # than ignored. The schema documents the accepted value; `unsupported()` gives the message.
+    n: int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})
+    logprobs: bool = Field(False, json_schema_extra={"const": False})
+    top_logprobs: int | None = Field(None, json_schema_extra={"type": "null"})
+    presence_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    frequency_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    tools: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tool_choice: str | dict | None = Field(None, description="Only `none`.")
+    functions: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: str | dict | None = Field(None, description="Only `none`.")
+    response_format: dict | None = Field(None, description='Only `{"type": "text"}`.')
+    logit_bias: dict | None = Field(None, json_schema_extra={"maxProperties": 0})
     parallel_tool_calls: bool | None = None
     # Harmless metadata, accepted and ignored.
     user: str | None = None
@@ -167,15 +220,7 @@ class OpenAIChatCompletionRequest(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty strings")
-        return value
+    _stops = field_validator("stop")(_check_stops)
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) of the first field set to something this server does not do."""

@@ -8,16 +8,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import gradio as gr
 from fastapi import FastAPI
 
 from inference import Engine
 from inference.settings import Settings
 from webapp import api, openai, ops
 from webapp.errors import install_error_handlers
+from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.metrics import ServiceMetrics
 from webapp.observability import RequestObserver, RequestObserverMiddleware
-from webapp.ui import build_ui
+from webapp.ui import mount_ui
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,11 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(api.router)
     app.include_router(openai.router)
+    install_openapi(app, settings)
+    # Outermost of the app's own middleware: covers the API, the docs and the Gradio page alike.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if with_ui:
-        app = gr.mount_gradio_app(app, build_ui(engine, settings), path="/")
+        app = mount_ui(app, engine, settings)
     return app
 
 

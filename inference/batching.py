@@ -1,0 +1,594 @@
+"""Continuous batching: one decode loop in one thread serves every running request in shared forward passes.
+
+How it works
+- `submit` validates, then admits the request into a bounded waiting queue (`MAX_QUEUE`); a full queue
+  is `EngineBusy` before any response byte, and a request that waits longer than `QUEUE_TIMEOUT` ends
+  with `EngineBusy` too.
+- The decode thread owns the model. Each iteration it first admits waiting requests into free slots
+  (at most `MAX_BATCH` running): their prompts are prefilled together (left-padded) into a fresh KV
+  cache, their first token is sampled straight from the prefill logits, and they are merged into the
+  running batch. Then it runs ONE decode step for every running row (one token each). Rows that end
+  (terminator, `max_new_tokens`, cancelled) leave the batch right after the step.
+- The batch shares one transformers `DynamicCache`, right-aligned: every row's tokens end at the last
+  column, shorter rows are left-padded, and the 2D attention mask marks the padding. Each row gets
+  its own `position_ids`, so padding never shifts positions. Joining pads the shorter side on the
+  left and concatenates on the batch axis; leaving selects rows and trims all-padding columns. Sliding
+  window layers (Gemma2) keep their last `window - 1` columns, which stay aligned on the right.
+- Sampling happens per row on the float32 logits, in the order transformers' `generate` uses:
+  repetition penalty, temperature, top-k, top-p. Greedy rows take the argmax. Each request has its
+  own `torch.Generator`, so a seeded request samples the same tokens whatever else is in the batch.
+  A step needs a single device-to-host copy (the chosen token ids).
+- Token ids go to each request's asyncio queue; the consumer side detokenizes them with the same
+  `TextStreamer` logic as the sequential engine and applies stop sequences, so greedy texts match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference.engine import LocalEngine
+from inference.loading import LoadedModel, load_model
+from inference.settings import Settings
+from inference.text import StopMatcher
+from inference.types import (
+    EngineBusy,
+    EngineNotReady,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    InferenceError,
+    StreamEvent,
+    TextDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Done:
+    """The decode thread's last word on a row: why it ended."""
+
+    finish_reason: str  # "stop" (terminator) or "length"
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One request inside the engine: what the decode thread needs, and where its tokens go."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+    submitted_at: float
+    cancelled: bool = False
+    generated: int = 0  # tokens sampled so far, the terminator excluded
+    admitted_at: float | None = None
+    generator: Any = None  # torch.Generator, made on the logits' device at the first sample
+    history: list[int] = field(default_factory=list)  # prompt + output ids, kept for repetition_penalty only
+
+    @property
+    def greedy(self) -> bool:
+        return self.request.temperature == 0
+
+
+@functools.cache
+def _collector_class() -> type:
+    from transformers import TextStreamer
+
+    class TextCollector(TextStreamer):
+        """transformers' TextStreamer chunking (the sequential engine's), collecting pieces instead of printing."""
+
+        def __init__(self, tokenizer: Any) -> None:
+            super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+            self.pieces: list[str] = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                self.pieces.append(text)
+
+        def feed(self, token_id: int) -> list[str]:
+            import torch
+
+            self.put(torch.tensor([token_id]))
+            return self.take()
+
+        def finish(self) -> list[str]:
+            self.end()
+            return self.take()
+
+        def take(self) -> list[str]:
+            out, self.pieces = self.pieces, []
+            return out
+
+    return TextCollector
+
+
+class _Batch:
+    """The running rows and their shared, right-aligned KV cache. Touched only by the decode thread."""
+
+    def __init__(self) -> None:
+        self.slots: list[_Slot] = []
+        self.cache: Any = None  # transformers DynamicCache
+        self.mask: Any = None  # (rows, columns) long: 1 = a real token, 0 = left padding
+        self.positions: Any = None  # (rows,) long: the position id of each row's next input token
+        self.next_tokens: Any = None  # (rows,) long: each row's next input token
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    @property
+    def columns(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    return list(cache.layers)
+
+
+def _left_pad(tensor: Any, length: int, dim: int) -> Any:
+    """`tensor` with zeros prepended along `dim` up to `length`."""
+    import torch
+
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _set_columns(cache: Any, columns: int) -> None:
+    """Tell sliding-window layers how many columns the batch has (their mask offsets come from this)."""
+    for layer in _cache_layers(cache):
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = columns
+
+
+def merge_batches(old: _Batch, new: _Batch) -> None:
+    """Append `new`'s rows to `old` (in place), right-aligning both caches on the column axis."""
+    import torch
+
+    if len(old) == 0:
+        old.slots, old.cache, old.mask = new.slots, new.cache, new.mask
+        old.positions, old.next_tokens = new.positions, new.next_tokens
+        return
+    columns = max(old.columns, new.columns)
+    for old_layer, new_layer in zip(_cache_layers(old.cache), _cache_layers(new.cache), strict=True):
+        if not getattr(old_layer, "is_initialized", True) or old_layer.keys is None or old_layer.keys.numel() == 0:
+            continue
+        length = max(old_layer.keys.shape[-2], new_layer.keys.shape[-2])
+        old_layer.keys = torch.cat([_left_pad(old_layer.keys, length, -2), _left_pad(new_layer.keys, length, -2)])
+        old_layer.values = torch.cat([_left_pad(old_layer.values, length, -2), _left_pad(new_layer.values, length, -2)])
+    _set_columns(old.cache, columns)
+    old.mask = torch.cat([_left_pad(old.mask, columns, 1), _left_pad(new.mask, columns, 1)])
+    old.positions = torch.cat([old.positions, new.positions])
+    old.next_tokens = torch.cat([old.next_tokens, new.next_tokens])
+    old.slots = old.slots + new.slots
+
+
+def keep_rows(batch: _Batch, keep: list[int]) -> None:
+    """Keep only rows `keep` (in place), then drop the columns that are padding in every remaining row."""
+    import torch
+
+    if not keep:
+        batch.clear()
+        return
+    if len(keep) == len(batch):
+        return
+    index = torch.tensor(keep, device=batch.mask.device)
+    mask = batch.mask.index_select(0, index)
+    first_real = int(mask.any(0).int().argmax())  # leading columns that are padding everywhere
+    columns = mask.shape[1] - first_real
+    for layer in _cache_layers(batch.cache):
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        layer_index = index.to(layer.keys.device)
+        length = min(layer.keys.shape[-2], columns)
+        layer.keys = layer.keys.index_select(0, layer_index)[:, :, -length:, :]
+        layer.values = layer.values.index_select(0, layer_index)[:, :, -length:, :]
+    _set_columns(batch.cache, columns)
+    batch.mask = mask[:, first_real:]
+    batch.positions = batch.positions.index_select(0, index)
+    batch.next_tokens = batch.next_tokens.index_select(0, index)
+    batch.slots = [batch.slots[i] for i in keep]
+
+
+class BatchedEngine(LocalEngine):
+    """Continuous (iteration-level) batching over the model, in one decode thread."""
+
+    name = "batched"
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+        super().__init__(settings, loader)
+        self.max_batch = settings.max_batch
+        self.max_queue = settings.max_queue
+        self.queue_timeout_s = settings.queue_timeout
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Slot] = collections.deque()
+        self._active = 0  # admitted and not yet finished (being prefilled or in the batch)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._device: Any = None
+        self._batch = _Batch()
+        self._terminator_set: frozenset[int] = frozenset()
+        self._mean_duration_s = 10.0  # running estimate of one request's time in the batch, for Retry-After
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.max_rows_seen = 0  # the largest batch a step has run (for tests and metrics)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def on_loaded(self) -> None:
+        self._device = self.model.get_input_embeddings().weight.device
+        self._terminator_set = frozenset(self.terminators)
+        self._thread = threading.Thread(target=self._run, name="batched-decode", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        super().close()
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for slot in waiting:
+            self._post(slot, EngineNotReady("the service is shutting down"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)  # the current step finishes, then the running rows are failed
+
+    # ---- the event-loop side ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted but still waiting for a slot in the batch."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._active
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        prompt_ids = self.prepare(request)
+        loop = asyncio.get_running_loop()
+        slot = _Slot(
+            request=request,
+            prompt_ids=prompt_ids,
+            loop=loop,
+            queue=asyncio.Queue(),
+            submitted_at=time.perf_counter(),
+        )
+        if request.repetition_penalty not in (None, 1.0):
+            slot.history = list(prompt_ids)
+        with self._cond:
+            if self._stopping:
+                raise EngineNotReady("the service is shutting down")
+            if self._active + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise EngineBusy(
+                    f"the server is busy ({self._active} generating, {len(self._waiting)} waiting); retry shortly",
+                    retry_after_s=self._retry_after_s(),
+                )
+            self._waiting.append(slot)
+            self._cond.notify()
+        stream = self._stream(slot)
+        weakref.finalize(stream, self._cancel, slot)  # a stream dropped before it is iterated frees its slot
+        return stream
+
+    def _retry_after_s(self) -> int:
+        rounds = (len(self._waiting) + 1) / max(1, self.max_batch)
+        return max(1, min(60, math.ceil(self._mean_duration_s * rounds)))
+
+    def _cancel(self, slot: _Slot) -> None:
+        slot.cancelled = True
+        with self._cond, contextlib.suppress(ValueError):  # not waiting any more
+            self._waiting.remove(slot)
+
+    async def _stream(self, slot: _Slot) -> AsyncIterator[StreamEvent]:
+        request = slot.request
+        collector = _collector_class()(self.tokenizer)
+        matcher = StopMatcher(request.stop)
+        parts: list[str] = []
+        consumed = 0
+        first_token_at: float | None = None
+        finish = "stop"
+        try:
+            while True:
+                event = await slot.queue.get()
+                if isinstance(event, int):
+                    consumed += 1
+                    pieces = collector.feed(event)
+                elif isinstance(event, _Done):
+                    finish = event.finish_reason
+                    pieces = collector.finish()
+                else:
+                    raise event
+                for piece in pieces:
+                    text = matcher.feed(piece)
+                    if text:
+                        first_token_at = first_token_at or time.perf_counter()
+                        parts.append(text)
+                        yield TextDelta(text)
+                    if matcher.stopped:
+                        break
+                if matcher.stopped:
+                    finish = "stop"
+                    self._cancel(slot)
+                    break
+                if isinstance(event, _Done):
+                    break
+            tail = matcher.flush()
+            if tail:
+                first_token_at = first_token_at or time.perf_counter()
+                parts.append(tail)
+                yield TextDelta(tail)
+        finally:
+            self._cancel(slot)  # a consumer that leaves early frees its row at the next step
+        result = GenerationResult(
+            text="".join(parts),
+            input_length=len(slot.prompt_ids),
+            output_length=consumed,
+            finish_reason="stop" if finish == "stop" else "length",
+            time_to_first_token_s=None if first_token_at is None else first_token_at - slot.submitted_at,
+            duration_s=time.perf_counter() - slot.submitted_at,
+        )
+        self.report_result(request, result)
+        yield result
+
+    # ---- thread -> event loop --------------------------------------------------------------------------
+
+    def _post(self, slot: _Slot, event: Any) -> None:
+        self._post_many([(slot, event)])
+
+    def _post_many(self, items: Iterable[tuple[_Slot, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Slot, Any]]] = {}
+        for slot, event in items:
+            by_loop.setdefault(slot.loop, []).append((slot, event))
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                for slot, _event in events:
+                    slot.cancelled = True
+
+    # ---- the decode thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                while True:
+                    newcomers = self._take_newcomers()
+                    if newcomers is None:
+                        break
+                    if newcomers:
+                        self._admit(newcomers)
+                    if len(self._batch):
+                        self._step()
+        except BaseException:  # never expected; keep the service honest about it
+            logger.exception("the batched decode loop died")
+            self.state, self.state_reason = "failed", "the decode loop stopped unexpectedly"
+            raise
+        finally:
+            self._fail_all(EngineNotReady("the service is shutting down"))
+
+    def _take_newcomers(self) -> list[_Slot] | None:
+        """Waiting requests for the free rows (blocks while there is nothing to do); None to stop."""
+        expired: list[_Slot] = []
+        with self._cond:
+            while not self._stopping and not self._waiting and not len(self._batch):
+                self._cond.wait()
+            if self._stopping:
+                return None
+            now = time.perf_counter()
+            while self._waiting and (
+                self._waiting[0].cancelled or now - self._waiting[0].submitted_at > self.queue_timeout_s
+            ):
+                slot = self._waiting.popleft()
+                if not slot.cancelled:
+                    expired.append(slot)
+            newcomers: list[_Slot] = []
+            while self._waiting and self._active < self.max_batch:
+                slot = self._waiting.popleft()
+                if slot.cancelled:
+                    continue
+                slot.admitted_at = now
+                newcomers.append(slot)
+                self._active += 1
+        for slot in expired:
+            self._post(
+                slot,
+                EngineBusy(
+                    f"the request waited {self.queue_timeout_s:g} s for a free slot (QUEUE_TIMEOUT); retry shortly",
+                    retry_after_s=self._retry_after_s(),
+                ),
+            )
+        return newcomers
+
+    def _release(self, slots: list[_Slot]) -> None:
+        if not slots:
+            return
+        now = time.perf_counter()
+        with self._cond:
+            self._active = max(0, self._active - len(slots))
+        for slot in slots:
+            if slot.admitted_at is not None and not slot.cancelled:
+                self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * (now - slot.admitted_at)
+
+    def _fail_all(self, error: InferenceError) -> None:
+        slots = list(self._batch.slots)
+        self._batch.clear()
+        with self._cond:
+            slots += list(self._waiting)
+            self._waiting.clear()
+            self._active = 0
+        self._post_many((slot, error) for slot in slots)
+
+    def _admit(self, slots: list[_Slot]) -> None:
+        """Prefill `slots` together, sample their first tokens and merge the live ones into the batch."""
+        try:
+            new = self._prefill(slots)
+        except Exception as error:  # this prompt's problem (e.g. out of memory): the running batch carries on
+            logger.exception("prefill failed for %d request(s)", len(slots))
+            self._release(slots)
+            self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
+            return
+        try:
+            self._emit_and_retire(new)
+            if len(new):
+                merge_batches(self._batch, new)
+        except Exception as error:
+            self._fail_running(error, extra=new.slots)
+
+    def _prefill(self, slots: list[_Slot]) -> _Batch:
+        import torch
+        from transformers import DynamicCache
+
+        device = self._device
+        longest = max(len(s.prompt_ids) for s in slots)
+        pad = self._pad_token_id()
+        ids = torch.full((len(slots), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(slots), longest), dtype=torch.long)
+        positions = torch.zeros((len(slots), longest), dtype=torch.long)
+        for row, slot in enumerate(slots):
+            n = len(slot.prompt_ids)
+            ids[row, longest - n :] = torch.tensor(slot.prompt_ids, dtype=torch.long)
+            mask[row, longest - n :] = 1
+            positions[row, longest - n :] = torch.arange(n)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        new = _Batch()
+        new.slots, new.cache, new.mask = list(slots), cache, mask
+        new.positions = mask.sum(1)  # the next token's position: the prompt length
+        new.next_tokens = self._choose(new.slots, output.logits[:, -1, :]).to(device)
+        return new
+
+    def _step(self) -> None:
+        import torch
+
+        batch = self._batch
+        try:
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+            output = self.model(
+                input_ids=batch.next_tokens[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.positions[:, None],
+                cache=batch.cache,
+                use_cache=True,
+            )
+            batch.positions = batch.positions + 1
+            batch.next_tokens = self._choose(batch.slots, output.logits[:, -1, :]).to(self._device)
+            self.steps += 1
+            self.max_rows_seen = max(self.max_rows_seen, len(batch))
+            self._emit_and_retire(batch)
+        except Exception as error:
+            self._fail_running(error)
+
+    def _fail_running(self, error: Exception, extra: Iterable[_Slot] = ()) -> None:
+        logger.exception("batched generation failed; failing the running requests")
+        slots = list(dict.fromkeys([*self._batch.slots, *extra]))
+        self._batch.clear()
+        self._release(slots)
+        self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
+
+    def _emit_and_retire(self, batch: _Batch) -> None:
+        """Send each row its new token (one host copy for the whole batch), then drop the rows that ended."""
+        tokens: list[int] = batch.next_tokens.tolist()
+        terminators = self._terminator_set
+        events: list[tuple[_Slot, Any]] = []
+        keep: list[int] = []
+        ended: list[_Slot] = []
+        for row, (slot, token) in enumerate(zip(batch.slots, tokens, strict=True)):
+            if slot.cancelled:
+                ended.append(slot)
+                continue
+            if token in terminators:
+                events.append((slot, _Done("stop")))
+                ended.append(slot)
+                continue
+            slot.generated += 1
+            self.generated_tokens_total += 1
+            events.append((slot, token))
+            if slot.history:
+                slot.history.append(token)
+            if slot.generated >= slot.request.max_new_tokens:
+                events.append((slot, _Done("length")))
+                ended.append(slot)
+                continue
+            keep.append(row)
+        try:
+            if ended:  # free the rows first, so a client that has its result sees the capacity back
+                keep_rows(batch, keep)
+                self._release(ended)
+        finally:
+            self._post_many(events)
+
+    def _choose(self, slots: list[_Slot], logits: Any) -> Any:
+        """The next token of every row: greedy rows take the argmax, the others sample with their own generator."""
+        import torch
+
+        scores = logits.float()
+        for row, slot in enumerate(slots):
+            penalty = slot.request.repetition_penalty
+            if penalty is not None and penalty != 1.0 and slot.history:
+                seen = torch.tensor(slot.history, device=scores.device)
+                picked = scores[row].gather(0, seen)
+                picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+                scores[row].scatter_(0, seen, picked)
+        tokens = scores.argmax(dim=-1)
+        for row, slot in enumerate(slots):
+            if slot.greedy:
+                continue
+            if slot.generator is None:
+                slot.generator = torch.Generator(device=scores.device)
+                if slot.request.seed is not None:
+                    slot.generator.manual_seed(slot.request.seed)
+                else:
+                    slot.generator.seed()
+            tokens[row] = _sample(scores[row], slot.request, slot.generator)
+        return tokens
+
+
+def _sample(scores: Any, request: GenerationRequest, generator: Any) -> Any:
+    """One token from one row of logits: temperature, top-k, top-p (as transformers' warpers), then a draw."""
+    import torch
+
+    if request.temperature != 1.0:
+        scores = scores / request.temperature
+    if request.top_k is not None and request.top_k > 0:
+        k = min(request.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if request.top_p is not None and request.top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - request.top_p)
+        remove[-1] = False
+        scores = scores.masked_fill(remove.scatter(0, sorted_index, remove), -math.inf)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _deliver(events: list[tuple[_Slot, Any]]) -> None:
+    for slot, event in events:
+        slot.queue.put_nowait(event)

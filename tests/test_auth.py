@@ -1,0 +1,169 @@
+"""Auth everywhere: every /api/* and /v1/* route of the app refuses a missing, wrong or wrongly presented
+key and accepts a right one; keys never reach the logs or an error body."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
+from fastapi.testclient import TestClient
+from starlette.routing import Mount
+
+from inference.settings import Settings
+from tests.conftest import API_KEY, AUTH
+from webapp.server import create_app
+
+PROTECTED_PREFIXES = ("/api/", "/v1/")
+WRONG_KEY = "sk-wrong-0123456789-abcdef"
+
+# A small valid request for each protected route. A new route must be added here to be walked; the
+# test fails until it is, so no route can be added without its auth being checked.
+VALID_REQUESTS: dict[tuple[str, str], dict[str, Any] | None] = {
+    ("POST", "/api/v1/generate-text"): {"text": "Halo", "max_new_tokens": 1},
+    ("POST", "/api/v1/chat"): {"text": "Halo", "max_new_tokens": 1},
+    ("POST", "/v1/chat/completions"): {"messages": [{"role": "user", "content": "Halo"}], "max_tokens": 1},
+    ("GET", "/v1/models"): None,
+}
+
+REFUSED_HEADERS: dict[str, dict[str, str]] = {
+    "missing": {},
+    "wrong key": {"Authorization": f"Bearer {WRONG_KEY}"},
+    "right key, Basic scheme": {"Authorization": "Basic " + base64.b64encode(f"user:{API_KEY}".encode()).decode()},
+    "right key, raw in Basic": {"Authorization": f"Basic {API_KEY}"},
+    "right key, Token scheme": {"Authorization": f"Token {API_KEY}"},
+    "right key, no scheme": {"Authorization": API_KEY},
+    "empty Bearer": {"Authorization": "Bearer "},
+    "Bearer only": {"Authorization": "Bearer"},
+    "key prefix": {"Authorization": f"Bearer {API_KEY[:-1]}"},
+    "key plus suffix": {"Authorization": f"Bearer {API_KEY}x"},
+    "key in another header": {"X-API-Key": API_KEY, "Api-Key": API_KEY},
+    "key as a cookie": {"Cookie": f"api_key={API_KEY}; Authorization=Bearer%20{API_KEY}"},
+}
+
+
+def walk_routes(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(method, full path) of every route, included routers and mounted apps (the Gradio page) included."""
+    for context in iter_route_contexts(routes):
+        route = context.original_route
+        if isinstance(route, Mount):
+            yield from walk_routes(list(getattr(route.app, "routes", [])), prefix + route.path)
+            continue
+        for method in sorted(context.methods or ()):
+            if method != "HEAD":
+                yield method, prefix + (context.path or "")
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings, engine) -> FastAPI:
+    return create_app(settings, engine, [API_KEY, "second-key"])  # the Gradio page mounted, as served
+
+
+@pytest.fixture(scope="module")
+def http(app: FastAPI) -> TestClient:
+    return TestClient(app)  # no lifespan: the session engine stays open
+
+
+def test_the_walk_finds_every_api_route_and_only_reads_are_public(app: FastAPI) -> None:
+    routes = set(walk_routes(app.routes))
+    protected = {(m, p) for m, p in routes if p.startswith(PROTECTED_PREFIXES)}
+    assert protected == set(VALID_REQUESTS), "add new /api or /v1 routes to VALID_REQUESTS"
+    # Outside /api and /v1, the service's own routes (health, docs, ops) only read. Writes there are the
+    # chat page's (Gradio, public unless GRADIO_AUTH is set; see the Security notes).
+    service_routes = {(m, p) for m, p in routes if not p.startswith(PROTECTED_PREFIXES)}
+    api_paths = {p for _, p in walk_routes([r for r in app.routes if not isinstance(r, Mount)])}
+    writes = {(m, p) for m, p in service_routes if p in api_paths and m not in ("GET", "OPTIONS")}
+    assert not writes, writes
+
+
+@pytest.mark.parametrize(("method", "path"), list(VALID_REQUESTS))
+@pytest.mark.parametrize("case", list(REFUSED_HEADERS))
+def test_every_api_route_refuses_a_bad_key(http: TestClient, method: str, path: str, case: str) -> None:
+    response = http.request(method, path, headers=REFUSED_HEADERS[case], json=VALID_REQUESTS[(method, path)])
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    message = body["error"]["message"] if path.startswith("/v1/") else body["detail"]
+    assert "API key" in message
+    if path.startswith("/v1/"):
+        assert body["error"]["type"] == "authentication_error"
+    assert API_KEY not in response.text and WRONG_KEY not in response.text
+    assert API_KEY[:-1] not in response.text
+
+
+@pytest.mark.parametrize(("method", "path"), list(VALID_REQUESTS))
+@pytest.mark.parametrize("header", [f"Bearer {API_KEY}", f"bearer {API_KEY}", "Bearer second-key"])
+def test_every_api_route_accepts_a_right_key(http: TestClient, method: str, path: str, header: str) -> None:
+    response = http.request(method, path, headers={"Authorization": header}, json=VALID_REQUESTS[(method, path)])
+    assert response.status_code == 200, response.text
+
+
+def test_an_unknown_api_path_is_not_an_open_door(http: TestClient) -> None:
+    for path in ("/api/v1/unknown", "/v1/completions", "/v1/embeddings", "/api/v2/chat"):
+        response = http.post(path, json={"text": "hi"})
+        assert response.status_code in (401, 404, 405), (path, response.status_code)
+        assert response.status_code != 200
+
+
+def test_keys_never_reach_logs_or_error_bodies(
+    http: TestClient, engine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    bodies: list[str] = []
+    for (method, path), body in VALID_REQUESTS.items():
+        for headers in [*REFUSED_HEADERS.values(), AUTH]:
+            bodies.append(http.request(method, path, headers=headers, json=body).text)
+    # Errors after auth: invalid input, a generation fault (logged with its traceback), a bad JSON body.
+    bodies.append(http.post("/api/v1/chat", headers=AUTH, json={"text": ""}).text)
+    bodies.append(http.post("/api/v1/chat", headers={**AUTH, "Content-Type": "application/json"}, content=b"{").text)
+
+    def broken_generate(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("forced fault")
+
+    monkeypatch.setattr(engine.model, "generate", broken_generate)
+    bodies.append(http.post("/api/v1/generate-text", headers=AUTH, json={"text": "hi", "max_new_tokens": 1}).text)
+    monkeypatch.undo()
+
+    server_records = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    assert any(r.levelno >= logging.ERROR for r in server_records), "the forced fault was not logged"
+    logged = "\n".join(caplog.text.splitlines() + [str(r.args) for r in server_records])
+    for secret in (API_KEY, "second-key", WRONG_KEY):
+        assert secret not in logged
+        assert not any(secret in text for text in bodies)
+
+
+def test_settings_never_show_secrets() -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, api_keys=f"{API_KEY},other", hf_token="hf_secret_token", gradio_auth="admin:pa55word"
+    )
+    shown = repr(settings) + str(settings) + str(settings.model_dump())
+    for secret in (API_KEY, "hf_secret_token", "pa55word"):
+        assert secret not in shown
+    with pytest.raises(Exception) as raised:
+        Settings(_env_file=None, gradio_auth="admin-without-password-pa55word")  # type: ignore[call-arg]
+    assert "pa55word" not in str(raised.value)
+
+
+def test_gradio_auth_puts_the_chat_page_behind_a_login(engine) -> None:
+    settings = Settings(model_id="embedded", _env_file=None, gradio_auth="admin:pa55word, tamu:rahasia")  # type: ignore[call-arg]
+    http = TestClient(create_app(settings, engine, [API_KEY]))
+    # Without a login the page's API (config, queue, the chat function) is closed; the login form is not.
+    for path in ("/config", "/gradio_api/info"):
+        assert http.get(path).status_code == 401
+    assert http.post("/gradio_api/queue/join", json={"data": [], "fn_index": 0, "session_hash": "x"}).status_code == 401
+    assert http.post("/login", data={"username": "admin", "password": "wrong"}).status_code == 400
+    assert http.post("/login", data={"username": "tamu", "password": "rahasia"}).status_code == 200
+    assert http.get("/config").status_code == 200
+    # The page's login is not an API key: the API still wants its Bearer key.
+    assert http.get("/v1/models").status_code == 401
+    assert http.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def test_without_gradio_auth_the_chat_page_is_open(http: TestClient) -> None:
+    """Documented in the Security notes: the page (and its programmatic API) answers anyone."""
+    assert http.get("/config").status_code == 200

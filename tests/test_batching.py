@@ -1,0 +1,362 @@
+"""The batched engine against the real embedded model (and a tiny random Gemma2): correctness, not speed.
+
+The equality tests (batched greedy text == sequential greedy text) run the embedded model in float32.
+In bf16 the batched and the one-at-a-time forward passes round differently (other matmul shapes, left
+padding), and this model has exact bf16 ties: for "Write one sentence about the sea." the logits of
+" and" and "," after "The sea is a vast" are identical in bf16, so either engine may legitimately pick
+either one. In float32 (a float32 copy of the loaded model) the ties are broken the same way and the texts must be
+identical. The default
+bf16 path is covered by `test_default_dtype_batched_engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference import BatchedEngine, EngineBusy, GenerationRequest, GenerationResult, Message, SequentialEngine
+from inference.loading import LoadedModel
+from inference.settings import Settings
+from inference.types import ModelInfo, StreamEvent, TextDelta
+
+PROMPTS = [
+    "Apa ibu kota Indonesia?",
+    "Sebutkan tiga pulau besar di Indonesia beserta penjelasan singkat tentang masing-masing pulau.",
+    "Write one sentence about the sea.",
+    "Halo!",
+    "Jelaskan apa itu fotosintesis dengan bahasa yang mudah dipahami oleh anak sekolah dasar.",
+]
+
+
+def greedy(text: str, max_new_tokens: int = 12, **knobs: Any) -> GenerationRequest:
+    return GenerationRequest(messages=(Message("user", text),), max_new_tokens=max_new_tokens, temperature=0.0, **knobs)
+
+
+def batched_engine(settings: Settings, loaded: LoadedModel, **overrides: Any) -> BatchedEngine:
+    engine = BatchedEngine(settings.model_copy(update=overrides), loader=lambda _settings: loaded)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def model32(embedded_model: LoadedModel) -> LoadedModel:
+    """The embedded model in float32 (see the module docstring): a float32 copy of the loaded one."""
+    import torch
+
+    model = copy.deepcopy(embedded_model.model).to(torch.float32).eval()
+    return LoadedModel(model, embedded_model.tokenizer, dataclasses.replace(embedded_model.info, dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def sequential(settings: Settings, model32: LoadedModel) -> Iterator[SequentialEngine]:
+    engine = SequentialEngine(settings, loader=lambda _settings: model32)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def batched(settings: Settings, model32: LoadedModel) -> Iterator[BatchedEngine]:
+    engine = batched_engine(settings, model32, max_batch=8)
+    yield engine
+    engine.close()
+
+
+async def collect(stream: AsyncIterator[StreamEvent]) -> tuple[list[str], GenerationResult]:
+    deltas: list[str] = []
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            deltas.append(event.text)
+        else:
+            assert isinstance(event, GenerationResult)
+            return deltas, event
+    raise AssertionError("the stream ended without a result")
+
+
+async def wait_until(condition: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def sequential_results(engine: SequentialEngine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    return [await engine.generate(request) for request in requests]
+
+
+async def test_concurrent_greedy_requests_match_sequential(
+    sequential: SequentialEngine, batched: BatchedEngine
+) -> None:
+    requests = [greedy(text, max_new_tokens=10 + 2 * i) for i, text in enumerate(PROMPTS)]
+    expected = await sequential_results(sequential, requests)
+    streams = [await batched.submit(request) for request in requests]
+    got = await asyncio.gather(*(collect(stream) for stream in streams))
+    for (deltas, result), reference in zip(got, expected, strict=True):
+        assert result.text == reference.text
+        assert "".join(deltas) == result.text
+        assert result.output_length == reference.output_length
+        assert result.finish_reason == reference.finish_reason
+        assert result.input_length == reference.input_length
+        assert result.time_to_first_token_s is not None and result.time_to_first_token_s <= result.duration_s
+    assert batched.max_rows_seen >= 2  # they really shared forward passes
+    assert batched.info is not None and batched.info.engine == "batched"
+    await wait_until(lambda: batched.running == 0)
+
+
+async def test_request_joining_mid_batch_completes_correctly(
+    sequential: SequentialEngine, batched: BatchedEngine
+) -> None:
+    long_request = greedy(PROMPTS[1], max_new_tokens=40)
+    joiner = greedy(PROMPTS[4], max_new_tokens=10)
+    expected_long, expected_joiner = await sequential_results(sequential, [long_request, joiner])
+    long_stream = await batched.submit(long_request)
+    long_deltas: list[str] = []
+    async for event in long_stream:  # the first request is generating alone ...
+        assert isinstance(event, TextDelta)
+        long_deltas.append(event.text)
+        if len(long_deltas) == 3:
+            break
+    joiner_result = await batched.generate(joiner)  # ... when the second one arrives and joins
+    assert batched.running == 1  # the joiner is done and the first request is still generating: they shared steps
+    assert joiner_result.text == expected_joiner.text
+    assert joiner_result.output_length == expected_joiner.output_length
+    rest, long_result = await collect(long_stream)
+    assert "".join(long_deltas + rest) == long_result.text == expected_long.text
+    assert long_result.output_length == expected_long.output_length == 40
+
+
+async def test_each_request_keeps_its_own_knobs(sequential: SequentialEngine, batched: BatchedEngine) -> None:
+    reference = await sequential.generate(greedy(PROMPTS[2], max_new_tokens=16))
+    words = reference.text.split()
+    assert len(words) >= 3, reference.text
+    stop_word = words[2]
+    requests = [
+        greedy(PROMPTS[2], max_new_tokens=16, stop=(stop_word,)),  # stops before its stop word
+        greedy(PROMPTS[0], max_new_tokens=3),  # runs out of tokens
+        greedy(PROMPTS[3], max_new_tokens=1),  # leaves right after its prefill
+        GenerationRequest(messages=(Message("user", PROMPTS[1]),), max_new_tokens=12, temperature=1.3, seed=7),
+        GenerationRequest(
+            messages=(Message("user", PROMPTS[4]),),
+            max_new_tokens=12,
+            temperature=0.7,
+            top_p=0.9,
+            top_k=20,
+            repetition_penalty=1.3,
+            seed=3,
+        ),
+    ]
+    streams = [await batched.submit(request) for request in requests]
+    (stopped, length, single, hot, mixed) = [result for _, result in await asyncio.gather(*map(collect, streams))]
+    assert stopped.finish_reason == "stop"
+    assert stop_word not in stopped.text
+    assert reference.text.startswith(stopped.text) and len(stopped.text) < len(reference.text)
+    assert length.finish_reason == "length" and length.output_length == 3
+    assert single.output_length == 1 and single.finish_reason == "length" and single.text
+    assert 0 < hot.output_length <= 12 and 0 < mixed.output_length <= 12
+    await wait_until(lambda: batched.running == 0)
+
+
+async def test_seeded_sampling_is_reproducible_whatever_the_batch(batched: BatchedEngine) -> None:
+    seeded = GenerationRequest(
+        messages=(Message("user", "Tulis puisi pendek tentang laut."),), max_new_tokens=16, temperature=1.0, seed=1234
+    )
+    alone = await batched.generate(seeded)
+    again = await batched.generate(seeded)
+    assert again.text == alone.text
+    others = [
+        GenerationRequest(messages=(Message("user", text),), max_new_tokens=16, temperature=1.0) for text in PROMPTS
+    ]
+    streams = [await batched.submit(request) for request in [*others[:2], seeded, *others[2:]]]
+    results = [result for _, result in await asyncio.gather(*map(collect, streams))]
+    assert results[2].text == alone.text
+    different_seed = await batched.generate(dataclasses.replace(seeded, seed=99))
+    assert different_seed.text != alone.text
+
+
+async def test_a_cancelled_request_leaves_the_batch_running(
+    sequential: SequentialEngine, batched: BatchedEngine
+) -> None:
+    survivors = [greedy(PROMPTS[0], max_new_tokens=14), greedy(PROMPTS[2], max_new_tokens=14)]
+    expected = await sequential_results(sequential, survivors)
+    leaver = await batched.submit(greedy(PROMPTS[1], max_new_tokens=60))
+    streams = [await batched.submit(request) for request in survivors]
+    tasks = [asyncio.ensure_future(collect(stream)) for stream in streams]
+    async for _event in leaver:
+        break  # the client reads one delta and disconnects
+    await leaver.aclose()  # type: ignore[attr-defined]
+    results = [result for _, result in await asyncio.gather(*tasks)]
+    assert [r.text for r in results] == [r.text for r in expected]
+    await wait_until(lambda: batched.running == 0)
+
+
+async def test_queue_limit_gives_engine_busy(settings: Settings, model32: LoadedModel) -> None:
+    small = batched_engine(settings, model32, max_batch=1, max_queue=1)
+    try:
+        running = await small.submit(greedy(PROMPTS[1], max_new_tokens=30))
+        waiting = await small.submit(greedy(PROMPTS[0], max_new_tokens=4))
+        with pytest.raises(EngineBusy) as busy:
+            await small.submit(greedy(PROMPTS[2], max_new_tokens=4))
+        assert busy.value.retry_after_s >= 1
+        await running.aclose()  # type: ignore[attr-defined]
+        _, result = await collect(waiting)  # the waiting request is served once the slot frees up
+        assert result.output_length > 0
+        await wait_until(lambda: small.running == 0)
+        _, result = await collect(await small.submit(greedy(PROMPTS[2], max_new_tokens=2)))  # room again
+        assert result.output_length == 2
+    finally:
+        small.close()
+
+
+async def test_queue_timeout_gives_engine_busy(settings: Settings, model32: LoadedModel) -> None:
+    small = batched_engine(settings, model32, max_batch=1, max_queue=4, queue_timeout=0.3)
+    try:
+        running = await small.submit(greedy(PROMPTS[1], max_new_tokens=400))
+        first = await running.__anext__()  # type: ignore[attr-defined]
+        assert isinstance(first, TextDelta)
+        waiting = await small.submit(greedy(PROMPTS[0], max_new_tokens=4))
+        with pytest.raises(EngineBusy, match="QUEUE_TIMEOUT"):
+            await collect(waiting)
+        await running.aclose()  # type: ignore[attr-defined]
+        await wait_until(lambda: small.running == 0 and small.queue_depth == 0)
+    finally:
+        small.close()
+
+
+async def test_sequential_engine_queue_limit(settings: Settings, model32: LoadedModel) -> None:
+    sequential = SequentialEngine(settings.model_copy(update={"max_queue": 0}), loader=lambda _s: model32)
+    sequential.load()
+    try:
+        running = await sequential.submit(greedy(PROMPTS[0], max_new_tokens=3))
+        with pytest.raises(EngineBusy):
+            await sequential.submit(greedy(PROMPTS[0], max_new_tokens=3))
+        await collect(running)
+        _, result = await collect(await sequential.submit(greedy(PROMPTS[0], max_new_tokens=2)))
+        assert result.output_length == 2
+    finally:
+        sequential.close()
+
+
+async def test_default_dtype_batched_engine(
+    settings: Settings, embedded_model: LoadedModel, engine: SequentialEngine
+) -> None:
+    """The served configuration (bf16 here): a lone request is exactly the sequential one; a batch completes."""
+    default = batched_engine(settings, embedded_model, max_batch=8)
+    try:
+        request = greedy(PROMPTS[0], max_new_tokens=8)
+        assert (await default.generate(request)).text == (await engine.generate(request)).text
+        streams = [await default.submit(greedy(text, max_new_tokens=8)) for text in PROMPTS]
+        results = [result for _, result in await asyncio.gather(*map(collect, streams))]
+        assert all(r.text and 0 < r.output_length <= 8 for r in results)
+        assert default.max_rows_seen >= 2
+    finally:
+        default.close()
+
+
+# ---- a tiny random Gemma2: sliding window attention and logit soft-capping through the batched engine ----
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def build_tiny_gemma2(directory: Path) -> LoadedModel:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator([*PROMPTS, "user model Halo apa kabar? Baik, terima kasih."] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=16,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    Gemma2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(directory)
+    info = ModelInfo(
+        model_id="tiny-gemma2",
+        quantization="none",
+        dtype="float32",
+        device="cpu",
+        context_length=256,
+        is_embedded_demo=False,
+    )
+    return LoadedModel(model=model, tokenizer=loaded_tokenizer, info=info)
+
+
+async def test_tiny_gemma2_sliding_window_through_the_batched_engine(settings: Settings, tmp_path: Path) -> None:
+    loaded = build_tiny_gemma2(tmp_path / "gemma2")
+    assert loaded.model.config.sliding_window == 16 and loaded.model.config.final_logit_softcapping
+    gemma_settings = settings.model_copy(update={"model_id": str(tmp_path / "gemma2")})
+    sequential = SequentialEngine(gemma_settings, loader=lambda _s: loaded)
+    sequential.load()
+    batched = batched_engine(gemma_settings, loaded, max_batch=4)
+    try:
+        requests = [  # prompts of different lengths, and outputs that run well past the 16-token window
+            greedy(PROMPTS[3], max_new_tokens=30),
+            greedy(PROMPTS[1], max_new_tokens=24),
+            GenerationRequest(
+                messages=(Message("system", "Jawab singkat."), Message("user", PROMPTS[2])),
+                max_new_tokens=28,
+                temperature=0.0,
+            ),
+        ]
+        expected = await sequential_results(sequential, requests)
+        assert all(len(loaded.tokenizer(r.text)["input_ids"]) > 8 for r in expected)  # the random model babbles
+        first = await batched.submit(requests[0])
+        head = await first.__anext__()  # type: ignore[attr-defined]
+        rest_streams = [await batched.submit(request) for request in requests[1:]]  # these join mid-way
+        results = await asyncio.gather(collect(first), *map(collect, rest_streams))
+        assert isinstance(head, TextDelta)
+        assert head.text + "".join(results[0][0]) == results[0][1].text == expected[0].text
+        for (_, result), reference in zip(results[1:], expected[1:], strict=True):
+            assert result.text == reference.text
+            assert result.output_length == reference.output_length
+        assert batched.max_rows_seen >= 2
+    finally:
+        batched.close()
+        sequential.close()

@@ -1,0 +1,220 @@
+"""Load without loss: the real service (`python app.py`, its own process) under 32 concurrent clients.
+
+32 clients x 4 requests, mixed JSON and SSE on the documented and the OpenAI routes, a few clients
+hanging up mid-stream. Every request must get a complete answer or a clear 503, none may hang past a
+bound, the server must answer normally afterwards, its memory (RSS of the server process) must come back
+near where it started, and no key may appear in its log (run at DEBUG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-load-test-4b1d-9e0c-secret"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+CLIENTS, REQUESTS_PER_CLIENT = 32, 4
+MAX_NEW_TOKENS = 4
+HANG_UP_CLIENTS = {3, 11, 19, 27}  # these leave their streaming requests after the first delta
+REQUEST_BOUND_S = 150.0  # no request may take longer, queueing behind the others included
+RSS_TOLERANCE_BYTES = 80 * 1024 * 1024
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+    rss_samples: list[int] = field(default_factory=list)
+
+    def rss(self) -> int:
+        return psutil.Process(self.process.pid).memory_info().rss
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("load") / "server.log"
+    env = {
+        **os.environ,
+        "MODEL_ID": "embedded",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "API_KEYS": KEY,
+        "LOG_LEVEL": "debug",
+        "MAX_NEW_TOKENS_CAP": "256",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    live = Server(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"server exited: {log_path.read_text(errors='replace')[-3000:]}"
+            assert time.monotonic() < deadline, "server not ready in 180 s"
+            try:
+                if httpx.get(f"{live.base_url}/v1/models", headers=HEADERS, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield live
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def body_for(kind: str, client: int, request: int, hang_up: bool) -> tuple[str, dict]:
+    text = f"Klien {client} pertanyaan {request}: sebutkan satu kota di Indonesia."
+    tokens = 200 if hang_up else MAX_NEW_TOKENS  # a hung-up stream would run long if it were not cancelled
+    if kind.startswith("spec"):
+        path = "/api/v1/chat" if client % 2 else "/api/v1/generate-text"
+        return path, {"text": text, "max_new_tokens": tokens, "stream": kind == "spec_sse"}
+    messages = [{"role": "user", "content": text}]
+    return "/v1/chat/completions", {"messages": messages, "max_tokens": tokens, "stream": kind == "oai_sse"}
+
+
+def sse_data(lines: list[str]) -> list[tuple[str, str]]:
+    events, event, data = [], "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                events.append((event, "\n".join(data)))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    return events
+
+
+async def one_request(http: httpx.AsyncClient, client: int, request: int) -> str:
+    """The outcome: 'ok', 'ok-stream', 'hung-up', '503', or a description of what went wrong."""
+    kinds = ["spec_json", "spec_sse", "oai_json", "oai_sse"]
+    kind = kinds[(client + request) % 4]
+    hang_up = client in HANG_UP_CLIENTS and kind.endswith("sse")
+    path, body = body_for(kind, client, request, hang_up)
+    async with http.stream("POST", path, json=body, headers=HEADERS) as response:
+        if response.status_code == 503:
+            payload = json.loads(await response.aread())
+            ok = response.headers.get("retry-after") and (payload.get("detail") or payload.get("error"))
+            return "503" if ok else f"unclear 503 {payload}"
+        if response.status_code != 200:
+            return f"{path} {response.status_code}: {(await response.aread())[:200]!r}"
+        if not kind.endswith("sse"):
+            payload = json.loads(await response.aread())
+            text = payload["generated_text"] if kind == "spec_json" else payload["choices"][0]["message"]["content"]
+            used = payload["output_length"] if kind == "spec_json" else payload["usage"]["completion_tokens"]
+            return "ok" if isinstance(text, str) and 0 < used <= MAX_NEW_TOKENS else f"bad body {payload}"
+        lines: list[str] = []
+        async for line in response.aiter_lines():
+            lines.append(line)
+            if hang_up and line.startswith("data: {"):
+                data = json.loads(line[5:])
+                if "delta" in data or (data.get("choices") and data["choices"][0]["delta"].get("content")):
+                    return "hung-up"  # leaving the block closes the connection mid-stream
+    events = sse_data(lines)
+    if kind == "spec_sse":
+        deltas = "".join(json.loads(d)["delta"] for e, d in events if e == "delta")
+        finals = [json.loads(d) for e, d in events if e == "complete"]
+        complete = len(finals) == 1 and finals[0]["generated_text"] == deltas and events[-1][0] == "complete"
+        return "ok-stream" if complete else f"incomplete stream {events[-3:]}"
+    datas = [d for _, d in events]
+    complete = datas and datas[-1] == "[DONE]" and any(json.loads(d)["choices"][0]["finish_reason"] for d in datas[:-1])
+    return "ok-stream" if complete else f"incomplete stream {datas[-3:]}"
+
+
+async def client_session(base_url: str, client: int) -> list[tuple[str, float]]:
+    outcomes = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_BOUND_S) as http:
+        for request in range(REQUESTS_PER_CLIENT):
+            started = time.monotonic()
+            try:
+                outcome = await asyncio.wait_for(one_request(http, client, request), REQUEST_BOUND_S)
+            except TimeoutError:
+                outcome = f"hung past {REQUEST_BOUND_S}s"
+            except httpx.HTTPError as error:
+                outcome = f"transport error {error!r}"
+            outcomes.append((outcome, time.monotonic() - started))
+    return outcomes
+
+
+async def sample_rss(server: Server, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        server.rss_samples.append(server.rss())
+        await asyncio.sleep(0.5)
+
+
+async def warm_up(server: Server) -> None:
+    """Allocations that happen once (first SSE, first of each route) before the baseline is taken."""
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+        for client in (2, 3):  # each kind of request once, a hang-up included
+            for request in range(4):
+                outcome = await one_request(http, client, request)
+                assert outcome in ("ok", "ok-stream", "hung-up"), outcome
+
+
+async def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
+    await warm_up(server)
+    await asyncio.sleep(1)
+    baseline = server.rss()
+
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(server, stop))
+    started = time.monotonic()
+    results = await asyncio.gather(*(client_session(server.base_url, c) for c in range(CLIENTS)))
+    elapsed = time.monotonic() - started
+    stop.set()
+    await sampler
+
+    outcomes = [outcome for session in results for outcome, _ in session]
+    slowest = max(duration for session in results for _, duration in session)
+    counts = Counter(o if o in ("ok", "ok-stream", "hung-up", "503") else "FAILED" for o in outcomes)
+    failures = [o for o in outcomes if o not in ("ok", "ok-stream", "hung-up", "503")]
+    assert not failures, failures[:10]
+    assert len(outcomes) == CLIENTS * REQUESTS_PER_CLIENT
+    assert counts["hung-up"] == len(HANG_UP_CLIENTS) * 2  # 2 streaming requests each
+    assert counts["ok"] + counts["ok-stream"] >= 100  # the sequential engine has no queue bound: no 503 expected
+
+    # The server answers normally afterwards, promptly: nothing left running from the hung-up streams.
+    after_started = time.monotonic()
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+        assert (await http.get("/health")).status_code == 200
+        assert await one_request(http, 0, 0) == "ok"
+        assert await one_request(http, 0, 1) == "ok-stream"
+    after = time.monotonic() - after_started
+    assert after < 30, after
+
+    await asyncio.sleep(2)
+    final = server.rss()
+    peak = max(server.rss_samples)
+    mib = 1024 * 1024
+    print(
+        f"\nload: {len(outcomes)} requests in {elapsed:.0f}s ({dict(counts)}), slowest {slowest:.1f}s; "
+        f"RSS baseline {baseline / mib:.0f} MiB, peak {peak / mib:.0f} MiB, after {final / mib:.0f} MiB"
+    )
+    assert final - baseline < RSS_TOLERANCE_BYTES, (baseline / mib, peak / mib, final / mib)
+
+    log = server.log_path.read_text(errors="replace")
+    assert "POST /api/v1/chat" in log or "POST /api/v1/generate-text" in log  # the log is really captured
+    assert KEY not in log and KEY[8:] not in log
