@@ -56,7 +56,7 @@ def llama_server(binary: Path, gguf: Path, args: argparse.Namespace, log_dir: Pa
     threads = str(args.threads)
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     command += ["-np", str(args.slots), "-c", str(args.ctx), "-t", threads, "-tb", threads, "-ngl", "0"]
-    return loadgen.ManagedServer("llama-server", command, _env(), port, log_dir / f"llama-server-{port}.log")
+    return loadgen.ManagedServer("llama-server", command, _env(args), port, log_dir / f"llama-server-{port}.log")
 
 
 def llama_cpp_python(python: Path, gguf: Path, args: argparse.Namespace, log_dir: Path) -> loadgen.ManagedServer:
@@ -66,14 +66,15 @@ def llama_cpp_python(python: Path, gguf: Path, args: argparse.Namespace, log_dir
     threads = str(args.threads)
     command = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     command += ["--n_ctx", str(args.ctx), "--n_threads", threads, "--n_threads_batch", threads, "--n_gpu_layers", "0"]
-    return loadgen.ManagedServer("llama-cpp-python", command, _env(), port, log_dir / f"llama-cpp-python-{port}.log")
+    log = log_dir / f"llama-cpp-python-{port}.log"
+    return loadgen.ManagedServer("llama-cpp-python", command, _env(args), port, log)
 
 
-def _env() -> dict[str, str]:
-    """This environment without our venv's Python variables, and no GPU."""
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    """This environment without our venv's Python variables, no GPU, plus --env."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+    return {**env, **dict(args.env)}
 
 
 def run_baseline(
@@ -121,9 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=8192, help="context size (llama-server shares it by slots)")
     parser.add_argument("--ours-engine", default="batched")
     parser.add_argument("--ours-api", choices=["openai", "spec"], default="openai")
-    parser.add_argument("--env", type=loadgen.parse_env, action="append", default=[], help="KEY=VALUE for ours")
+    parser.add_argument(
+        "--env",
+        type=loadgen.parse_env,
+        action="append",
+        default=[],
+        help="KEY=VALUE for every server started here (e.g. OMP_WAIT_POLICY=PASSIVE on a busy machine)",
+    )
     loadgen.add_run_arguments(parser)
     args = parser.parse_args(argv)
+    loadgen.exit_on_sigterm()
     args.concurrency = args.concurrency or [1, 8]
     prompts = loadgen.load_prompts(args.prompts)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-baselines-"))

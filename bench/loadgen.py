@@ -761,8 +761,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the results as JSON here (e.g. bench/results/x.json)")
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the servers this process started are stopped on the way out."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     prompts = load_prompts(args.prompts)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     reports: list[RunReport] = []
