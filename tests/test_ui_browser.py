@@ -55,8 +55,10 @@ class CountingEngine(SequentialEngine):
         super().__init__(settings, loader)
         self.finished = 0
 
-    async def _stream(self, request: GenerationRequest, prompt_ids: list[int]) -> AsyncIterator[StreamEvent]:
-        inner = super()._stream(request, prompt_ids)
+    async def _generate_stream(
+        self, request: GenerationRequest, prompt_ids: list[int], started: float
+    ) -> AsyncIterator[StreamEvent]:
+        inner = super()._generate_stream(request, prompt_ids, started)
         try:
             async for event in inner:
                 yield event
