@@ -264,8 +264,9 @@ def test_disconnect_cancels_the_upstream_generation(front: LiveServer, upstream:
     waited = time.monotonic() - started
     assert after.status_code == 200
     cancelled = upstream_engine.generated_tokens_total - before - after.json()["output_length"] - 1
-    assert cancelled < 150, cancelled  # far below the 1400 asked for: the upstream stopped
-    assert waited < 30, waited
+    # Far below the 1400 asked for: the upstream stopped (the bound leaves room for a loaded CI machine).
+    assert cancelled < 400, cancelled
+    assert waited < 60, waited
     assert front.engine.running == 0  # the abandoned stream is not counted as running
 
 
