@@ -224,6 +224,7 @@ def load_model(settings: Settings) -> LoadedModel:
     except (Exception, torch.cuda.OutOfMemoryError) as error:
         raise _readable_load_error(choice.source, error) from error
     model.eval()
+    align_cpu_weights(model)
     info = ModelInfo(
         model_id=model_id,
         quantization=quantization,
@@ -243,6 +244,29 @@ def load_model(settings: Settings) -> LoadedModel:
         " (weights from the model cache)" if from_cache else "",
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, from_cache=from_cache)
+
+
+def align_cpu_weights(model: Any, alignment: int = 64) -> int:
+    """Copy CPU weights that are not `alignment`-byte aligned into fresh (aligned) memory; returns how many.
+
+    safetensors files are memory-mapped, so weights loaded from one (the model cache, a local directory) sit
+    at the file's offsets: measured here, every tensor of the cached embedded model was 8 bytes off a 64-byte
+    boundary and each decoding step took 5-10x longer (~600 ms instead of ~90 ms: oneDNN's bf16 matmuls
+    fall off their fast path). Tied weights stay tied (the Parameter object is kept; only its data moves).
+    """
+    import itertools
+
+    import torch
+
+    moved = 0
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+                moved += 1
+    if moved:
+        logger.debug("copied %d memory-mapped CPU tensors into aligned memory", moved)
+    return moved
 
 
 def describe_placement(model: Any) -> str:
