@@ -66,6 +66,8 @@ def llama_cpp_python(python: Path, gguf: Path, args: argparse.Namespace, log_dir
     threads = str(args.threads)
     command = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     command += ["--n_ctx", str(args.ctx), "--n_threads", threads, "--n_threads_batch", threads, "--n_gpu_layers", "0"]
+    # By default a new request interrupts the stream in progress; queue them instead, as the other servers do.
+    command += ["--interrupt_requests", "False"]
     log = log_dir / f"llama-cpp-python-{port}.log"
     return loadgen.ManagedServer("llama-cpp-python", command, _env(args), port, log)
 
@@ -108,6 +110,8 @@ def comparison(reports: list[loadgen.RunReport], ours_label: str) -> str:
             lines.append(
                 f"c={conc}: {ours_label} / {name} aggregate tok/s = {loadgen.fmt_ratio(value)}{goal_text}{verdict}"
             )
+            efficiency = loadgen.ratio(theirs and theirs.cpu_ms_per_token, ours and ours.cpu_ms_per_token)
+            lines.append(f"c={conc}: {name} / {ours_label} CPU ms per token = {loadgen.fmt_ratio(efficiency)}")
     return "\n".join(lines)
 
 

@@ -287,41 +287,62 @@ def _parse_json_body(api: Api, body: dict[str, Any], result: RequestResult, star
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Peak RSS of the server's process tree
+# Peak RSS and CPU time of the server's process tree
 
 
-class RssSampler:
-    """Samples the resident memory of a process and its children in a thread; `peak_mb` after stop()."""
+class ServerSampler:
+    """Samples the resident memory of a process and its children in a thread, and their CPU time at both ends.
+
+    CPU seconds per output token says how much work a server spends per token independently of how busy
+    the (shared) machine is, which wall-clock tok/s cannot.
+    """
 
     def __init__(self, pid: int | None, interval_s: float = 0.1) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.cpu_start_s = self.cpu_end_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _rss(self) -> int:
+    def _processes(self) -> list[Any]:
         import psutil  # only needed when a PID is known
 
         try:
             process = psutil.Process(self.pid)
-            total = process.memory_info().rss
-            for child in process.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += child.memory_info().rss
-            return int(total)
+            return [process, *process.children(recursive=True)]
         except psutil.Error:
-            return 0
+            return []
+
+    def _rss(self) -> int:
+        import psutil
+
+        total = 0
+        for process in self._processes():
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        return total
+
+    def _cpu_s(self) -> float:
+        import psutil
+
+        total = 0.0
+        for process in self._processes():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.peak_bytes = max(self.peak_bytes, self._rss())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> ServerSampler:
         if self.pid is not None:
             self.peak_bytes = self._rss()
-            self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+            self.cpu_start_s = self._cpu_s()
+            self._thread = threading.Thread(target=self._loop, name="server-sampler", daemon=True)
             self._thread.start()
         return self
 
@@ -329,10 +350,15 @@ class RssSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self.cpu_end_s = self._cpu_s()
 
     @property
     def peak_mb(self) -> float | None:
         return self.peak_bytes / 2**20 if self.pid is not None and self.peak_bytes else None
+
+    @property
+    def cpu_s(self) -> float | None:
+        return self.cpu_end_s - self.cpu_start_s if self.pid is not None and self.cpu_end_s else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,6 +382,8 @@ class RunReport:
     latency_p50_s: float | None
     latency_p95_s: float | None
     peak_rss_mb: float | None
+    server_cpu_s: float | None  # user + system CPU seconds of the server's processes during the run
+    cpu_ms_per_token: float | None
     token_source: str
     error_kinds: dict[str, int] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
@@ -371,7 +399,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def summarise(
-    label: str, concurrency: int, results: list[RequestResult], wall_s: float, peak_rss_mb: float | None
+    label: str,
+    concurrency: int,
+    results: list[RequestResult],
+    wall_s: float,
+    peak_rss_mb: float | None,
+    server_cpu_s: float | None = None,
 ) -> RunReport:
     good = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in good)
@@ -395,6 +428,8 @@ def summarise(
         latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95),
         peak_rss_mb=peak_rss_mb,
+        server_cpu_s=server_cpu_s,
+        cpu_ms_per_token=1000 * server_cpu_s / tokens if server_cpu_s is not None and tokens else None,
         token_source=",".join(sorted({r.token_source for r in good})) or "-",
         error_kinds=dict(errors),
         texts=[r.text for r in results],
@@ -431,7 +466,7 @@ async def run_load(
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
         if target.api == "openai" and target.model is None:
             target.model = await discover_model(client, target)
-        with RssSampler(pid) as rss:
+        with ServerSampler(pid) as sampler:
             start = time.perf_counter()
             tasks = [asyncio.create_task(client_loop(client)) for _ in range(min(concurrency, requests))]
             _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
@@ -440,7 +475,7 @@ async def run_load(
             await asyncio.gather(*pending, return_exceptions=True)
             wall = time.perf_counter() - start
     final = [r if r is not None else RequestResult(ok=False, latency_s=wall, error="run timeout") for r in results]
-    return summarise(label, concurrency, final, wall, rss.peak_mb)
+    return summarise(label, concurrency, final, wall, sampler.peak_mb, sampler.cpu_s)
 
 
 async def discover_model(client: httpx.AsyncClient, target: Target) -> str:
@@ -604,6 +639,7 @@ COLUMNS = (
     ("latency_p50_s", "lat p50", "{:.2f}"),
     ("latency_p95_s", "lat p95", "{:.2f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("cpu_ms_per_token", "CPU ms/tok", "{:.1f}"),
     ("token_source", "tokens from", "{}"),
 )
 

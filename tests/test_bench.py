@@ -9,6 +9,7 @@ from the server's usage.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -47,10 +48,12 @@ def serving(app: Any) -> Iterator[int]:
         thread.join(30)
 
 
-def run(target: loadgen.Target, concurrency: int, requests: int, max_tokens: int = 4) -> loadgen.RunReport:
+def run(
+    target: loadgen.Target, concurrency: int, requests: int, max_tokens: int = 4, pid: int | None = None
+) -> loadgen.RunReport:
     return asyncio.run(
         loadgen.run_load(
-            target, PROMPTS, concurrency=concurrency, requests=requests, max_tokens=max_tokens, timeout_s=120
+            target, PROMPTS, concurrency=concurrency, requests=requests, max_tokens=max_tokens, timeout_s=120, pid=pid
         )
     )
 
@@ -65,7 +68,8 @@ def _port(live_server: LiveServer) -> int:
 
 
 def test_loadgen_against_our_openai_endpoint(live_server: LiveServer) -> None:
-    report = run(loadgen.target_for_ours(_port(live_server), "openai", API_KEY), concurrency=2, requests=2)
+    target = loadgen.target_for_ours(_port(live_server), "openai", API_KEY)
+    report = run(target, concurrency=2, requests=2, pid=os.getpid())  # the live server runs in this process
     assert report.errors == 0, report.error_kinds
     assert report.ok == 2
     assert report.token_source == "usage"
@@ -74,6 +78,8 @@ def test_loadgen_against_our_openai_endpoint(live_server: LiveServer) -> None:
     assert report.aggregate_tok_s > 0 and report.requests_per_s > 0 and report.per_stream_tok_s
     assert report.ttft_p50_s is not None and report.latency_p50_s is not None
     assert report.ttft_p50_s <= report.latency_p50_s
+    assert report.peak_rss_mb is not None and report.peak_rss_mb > 100  # the model is in this process
+    assert report.cpu_ms_per_token is not None and report.cpu_ms_per_token > 0
 
 
 def test_loadgen_against_our_documented_endpoint(live_server: LiveServer) -> None:
