@@ -4,7 +4,10 @@ Loads the model once and runs every (engine, concurrency) pair on it, one after 
 client sends `--rounds` requests back to back (closed loop), cycling through fixed prompts of mixed
 lengths (Indonesian and English). Reports aggregate output tok/s, per-stream tok/s and TTFT p50/p95.
 
-    python -m bench.engine_throughput --concurrency 1 4 8 16 --max-new-tokens 64
+    python -m bench.engine_throughput --concurrency 1 4 8 16 --max-new-tokens 64 --repeat 3
+
+Engines alternate at each concurrency (sequential, batched, sequential, ...), so other load on the
+machine hits both alike; with --repeat the summary shows each pair's median run.
 
 The HTTP load generator (bench/ of issue 4) measures the whole service; this isolates the engine.
 """
@@ -131,22 +134,32 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
         queue_timeout=3600,
         _env_file=None,  # type: ignore[call-arg]
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     loaded = load_model(settings)
     print(f"model {loaded.info.model_id} dtype={loaded.info.dtype} device={loaded.info.device}", flush=True)
-    out: list[RunResult] = []
-    for kind in args.engines:
-        engine = build(kind, settings, loaded)
+    engines = [build(kind, settings, loaded) for kind in args.engines]
+    for engine in engines:
         await run(engine, 1, 1, 4)  # warm-up
+    runs: list[RunResult] = []
+    # Engines alternate at each concurrency, so a change in the machine's other load hits both alike.
+    for _repeat in range(args.repeat):
         for concurrency in args.concurrency:
-            result = await run(engine, concurrency, args.rounds, args.max_new_tokens, args.stagger)
-            out.append(result)
-            print(json.dumps(asdict(result)), flush=True)
+            for engine in engines:
+                result = await run(engine, concurrency, args.rounds, args.max_new_tokens, args.stagger)
+                runs.append(result)
+                print(json.dumps(asdict(result)), flush=True)
+    for engine in engines:
         engine.close()
-    return out
+    return [median_run([r for r in runs if (r.engine, r.concurrency) == key]) for key in _keys(runs)]
+
+
+def _keys(runs: list[RunResult]) -> list[tuple[str, int]]:
+    return sorted({(r.engine, r.concurrency) for r in runs}, key=lambda k: (k[0] != "sequential", k[0], k[1]))
+
+
+def median_run(runs: list[RunResult]) -> RunResult:
+    """The run with the median aggregate tok/s (of an odd count; the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda r: r.aggregate_tok_s)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def summarize(results: list[RunResult]) -> None:
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> Any:
     )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--model-id", default="embedded")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--repeat", type=int, default=1, help="repeat the sweep; the summary shows median runs")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
