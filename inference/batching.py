@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 # Prefill batching (see plan_prefill_groups): a forward pass's fixed cost in prompt-token equivalents, measured
 # on the 2-core CPU with the embedded model (~55 ms per pass, ~0.5 ms per prompt token), and a guess for GPUs,
 # where a pass's fixed cost dwarfs the per-token one. The budget caps the padded tokens of one prefill pass.
+# MAX_BATCH=auto. On the 2-core CPU 16 rows gave ~1.7x the tok/s of 8 at 16 streams (see NOTES-batching.md);
+# on a GPU each row's KV cache takes GPU memory (~0.34 MB per token for Gemma2-9B), so stay at 8 there.
+AUTO_MAX_BATCH_CPU = 16
+AUTO_MAX_BATCH_ACCELERATOR = 8
 PREFILL_OVERHEAD_TOKENS_CPU = 100
 PREFILL_OVERHEAD_TOKENS_ACCELERATOR = 1000
 PREFILL_TOKEN_BUDGET = 8192
@@ -284,7 +288,7 @@ class BatchedEngine(LocalEngine):
 
     def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
         super().__init__(settings, loader)
-        self.max_batch = settings.max_batch
+        self.max_batch = 8 if settings.max_batch == "auto" else settings.max_batch  # "auto" is settled at load
         self.max_queue = settings.max_queue
         self.queue_timeout_s = settings.queue_timeout
         self._cond = threading.Condition()
@@ -303,6 +307,8 @@ class BatchedEngine(LocalEngine):
 
     def on_loaded(self) -> None:
         self._device = self.model.get_input_embeddings().weight.device
+        if self.settings.max_batch == "auto":
+            self.max_batch = AUTO_MAX_BATCH_CPU if self._device.type == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
         self._terminator_set = frozenset(self.terminators)
         self._thread = threading.Thread(target=self._run, name="batched-decode", daemon=True)
         self._thread.start()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,7 +71,11 @@ class Settings(BaseSettings):
         "`sequential` (one `generate()` at a time, the baseline) or `remote` (an OpenAI-compatible upstream, "
         "REMOTE_URL).",
     )
-    max_batch: int = Field(8, ge=1, le=256, description="Most requests generating together (batched engine).")
+    max_batch: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="Most requests generating together (batched engine); `auto` is 16 on CPU and 8 on a GPU, "
+        "where each running request holds its KV cache in GPU memory.",
+    )
     max_queue: int = Field(
         32, ge=0, description="Most requests waiting for a free slot; beyond it requests get 503 with Retry-After."
     )

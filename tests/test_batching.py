@@ -266,8 +266,9 @@ async def test_default_dtype_batched_engine(
     settings: Settings, embedded_model: LoadedModel, engine: SequentialEngine
 ) -> None:
     """The served configuration (bf16 here): a lone request is exactly the sequential one; a batch completes."""
-    default = batched_engine(settings, embedded_model, max_batch=8)
+    default = batched_engine(settings, embedded_model)
     try:
+        assert settings.max_batch == "auto" and default.max_batch == 16  # MAX_BATCH=auto on CPU
         request = greedy(PROMPTS[0], max_new_tokens=8)
         assert (await default.generate(request)).text == (await engine.generate(request)).text
         streams = [await default.submit(greedy(text, max_new_tokens=8)) for text in PROMPTS]
