@@ -129,7 +129,7 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
     settings = Settings(
         model_id=args.model_id,
         dtype=args.dtype,
-        max_batch=args.max_batch,
+        max_batch=args.max_batch if args.max_batch == "auto" else int(args.max_batch),
         max_queue=max(64, max(args.concurrency)),
         queue_timeout=3600,
         _env_file=None,  # type: ignore[call-arg]
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> Any:
         default=0.0,
         help="seconds between client starts, and 50-100%% of --max-new-tokens per request (0: all start together)",
     )
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-batch", default="auto", help="MAX_BATCH for the batched engine (default: auto)")
     parser.add_argument("--model-id", default="embedded")
     parser.add_argument("--repeat", type=int, default=1, help="repeat the sweep; the summary shows median runs")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
