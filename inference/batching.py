@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -310,8 +311,25 @@ class BatchedEngine(LocalEngine):
         if self.settings.max_batch == "auto":
             self.max_batch = AUTO_MAX_BATCH_CPU if self._device.type == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
         self._terminator_set = frozenset(self.terminators)
-        self._thread = threading.Thread(target=self._run, name="batched-decode", daemon=True)
+
+    def run_on_model_thread(self, work: Callable[[], None]) -> None:
+        """The decode thread runs `work` (the load) first, then its loop; wait for `work` here."""
+        if self._thread is not None:
+            raise RuntimeError("the batched engine's decode thread is already running")
+        loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def main() -> None:
+            try:
+                work()
+            except BaseException as error:
+                loaded.set_exception(error)
+                return
+            loaded.set_result(None)
+            self._run()
+
+        self._thread = threading.Thread(target=main, name="batched-decode", daemon=True)
         self._thread.start()
+        loaded.result()
 
     def close(self) -> None:
         super().close()

@@ -147,6 +147,22 @@ class LocalEngine(Engine, ABC):
         self.terminators: list[int] = []
 
     def load(self) -> None:
+        """Blocking load, on the thread that will run the model (see `run_on_model_thread`)."""
+        self.run_on_model_thread(self._load_here)
+
+    def run_on_model_thread(self, work: Callable[[], None]) -> None:
+        """Run `work` on the engine's model thread and wait for it (here: the calling thread).
+
+        Why one thread does both the loading and the forward passes: torch's CPU kernels run on OpenMP
+        (libgomp), and every thread that ever ran a parallel region keeps its own team of worker threads.
+        Once the process holds more OpenMP threads than CPUs (say the team of the thread that loaded the
+        model plus the team of the thread that generates), libgomp stops spin-waiting between parallel
+        regions and every region waits for a futex wake-up: forward passes ran ~1.6x slower on the 2-core
+        CPU (38 ms vs 61 ms per decoding step, `bench/omp_threads.py`).
+        """
+        work()
+
+    def _load_here(self) -> None:
         started = time.perf_counter()
         try:
             loaded = self._loader(self.settings)
@@ -402,6 +418,9 @@ class SequentialEngine(LocalEngine):
             raise GenerationFailed(f"generation failed: {type(error).__name__}") from error
         finally:
             self._move(job, "running", "done")
+
+    def run_on_model_thread(self, work: Callable[[], None]) -> None:
+        self._executor.submit(work).result()
 
     def close(self) -> None:
         super().close()
