@@ -158,7 +158,7 @@ class LocalEngine(Engine, ABC):
         Once the process holds more OpenMP threads than CPUs (say the team of the thread that loaded the
         model plus the team of the thread that generates), libgomp stops spin-waiting between parallel
         regions and every region waits for a futex wake-up: forward passes ran ~1.6x slower on the 2-core
-        CPU (38 ms vs 61 ms per decoding step, `bench/omp_threads.py`).
+        CPU (38 ms vs 61 ms per decoding step, `bench/cpu_kernels.py --omp`).
         """
         work()
 

@@ -225,6 +225,11 @@ def load_model(settings: Settings) -> LoadedModel:
         raise _readable_load_error(choice.source, error) from error
     model.eval()
     align_cpu_weights(model)
+    if settings.pack_cpu_weights and dtype == torch.bfloat16 and device == "cpu":
+        from inference.cpu_kernels import pack_linears
+
+        packed = pack_linears(model)
+        logger.debug("prepacked %d bf16 linear layers for oneDNN", packed)
     info = ModelInfo(
         model_id=model_id,
         quantization=quantization,

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     model_cache: bool = Field(
         True, description="Cache the embedded model's dequantised weights in MODEL_CACHE_DIR for a fast second start."
     )
+    pack_cpu_weights: bool = Field(
+        True,
+        description="On CPU in bf16, prepack the linear layers' weights for oneDNN once at load (~1.5x faster "
+        "matmuls, same results; about 270 MB more memory for the embedded model).",
+    )
     model_cache_dir: Path = Field(
         default_factory=default_cache_dir,
         description="Where the weight cache lives (about 270 MB for the embedded model; safe to delete).",

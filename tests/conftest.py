@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -32,7 +33,10 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def embedded_model(settings: Settings) -> LoadedModel:
-    return load_model(settings)
+    # Loaded on a throw-away thread: a thread that ran torch's parallel kernels keeps an OpenMP team alive, and
+    # two live teams on the 2-core CPU make every engine thread's forward passes slower (see LocalEngine.load).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+        return pool.submit(load_model, settings).result()
 
 
 def engine_for(settings: Settings, loaded: LoadedModel) -> SequentialEngine:

@@ -1,0 +1,157 @@
+"""Two CPU effects behind the engine's speed, each measured in one run against its own baseline.
+
+1. OpenMP teams (`--omp`). torch's CPU kernels run on libgomp, and every thread that ever ran a parallel
+   region keeps a team of worker threads. With more OpenMP threads in the process than CPUs, libgomp
+   stops spin-waiting between parallel regions ("throttled" spinning), so every region waits for a futex
+   wake-up. The model is loaded on one thread; a decoding step (8 rows) is then timed on that same thread
+   and on a second thread while the first one's team is still alive -- what the service did before the
+   engines loaded the model on their own model thread (LocalEngine.run_on_model_thread).
+
+2. Prepacked linears (`--packed`). Each linear shape of the model, 8 rows, timed with `F.linear` and with
+   oneDNN's prepacked kernel (inference/cpu_kernels.py), plus a whole decoding step with the model's linears
+   packed and unpacked. The weights cycle through several copies so the timings read from memory, as a
+   decoding step does, not from the CPU cache.
+
+    .venv/bin/python bench/cpu_kernels.py            # both
+    .venv/bin/python bench/cpu_kernels.py --packed   # only the second
+
+Numbers depend on the machine and on what else runs on it: compare the ratios, within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from inference.cpu_kernels import PackedLinear, is_packed, pack_linears, packing_available
+from inference.loading import LoadedModel, load_model
+from inference.settings import Settings
+
+
+def median_ms(work: Callable[[], Any], repeat: int) -> float:
+    work()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def decode_step(loaded: LoadedModel, rows: int = 8) -> Callable[[], Any]:
+    """One decoding step of `rows` rows over a ~100-token cache (the cache is rebuilt, so steps repeat)."""
+    from transformers import DynamicCache
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompt = tokenizer.encode("Jelaskan apa itu fotosintesis dengan bahasa yang mudah dipahami. " * 6)[:100]
+    ids = torch.tensor([prompt] * rows)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    next_ids = ids[:, -1:]
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(input_ids=next_ids, cache=cache, use_cache=True)
+            for layer, length in zip(cache.layers, lengths, strict=True):  # drop the token just added
+                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+    return step
+
+
+def on_thread(work: Callable[[], Any]) -> Any:
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(work()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def omp_teams(settings: Settings, repeat: int) -> None:
+    def loading_thread() -> None:
+        loaded = load_model(settings)
+        step = decode_step(loaded)
+        same = median_ms(step, repeat)
+        other = on_thread(lambda: median_ms(step, repeat))
+        print(f"decoding step, 8 rows, on the thread that loaded the model: {same:6.1f} ms")
+        print(f"the same step on a second thread (two OpenMP teams alive):   {other:6.1f} ms")
+        print(f"second thread / loading thread: {other / same:.2f}x")
+
+    on_thread(loading_thread)
+
+
+def time_linear(out_features: int, in_features: int, repeat: int, rows: int = 8) -> tuple[float, float]:
+    """Median ms of F.linear and of the packed kernel for one weight shape, cycling through copies."""
+    copies = 24 if out_features * in_features < 10_000_000 else 3
+    weights = [torch.randn(out_features, in_features).to(torch.bfloat16) for _ in range(copies)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    index = iter(range(10**9))
+    with torch.inference_mode():
+        plain = median_ms(lambda: F.linear(x, weights[next(index) % copies]), repeat)
+        fast = median_ms(
+            lambda: torch.ops.mkldnn._linear_pointwise(x, packed[next(index) % copies], None, "none", [], ""), repeat
+        )
+    return plain, fast
+
+
+def packed_linears(settings: Settings, repeat: int) -> None:
+    if not packing_available():
+        print("this torch build has no oneDNN linear packing")
+        return
+
+    def run() -> None:
+        loaded = load_model(settings.model_copy(update={"pack_cpu_weights": False}))
+        if loaded.model.dtype != torch.bfloat16:
+            print(f"the model runs in {loaded.model.dtype}: packing applies to bf16 only")
+            return
+        shapes = sorted({tuple(m.weight.shape) for m in loaded.model.modules() if type(m) is torch.nn.Linear})
+        print(f"{'linear (out x in)':>20}{'F.linear us':>13}{'packed us':>11}{'speed-up':>10}")
+        for out_features, in_features in shapes:
+            plain, fast = time_linear(out_features, in_features, repeat * 4)
+            shape = f"{out_features} x {in_features}"
+            print(f"{shape:>20}{plain * 1000:>13.0f}{fast * 1000:>11.0f}{plain / fast:>9.2f}x")
+        step = decode_step(loaded)
+        unpacked = median_ms(step, repeat)
+        count = pack_linears(loaded.model)
+        assert all(is_packed(m) for m in loaded.model.modules() if isinstance(m, PackedLinear))
+        packed_step = median_ms(step, repeat)
+        print(
+            f"decoding step, 8 rows: F.linear {unpacked:.1f} ms, {count} packed linears {packed_step:.1f} ms, "
+            f"{unpacked / packed_step:.2f}x"
+        )
+
+    on_thread(run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--omp", action="store_true", help="only the OpenMP-teams measurement")
+    parser.add_argument("--packed", action="store_true", help="only the packed-linear measurement")
+    parser.add_argument("--model-id", default="embedded")
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args(argv)
+    settings = Settings(model_id=args.model_id, _env_file=None)  # type: ignore[call-arg]
+    both = not (args.omp or args.packed)
+    if args.omp or both:
+        omp_teams(settings, args.repeat)
+    if args.packed or both:
+        packed_linears(settings, args.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
