@@ -371,3 +371,20 @@ def test_stats_are_computed_from_the_result() -> None:
     assert en["metadata"]["title"] == "📊 11 tokens · TTFT 0.50 s · 5.5 tokens/s"
     assert "after the first token: 6.7 tokens/s" in en["content"] and "max new tokens limit" in en["content"]
     assert stats_note(result, "id")["metadata"]["title"] == "📊 11 token · TTFT t/a · 5,5 token/dtk"
+
+
+def test_the_mounted_page_does_not_poll_every_millisecond(settings: Settings) -> None:
+    # Gradio's idle queue polls every 1 ms by default: ~1000 event-loop wake-ups a second that preempt the model's
+    # threads on a small CPU. The mounted page polls less often (see webapp.ui.UI_QUEUE_IDLE_POLL_S).
+    from fastapi import FastAPI
+    from starlette.routing import Mount
+
+    from inference import SequentialEngine
+    from webapp.ui import UI_PROGRESS_POLL_S, UI_QUEUE_IDLE_POLL_S, mount_ui
+
+    app = mount_ui(FastAPI(), SequentialEngine(settings), settings)
+    gradio_apps = [route.app for route in app.routes if isinstance(route, Mount)]
+    assert gradio_apps, "the chat page is not mounted"
+    queue = gradio_apps[0].get_blocks()._queue
+    assert queue.sleep_when_free >= UI_QUEUE_IDLE_POLL_S >= 0.01
+    assert queue.progress_update_sleep_when_free >= UI_PROGRESS_POLL_S
