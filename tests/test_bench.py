@@ -224,3 +224,13 @@ def test_summary_ratios_and_percentiles() -> None:
         ]
     )
     assert "7.00x PASS" in text and "1.50x PASS" in text and "no errors: 0 PASS" in text
+
+
+def test_cpu_kernels_bench_times_both_kernels() -> None:
+    from bench import cpu_kernels
+    from inference.cpu_kernels import packing_available
+
+    if not packing_available():
+        pytest.skip("this torch build has no oneDNN linear packing")
+    plain, packed = cpu_kernels.time_linear(64, 32, repeat=3)
+    assert plain > 0 and packed > 0
