@@ -446,8 +446,12 @@ async def run_load(
     timeout_s: float = 600.0,
     pid: int | None = None,
     label: str = "",
+    stagger_s: float = 0.0,
 ) -> RunReport:
     """`requests` streaming requests from `concurrency` clients; stops by itself after `timeout_s` at most.
+
+    All clients start at once (a burst, the worst case for TTFT) unless `stagger_s` spreads their first
+    requests evenly over that many seconds.
 
     Request i uses prompt i mod len(prompts). Requests not finished by the deadline count as errors.
     """
@@ -459,7 +463,8 @@ async def run_load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: httpx.AsyncClient, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         for index in next_index:
             results[index] = await send_request(client, target, prompts[index % len(prompts)].text, max_tokens)
 
@@ -468,7 +473,8 @@ async def run_load(
             target.model = await discover_model(client, target)
         with ServerSampler(pid) as sampler:
             start = time.perf_counter()
-            tasks = [asyncio.create_task(client_loop(client)) for _ in range(min(concurrency, requests))]
+            clients = min(concurrency, requests)
+            tasks = [asyncio.create_task(client_loop(client, k * stagger_s / clients)) for k in range(clients)]
             _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:
                 task.cancel()
@@ -741,6 +747,7 @@ def run_series(
                 timeout_s=args.timeout,
                 pid=pid,
                 label=label,
+                stagger_s=args.stagger,
             )
         )
         print(one_line(report), flush=True)
@@ -790,6 +797,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=4, help="fewest requests per run (default 4)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--stagger", type=float, default=0.0, help="spread the clients' first requests over S seconds (default 0)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the runs (default 1)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds each run may take at most")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a started server may take")
