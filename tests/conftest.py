@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,6 +24,25 @@ API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def sse_events_from_lines(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs from SSE lines, parsed the way `curl -N` users read them (lazily, so a test can
+    stop reading mid-stream). A last event without its blank line still counts."""
+    event, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield event, "\n".join(data)
 
 
 @pytest.fixture(scope="session")

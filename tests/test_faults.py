@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AUTH, LiveServer
+from tests.conftest import AUTH, LiveServer, sse_events_from_lines
 
 BOOM = "MELEDAK-SEKARANG"  # generation raises before the first token
 BOOM_LATER = "MELEDAK-NANTI"  # generation raises after a few tokens were streamed
@@ -66,20 +66,6 @@ async def spec_sse(http: httpx.AsyncClient, text: str, tokens: int = 24) -> list
         assert response.status_code == 200
         lines = [line async for line in response.aiter_lines()]
     return list(sse_events_from_lines(lines))
-
-
-def sse_events_from_lines(lines: list[str]) -> list[tuple[str, str]]:
-    events, event, data = [], "message", []
-    for line in [*lines, ""]:
-        if line == "":
-            if data:
-                events.append((event, "\n".join(data)))
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    return events
 
 
 async def oai_sse(http: httpx.AsyncClient, text: str) -> list[str]:

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, sse_events_from_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-load-test-4b1d-9e0c-secret"
@@ -95,20 +95,6 @@ def body_for(kind: str, client: int, request: int, hang_up: bool) -> tuple[str, 
     return "/v1/chat/completions", {"messages": messages, "max_tokens": tokens, "stream": kind == "oai_sse"}
 
 
-def sse_data(lines: list[str]) -> list[tuple[str, str]]:
-    events, event, data = [], "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                events.append((event, "\n".join(data)))
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    return events
-
-
 async def one_request(http: httpx.AsyncClient, client: int, request: int) -> str:
     """The outcome: 'ok', 'ok-stream', 'hung-up', '503', or a description of what went wrong."""
     kinds = ["spec_json", "spec_sse", "oai_json", "oai_sse"]
@@ -134,7 +120,7 @@ async def one_request(http: httpx.AsyncClient, client: int, request: int) -> str
                 data = json.loads(line[5:])
                 if "delta" in data or (data.get("choices") and data["choices"][0]["delta"].get("content")):
                     return "hung-up"  # leaving the block closes the connection mid-stream
-    events = sse_data(lines)
+    events = list(sse_events_from_lines(lines))
     if kind == "spec_sse":
         deltas = "".join(json.loads(d)["delta"] for e, d in events if e == "delta")
         finals = [json.loads(d) for e, d in events if e == "complete"]

@@ -11,23 +11,12 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, AUTH, LiveServer
+from tests.conftest import API_KEY, AUTH, LiveServer, sse_events_from_lines
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
     """(event, data) pairs, parsed the way `curl -N` users read them."""
-    event, data = "message", []
-    for line in response.iter_lines():
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
+    yield from sse_events_from_lines(response.iter_lines())
 
 
 @pytest.fixture(scope="module")
