@@ -300,6 +300,7 @@ class BatchedEngine(LocalEngine):
         self._device: Any = None
         self._batch = _Batch()
         self._terminator_set: frozenset[int] = frozenset()
+        self._decoder: Any = None  # inference.fast_decode.LlamaDecoder where it applies, else transformers' forward
         self._mean_duration_s = 10.0  # running estimate of one request's time in the batch, for Retry-After
         self.steps = 0  # decode steps run (for tests and metrics)
         self.max_rows_seen = 0  # the largest batch a step has run (for tests and metrics)
@@ -311,6 +312,13 @@ class BatchedEngine(LocalEngine):
         if self.settings.max_batch == "auto":
             self.max_batch = AUTO_MAX_BATCH_CPU if self._device.type == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
         self._terminator_set = frozenset(self.terminators)
+        self._decoder = None
+        if self.settings.fast_decode and self._device.type == "cpu":
+            from inference.fast_decode import LlamaDecoder
+
+            if LlamaDecoder.supports(self.model):
+                self._decoder = LlamaDecoder(self.model)
+        logger.debug("decoding steps run on %s", "the lean Llama decoder" if self._decoder else "transformers' forward")
 
     def run_on_model_thread(self, work: Callable[[], None]) -> None:
         """The decode thread runs `work` (the load) first, then its loop; wait for `work` here."""
@@ -589,15 +597,18 @@ class BatchedEngine(LocalEngine):
         batch = self._batch
         try:
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-            output = self.model(
-                input_ids=batch.next_tokens[:, None],
-                attention_mask=batch.mask,
-                position_ids=batch.positions[:, None],
-                cache=batch.cache,
-                use_cache=True,
-            )
+            if self._decoder is not None:
+                logits = self._decoder.step(batch.next_tokens, batch.positions, batch.mask, batch.cache)
+            else:
+                logits = self.model(
+                    input_ids=batch.next_tokens[:, None],
+                    attention_mask=batch.mask,
+                    position_ids=batch.positions[:, None],
+                    cache=batch.cache,
+                    use_cache=True,
+                ).logits[:, -1, :]
             batch.positions = batch.positions + 1
-            batch.next_tokens = self._choose(batch.slots, output.logits[:, -1, :]).to(self._device)
+            batch.next_tokens = self._choose(batch.slots, logits).to(self._device)
             self.steps += 1
             self.max_rows_seen = max(self.max_rows_seen, len(batch))
             self._emit_and_retire(batch)

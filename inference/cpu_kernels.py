@@ -71,5 +71,13 @@ def pack_linears(model: Any) -> int:
     return count
 
 
+def packed_weight(module: Any) -> torch.Tensor | None:
+    """`module`'s current prepacked weight, if it has one that matches its weight."""
+    entry = _packed.get(module)
+    if entry is None or module.weight.data_ptr() != entry[1] or module.weight._version != entry[2]:
+        return None
+    return entry[0]
+
+
 def is_packed(module: Any) -> bool:
     return module in _packed

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     )
 
     # Engine
+    fast_decode: bool = Field(
+        True,
+        description="Batched engine on CPU with a bf16 Llama model (the embedded one): run decoding steps with a "
+        "lean decoder that makes far fewer tensor calls than transformers' forward (~1.3x faster steps, same "
+        "results; ~140 MB more memory for the embedded model).",
+    )
     engine: Literal["batched", "sequential", "remote"] = Field(
         "batched",
         description="Inference engine: `batched` (continuous batching: concurrent requests share forward passes), "
