@@ -1,4 +1,4 @@
-"""Two CPU effects behind the engine's speed, each measured in one run against its own baseline.
+"""Three CPU effects behind the engine's speed, each measured in one run against its own baseline.
 
 1. OpenMP teams (`--omp`). torch's CPU kernels run on libgomp, and every thread that ever ran a parallel
    region keeps a team of worker threads. With more OpenMP threads in the process than CPUs, libgomp
@@ -12,7 +12,11 @@
    packed and unpacked. The weights cycle through several copies so the timings read from memory, as a
    decoding step does, not from the CPU cache.
 
-    .venv/bin/python bench/cpu_kernels.py            # both
+3. The lean decoder (`--lean`, inference/fast_decode.py). A decoding step of 1, 8 and 16 left-padded rows with
+   transformers' forward and with the lean decoder, and a newcomer joining 8 running rows: a step plus a prefill
+   pass (transformers', then lean) vs one lean pass that carries both.
+
+    .venv/bin/python bench/cpu_kernels.py            # all three
     .venv/bin/python bench/cpu_kernels.py --packed   # only the second
 
 Numbers depend on the machine and on what else runs on it: compare the ratios, within one run.
@@ -137,19 +141,109 @@ def packed_linears(settings: Settings, repeat: int) -> None:
     on_thread(run)
 
 
+def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
+    """`rows` chat prompts of mixed lengths (36-150 tokens), prefilled left-padded as the batched engine does."""
+    from inference.batching import new_cache
+
+    texts = ["Apa ibu kota Indonesia?", "Jelaskan apa itu fotosintesis dengan bahasa yang mudah dipahami. " * 4]
+    texts += ["Write a short story about a cat who lives in Jakarta and loves to eat fish.", "Halo! Apa kabar?"]
+    encoded = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": texts[i % 4]}]) for i in range(rows)]
+    encoded = [list(ids["input_ids"] if isinstance(ids, dict) else ids) for ids in encoded]
+    longest = max(map(len, encoded))
+    ids = torch.zeros((rows, longest), dtype=torch.long)
+    mask = torch.zeros((rows, longest), dtype=torch.long)
+    positions = torch.zeros((rows, longest), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, longest - len(tokens) :] = torch.tensor(tokens)
+        mask[row, longest - len(tokens) :] = 1
+        positions[row, longest - len(tokens) :] = torch.arange(len(tokens))
+    cache = new_cache(loaded.model.config)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache).logits
+    mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+    return cache, logits[:, -1].argmax(-1), mask.sum(1) - 1, mask
+
+
+def lean_passes(settings: Settings, repeat: int) -> None:
+    """transformers' forward vs the lean decoder (inference/fast_decode.py): a step, and a newcomer joining."""
+    from inference.batching import new_cache
+    from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow
+
+    def run() -> None:
+        loaded = load_model(settings)
+        model = loaded.model
+        if not LlamaDecoder.supports(model):
+            print("the lean decoder does not apply to this model (bf16 Llama on CPU only)")
+            return
+        decoder = LlamaDecoder(model)
+
+        def rewinding(work: Callable[[], Any], cache: Any) -> Callable[[], None]:
+            lengths = [layer.keys.shape[-2] for layer in cache.layers]
+
+            def once() -> None:
+                with torch.inference_mode():
+                    work()
+                for layer, length in zip(cache.layers, lengths, strict=True):  # drop the token just added
+                    layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+            return once
+
+        def compare_step(rows: int) -> None:
+            cache, tokens, positions, mask = padded_batch(loaded, rows)
+
+            def hf_step() -> None:
+                model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache)
+
+            hf = median_ms(rewinding(hf_step, cache), repeat)
+            lean = median_ms(rewinding(lambda: decoder.step(tokens, positions, mask, cache), cache), repeat)
+            print(f"decoding step, {rows:2d} rows: transformers {hf:6.1f} ms, lean {lean:6.1f} ms, {hf / lean:.2f}x")
+
+        for rows in (1, 8, 16):
+            compare_step(rows)
+
+        cache, tokens, positions, mask = padded_batch(loaded, 8)
+        prompt = torch.tensor(loaded.tokenizer.encode("Sebutkan tiga pulau besar di Indonesia beserta ibu kotanya."))
+
+        def apart() -> None:
+            decoder.step(tokens, positions, mask, cache)
+            decoder.forward(None, [PromptRow(prompt, new_cache(model.config))])
+
+        def hf_apart() -> None:
+            model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache)
+            model(input_ids=prompt[None], cache=new_cache(model.config), logits_to_keep=1)
+
+        def mixed() -> None:
+            decoder.forward(DecodeRows(tokens, positions, mask, cache), [PromptRow(prompt, new_cache(model.config))])
+
+        times = {
+            name: median_ms(rewinding(work, cache), repeat)
+            for name, work in [("hf", hf_apart), ("apart", apart), ("mixed", mixed)]
+        }
+        print(
+            f"a {len(prompt)}-token prompt joining 8 rows: transformers step + prefill {times['hf']:.1f} ms, "
+            f"lean step + prefill {times['apart']:.1f} ms, one lean pass {times['mixed']:.1f} ms "
+            f"({times['hf'] / times['mixed']:.2f}x, {times['apart'] / times['mixed']:.2f}x)"
+        )
+
+    on_thread(run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--omp", action="store_true", help="only the OpenMP-teams measurement")
     parser.add_argument("--packed", action="store_true", help="only the packed-linear measurement")
+    parser.add_argument("--lean", action="store_true", help="only the lean-decoder measurement")
     parser.add_argument("--model-id", default="embedded")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args(argv)
     settings = Settings(model_id=args.model_id, _env_file=None)  # type: ignore[call-arg]
-    both = not (args.omp or args.packed)
-    if args.omp or both:
+    every = not (args.omp or args.packed or args.lean)
+    if args.omp or every:
         omp_teams(settings, args.repeat)
-    if args.packed or both:
+    if args.packed or every:
         packed_linears(settings, args.repeat)
+    if args.lean or every:
+        lean_passes(settings, args.repeat)
     return 0
 
 

@@ -9,6 +9,10 @@ How it works
   cache, their first token is sampled straight from the prefill logits, and they are merged into the
   running batch. Then it runs ONE decode step for every running row (one token each). Rows that end
   (terminator, `max_new_tokens`, cancelled) leave the batch right after the step.
+- With the lean decoder (FAST_DECODE, bf16 Llama on CPU: the embedded model) an iteration is ONE pass:
+  the running rows' decode step and the newcomers' whole prompts (unpadded, up to `PASS_PROMPT_TOKENS`)
+  share the matmuls; the newcomers join the batch after it (inference/fast_decode.py). A failing pass is
+  rolled back and its parts rerun alone, so the failure stays with the request that causes it.
 - The batch shares one transformers `DynamicCache`, right-aligned: every row's tokens end at the last
   column, shorter rows are left-padded, and the 2D attention mask marks the padding. Each row gets
   its own `position_ids`, so padding never shifts positions. Joining pads the shorter side on the
@@ -65,6 +69,9 @@ AUTO_MAX_BATCH_ACCELERATOR = 8
 PREFILL_OVERHEAD_TOKENS_CPU = 100
 PREFILL_OVERHEAD_TOKENS_ACCELERATOR = 1000
 PREFILL_TOKEN_BUDGET = 8192
+# Lean passes (inference/fast_decode.py) carry the running rows and whole prompts together. This caps the prompt
+# tokens of one pass: ~0.4 ms each on the 2-core CPU, so a full pass holds up the running streams for under a second.
+PASS_PROMPT_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -233,26 +240,31 @@ def _set_columns(cache: Any, columns: int) -> None:
             layer.cumulative_length = columns
 
 
-def merge_batches(old: _Batch, new: _Batch) -> None:
-    """Append `new`'s rows to `old` (in place), right-aligning both caches on the column axis."""
+def merge_batches(old: _Batch, *news: _Batch) -> None:
+    """Append the rows of `news` to `old` (in place), right-aligning all caches on the column axis: one copy."""
     import torch
 
-    if len(old) == 0:
-        old.slots, old.cache, old.mask = new.slots, new.cache, new.mask
-        old.positions, old.next_tokens = new.positions, new.next_tokens
+    parts = [batch for batch in (old, *news) if len(batch)]
+    if not parts:
         return
-    columns = max(old.columns, new.columns)
-    for old_layer, new_layer in zip(_cache_layers(old.cache), _cache_layers(new.cache), strict=True):
-        if not getattr(old_layer, "is_initialized", True) or old_layer.keys is None or old_layer.keys.numel() == 0:
-            continue
-        length = max(old_layer.keys.shape[-2], new_layer.keys.shape[-2])
-        old_layer.keys = torch.cat([_left_pad(old_layer.keys, length, -2), _left_pad(new_layer.keys, length, -2)])
-        old_layer.values = torch.cat([_left_pad(old_layer.values, length, -2), _left_pad(new_layer.values, length, -2)])
-    _set_columns(old.cache, columns)
-    old.mask = torch.cat([_left_pad(old.mask, columns, 1), _left_pad(new.mask, columns, 1)])
-    old.positions = torch.cat([old.positions, new.positions])
-    old.next_tokens = torch.cat([old.next_tokens, new.next_tokens])
-    old.slots = old.slots + new.slots
+    first = parts[0]
+    if len(parts) > 1:
+        columns = max(batch.columns for batch in parts)
+        for layers in zip(*(_cache_layers(batch.cache) for batch in parts), strict=True):
+            if not all(getattr(layer, "is_initialized", True) and layer.keys is not None for layer in layers):
+                continue
+            if any(layer.keys.numel() == 0 for layer in layers):
+                continue
+            length = max(layer.keys.shape[-2] for layer in layers)
+            layers[0].keys = torch.cat([_left_pad(layer.keys, length, -2) for layer in layers])
+            layers[0].values = torch.cat([_left_pad(layer.values, length, -2) for layer in layers])
+        _set_columns(first.cache, columns)
+        first.mask = torch.cat([_left_pad(batch.mask, columns, 1) for batch in parts])
+        first.positions = torch.cat([batch.positions for batch in parts])
+        first.next_tokens = torch.cat([batch.next_tokens for batch in parts])
+        first.slots = [slot for batch in parts for slot in batch.slots]
+    old.slots, old.cache, old.mask = first.slots, first.cache, first.mask
+    old.positions, old.next_tokens = first.positions, first.next_tokens
 
 
 def keep_rows(batch: _Batch, keep: list[int]) -> None:
@@ -475,6 +487,10 @@ class BatchedEngine(LocalEngine):
                     newcomers = self._take_newcomers()
                     if newcomers is None:
                         break
+                    if self._decoder is not None:
+                        for chunk in plan_prompt_chunks([len(s.prompt_ids) for s in newcomers], PASS_PROMPT_TOKENS):
+                            self._pass([newcomers[i] for i in chunk])
+                        continue
                     if newcomers:
                         self._admit(newcomers)
                     if len(self._batch):
@@ -550,9 +566,7 @@ class BatchedEngine(LocalEngine):
         try:
             new = self._prefill(slots)
         except Exception as error:  # this prompt's problem (e.g. out of memory): the running batch carries on
-            logger.exception("prefill failed for %d request(s)", len(slots))
-            self._release(slots)
-            self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
+            self._fail_prefill(slots, error)
             return
         try:
             self._emit_and_retire(new)
@@ -614,6 +628,75 @@ class BatchedEngine(LocalEngine):
             self._emit_and_retire(batch)
         except Exception as error:
             self._fail_running(error)
+
+    def _pass(self, slots: list[_Slot], with_running: bool = True) -> None:
+        """One lean forward (LlamaDecoder): the running rows' next tokens and `slots`' whole prompts together.
+
+        The newcomers' first tokens come from their prompts' last logits; they join the batch after the pass.
+        If the pass fails, nobody knows whose fault it was: the running rows' cache is rolled back and they run a
+        pass alone, then each newcomer alone, so a failure stays with the request that causes it.
+        """
+        import torch
+
+        from inference.fast_decode import DecodeRows, PromptRow
+
+        batch = self._batch
+        decode = None
+        if with_running and len(batch):
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+            decode = DecodeRows(batch.next_tokens, batch.positions, mask, batch.cache)
+            lengths = [layer.keys.shape[-2] for layer in _cache_layers(batch.cache)]
+        if decode is None and not slots:
+            return
+        config, device = self.model.config, self._device
+        prompts = [
+            PromptRow(torch.tensor(slot.prompt_ids, dtype=torch.long, device=device), new_cache(config))
+            for slot in slots
+        ]
+        try:
+            decode_logits, prompt_logits = self._decoder.forward(decode, prompts)
+        except Exception as error:
+            if decode is not None:
+                _truncate_cache(batch.cache, lengths)
+            if decode is not None and slots:
+                self._pass([])
+                for slot in slots:
+                    self._pass([slot], with_running=False)
+            elif decode is not None:
+                self._fail_running(error)
+            elif len(slots) > 1:
+                for slot in slots:
+                    self._pass([slot], with_running=False)
+            else:
+                self._fail_prefill(slots, error)
+            return
+        try:
+            if decode is not None:
+                batch.mask = decode.mask
+                batch.positions = batch.positions + 1
+                batch.next_tokens = self._choose(batch.slots, decode_logits).to(self._device)
+                self.steps += 1
+                self.max_rows_seen = max(self.max_rows_seen, len(batch))
+                self._emit_and_retire(batch)
+            if slots:
+                first_tokens = self._choose(slots, prompt_logits).to(self._device)
+                joining: list[_Batch] = []
+                for row, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
+                    new = _Batch()
+                    new.slots, new.cache = [slot], prompt.cache
+                    new.mask = torch.ones((1, len(slot.prompt_ids)), dtype=torch.long, device=self._device)
+                    new.positions = torch.tensor([len(slot.prompt_ids)], dtype=torch.long, device=self._device)
+                    new.next_tokens = first_tokens[row : row + 1]
+                    self._emit_and_retire(new)
+                    joining.append(new)
+                merge_batches(self._batch, *joining)
+        except Exception as error:
+            self._fail_running(error, extra=slots)
+
+    def _fail_prefill(self, slots: list[_Slot], error: Exception) -> None:
+        logger.error("prefill failed for %d request(s)", len(slots), exc_info=error)
+        self._release(slots)
+        self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
 
     def _fail_running(self, error: Exception, extra: Iterable[_Slot] = ()) -> None:
         logger.exception("batched generation failed; failing the running requests")
@@ -678,6 +761,30 @@ class BatchedEngine(LocalEngine):
                     slot.generator.seed()
             tokens[row] = _sample(scores[row], slot.request, slot.generator)
         return tokens
+
+
+def plan_prompt_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Split prompts (by index, shortest first) into passes of at most `budget` prompt tokens; [[]] if none.
+
+    A prompt longer than the budget gets a pass of its own. The budget bounds a pass's activation memory and
+    how long one pass holds up the running rows' next token.
+    """
+    chunks: list[list[int]] = [[]]
+    tokens = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if chunks[-1] and tokens + lengths[index] > budget:
+            chunks.append([])
+            tokens = 0
+        chunks[-1].append(index)
+        tokens += lengths[index]
+    return chunks
+
+
+def _truncate_cache(cache: Any, lengths: list[int]) -> None:
+    """Put each layer back to `lengths` columns (undoes a failed pass's appends; the buffers are kept)."""
+    for layer, length in zip(_cache_layers(cache), lengths, strict=True):
+        if layer.keys is not None and layer.keys.shape[-2] > length:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 
 def plan_prefill_groups(lengths: list[int], overhead: int, budget: int) -> list[list[int]]:

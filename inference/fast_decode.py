@@ -1,22 +1,27 @@
-"""A lean decoding step for Llama-architecture models on CPU (the embedded SmolLM2), for the batched engine.
+"""Lean forward passes for Llama-architecture models on CPU (the embedded SmolLM2), for the batched engine.
 
 On the 2-core CPU a decoding step of the embedded model spent ~20 ms reading weights and ~15 ms more in the
 ~2,100 small tensor ops and Python calls of transformers' modules (norms, rotary, masks, cache bookkeeping,
 attention dispatch). This runs the same arithmetic, op for op in the same dtypes as transformers' Llama code,
 with far fewer calls: q/k/v and gate/up are each one prepacked oneDNN matmul over concatenated weights, rotary
 embedding is applied to queries and keys together, and the attention mask and rotary tables are built once
-per step instead of once per layer. Outputs match transformers' forward to bf16 rounding (tested).
+per pass instead of once per layer.
+
+A pass also carries whole prompts next to the decoding rows (`LlamaDecoder.forward`): every token goes through
+the matmuls together, so a newcomer's prefill reads the weights once with the running rows' step instead of in
+a pass of its own (~60 ms saved per joining request here), and prompts need no padding (each attends over its
+own cache). A decoding step alone or a lone prompt gives exactly transformers' bits (tested).
 
 It is used only where it applies (`LlamaDecoder.supports`): a bf16 Llama model on CPU with plain linears and
 default rotary embedding. Everything else (Gemma2, quantized weights, GPUs) runs transformers' forward.
-Prefill (many tokens per row, compute-bound) stays on transformers' forward too: its per-op overhead is
-amortised over the prompt.
-
 The decoder snapshots the weights when it is built: it is for serving, not for a model being edited.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +32,37 @@ from inference.cpu_kernels import packed_weight, packing_available
 
 def _linear_pointwise(input: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(input, packed, None, "none", [], "")
+
+
+def bucket_rows(count: int) -> int:
+    """`count` rounded up to one of a few sizes per power of two (exact up to 32; < 12.5% more above).
+
+    oneDNN builds and caches a kernel, with its own scratch memory, for every row count a matmul sees. Passes
+    that mix prompts with decoding rows have all sorts of row counts: over a few rounds of the load test the
+    process grew by ~400 MB before the cache filled. Rounding the row count bounds the shapes to ~8 per octave.
+    """
+    if count <= 32:
+        return count
+    step = 1 << (count.bit_length() - 4)  # an eighth of the power of two below count
+    return -(-count // step) * step
+
+
+@dataclass
+class DecodeRows:
+    """Rows generating one token each over a shared, right-aligned cache (the batched engine's running batch)."""
+
+    tokens: torch.Tensor  # (rows,) each row's next input token
+    positions: torch.Tensor  # (rows,) its position id
+    mask: torch.Tensor  # (rows, columns): 1 for real tokens, 0 for left padding; the new token's column included
+    cache: Any  # the transformers cache the rows share (columns - 1 long)
+
+
+@dataclass
+class PromptRow:
+    """One whole prompt, unpadded, to prefill into a fresh cache of its own."""
+
+    ids: torch.Tensor  # (length,)
+    cache: Any  # an empty transformers cache (inference.batching.new_cache)
 
 
 class LlamaDecoder:
@@ -125,40 +161,89 @@ class LlamaDecoder:
         return cos[:, None, :], sin[:, None, :]
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
-        """Logits (rows, vocab) for one new token per row.
+        """Logits (rows, vocab) for one new token per row (a pass with no prompts)."""
+        logits, _ = self.forward(DecodeRows(tokens, positions, mask, cache), [])
+        assert logits is not None
+        return logits
 
-        `tokens` and `positions` are (rows,); `mask` is (rows, columns) with 1 for real tokens, the new token's
-        column included (the cache holds columns - 1); `cache` is the transformers cache the rows share.
+    def forward(
+        self, decode: DecodeRows | None, prompts: Sequence[PromptRow]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One pass: the next-token logits of the decoding rows (rows, vocab) and of each prompt (prompts, vocab).
+
+        Every token of the pass (one per decoding row, all of every prompt's) goes through the matmuls together,
+        so the weights are read once for all of them; only attention is done per part: the decoding rows over
+        their shared cache, each prompt causally over its own fresh cache. A pass of only decoding rows, or of one
+        prompt, gives the same bits as transformers' forward (tested). oneDNN runs matmuls of more than 32 rows
+        with another kernel that rounds differently in bf16, so a decoding row in a pass with prompts can get
+        slightly different logits than in a step alone, as in any batched forward.
         """
-        rows = tokens.shape[0]
-        hidden = F.embedding(tokens, self.embedding)  # (rows, hidden)
-        cos, sin = self._rotary_tables(positions, hidden.dtype)
-        # Without padding, transformers attends with no mask and grouped-query heads inside sdpa; with padding, a
-        # boolean mask and the queries grouped per key/value head. Same kernels here, so greedy outputs match.
+        decoding = 0 if decode is None else int(decode.tokens.shape[0])
+        lengths = [int(prompt.ids.shape[0]) for prompt in prompts]
+        if not decoding and not lengths:
+            raise ValueError("a pass needs decoding rows or prompts")
+        tokens = [decode.tokens] if decode is not None else []
+        positions = [decode.positions] if decode is not None else []
+        for prompt, length in zip(prompts, lengths, strict=True):
+            tokens.append(prompt.ids)
+            positions.append(torch.arange(length, device=prompt.ids.device))
+        token_ids = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
+        position_ids = torch.cat(positions) if len(positions) > 1 else positions[0]
+        count = int(token_ids.shape[0])
+        padded = count if decode is None and len(prompts) == 1 else bucket_rows(count)
+        if padded > count:  # filler rows: zeros through the matmuls, outside every attention part, never read
+            token_ids = F.pad(token_ids, (0, padded - count))
+            position_ids = F.pad(position_ids, (0, padded - count))
+        hidden = F.embedding(token_ids, self.embedding)  # (rows, hidden)
+        cos, sin = self._rotary_tables(position_ids, hidden.dtype)
         attend = None
-        if not bool(mask.all()):  # an additive mask, (rows, 1, 1, columns): sdpa's result is the same as a bool mask's
-            attend = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill_(mask == 0, float("-inf"))[:, None, None]
-        head_dim, query_heads, kv_heads = self.head_dim, self.query_heads, self.kv_heads
+        if decode is not None and not bool(decode.mask.all()):
+            # Rows of different lengths: an additive mask over the padding, (rows, 1, 1, columns), built once per
+            # pass (sdpa gives the same result as with transformers' boolean mask). Without padding transformers
+            # passes no mask and lets sdpa group the query heads: the same kernels are used here, so the bits match.
+            padding = decode.mask == 0
+            attend = torch.zeros(padding.shape, dtype=hidden.dtype).masked_fill_(padding, float("-inf"))[:, None, None]
+
+        head_dim, query_heads, kv_heads, groups = self.head_dim, self.query_heads, self.kv_heads, self.groups
         rotated_heads = query_heads + kv_heads
-        for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
+        for index, layer in enumerate(self.layers):
             norm1, eps1, qkv_weight, o_weight, norm2, eps2, gate_up_weight, intermediate, down_weight = layer
             normed = self._rms_norm(hidden, norm1, eps1)
-            qkv = _linear_pointwise(normed, qkv_weight).view(rows, rotated_heads + kv_heads, head_dim)
+            qkv = _linear_pointwise(normed, qkv_weight).view(padded, rotated_heads + kv_heads, head_dim)
             query_key = qkv[:, :rotated_heads]
             query_key = query_key * cos + query_key.roll(head_dim // 2, dims=-1) * sin
-            key = query_key[:, query_heads:, None, :]  # (rows, kv_heads, 1, head_dim)
-            value = qkv[:, rotated_heads:, None, :]
-            keys, values = cache_layer.update(key, value)
-            if attend is None:
-                query = query_key[:, :query_heads, None, :]  # (rows, query_heads, 1, head_dim)
-                attention = F.scaled_dot_product_attention(query, keys, values, scale=self.scaling, enable_gqa=True)
-            else:
-                query = query_key[:, :query_heads].reshape(rows, kv_heads, self.groups, head_dim)
-                attention = F.scaled_dot_product_attention(query, keys, values, attn_mask=attend, scale=self.scaling)
-            hidden = hidden + _linear_pointwise(attention.reshape(rows, query_heads * head_dim), o_weight)
+            outputs = []
+            if decode is not None:
+                key = query_key[:decoding, query_heads:, None, :]  # (rows, kv_heads, 1, head_dim)
+                value = qkv[:decoding, rotated_heads:, None, :]
+                keys, values = decode.cache.layers[index].update(key, value)
+                if attend is None:
+                    query = query_key[:decoding, :query_heads, None, :]  # (rows, query_heads, 1, head_dim)
+                    out = F.scaled_dot_product_attention(query, keys, values, scale=self.scaling, enable_gqa=True)
+                else:
+                    query = query_key[:decoding, :query_heads].reshape(decoding, kv_heads, groups, head_dim)
+                    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=attend, scale=self.scaling)
+                outputs.append(out.reshape(decoding, query_heads * head_dim))
+            start = decoding
+            for prompt, length in zip(prompts, lengths, strict=True):
+                part = query_key[start : start + length].transpose(0, 1)[None]  # (1, heads, length, head_dim)
+                value = qkv[start : start + length, rotated_heads:].transpose(0, 1)[None]
+                keys, values = prompt.cache.layers[index].update(part[:, query_heads:], value)
+                out = F.scaled_dot_product_attention(
+                    part[:, :query_heads], keys, values, is_causal=True, scale=self.scaling, enable_gqa=True
+                )
+                outputs.append(out[0].transpose(0, 1).reshape(length, query_heads * head_dim))
+                start += length
+            if padded > count:
+                outputs.append(hidden.new_zeros((padded - count, query_heads * head_dim)))
+            attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            hidden = hidden + _linear_pointwise(attention, o_weight)
             normed = self._rms_norm(hidden, norm2, eps2)
             gate_up = _linear_pointwise(normed, gate_up_weight)
             activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
             hidden = hidden + _linear_pointwise(activated, down_weight)
-        hidden = self._rms_norm(hidden, *self.final_norm)
-        return _linear_pointwise(hidden, self.lm_head)
+        if lengths:  # only the decoding rows and each prompt's last token need logits
+            last = list(range(decoding)) + [decoding + end - 1 for end in itertools.accumulate(lengths)]
+            hidden = hidden[torch.tensor(last, device=hidden.device)]
+        logits = _linear_pointwise(self._rms_norm(hidden, *self.final_norm), self.lm_head)
+        return (logits[:decoding] if decoding else None), (logits[decoding:] if lengths else None)

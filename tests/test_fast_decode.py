@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from inference import BatchedEngine, GenerationRequest, Message
+from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine
 from inference.batching import new_cache
-from inference.fast_decode import LlamaDecoder
+from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow, bucket_rows
 from inference.loading import LoadedModel
 from inference.settings import Settings
+from inference.types import GenerationFailed, TextDelta
 
 PROMPTS = [
     "Apa ibu kota Indonesia?",
@@ -62,6 +63,47 @@ def test_decoder_steps_equal_transformers_forward_bit_for_bit(embedded_model: Lo
             assert torch.equal(layer.keys, lean_layer.keys) and torch.equal(layer.values, lean_layer.values)
 
 
+@pytest.mark.parametrize("long_prompt", [False, True], ids=["23 rows", "50 rows with filler"])
+def test_a_mixed_pass_gives_each_part_what_it_gets_alone(embedded_model: LoadedModel, long_prompt: bool) -> None:
+    """Three decoding rows and two prompts in one pass vs each part in a pass of its own.
+
+    oneDNN runs matmuls of up to 32 rows with one kernel and larger ones with another, which rounds differently
+    in bf16: up to 32 rows the parts must match bit for bit; above (3 + 8 + 39 rows, bucketed to 52 with filler
+    rows) up to bf16 rounding, with the same greedy choices.
+    """
+    decoder = LlamaDecoder(embedded_model.model)
+    config, tokenizer = embedded_model.model.config, embedded_model.tokenizer
+    second = PROMPTS[2] + " " + PROMPTS[1] if long_prompt else "Sebutkan tiga pulau besar di Indonesia."
+    newcomers = [torch.tensor(tokenizer.encode(text)) for text in ("Halo! Apa kabar?", second)]
+    rows = 3 + sum(len(ids) for ids in newcomers)
+    assert (rows > 32 and bucket_rows(rows) > rows) if long_prompt else rows <= 32
+    with torch.inference_mode():
+        cache, tokens, positions, mask = prefill(embedded_model, PROMPTS)
+        mask = torch.cat([mask, mask.new_ones((len(PROMPTS), 1))], dim=1)
+        apart_cache, mixed_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+        alone = decoder.step(tokens, positions, mask, apart_cache)
+        prompts_alone = torch.cat([decoder.forward(None, [PromptRow(ids, new_cache(config))])[1] for ids in newcomers])
+        parts = [PromptRow(ids, new_cache(config)) for ids in newcomers]
+        mixed, mixed_prompts = decoder.forward(DecodeRows(tokens, positions, mask, mixed_cache), parts)
+    assert mixed is not None and mixed_prompts is not None and mixed_prompts.shape[0] == 2
+    if long_prompt:
+        torch.testing.assert_close(mixed, alone, atol=1.0, rtol=0.05)
+        torch.testing.assert_close(mixed_prompts, prompts_alone, atol=1.0, rtol=0.05)
+        assert torch.equal(mixed.argmax(-1), alone.argmax(-1))
+        assert torch.equal(mixed_prompts.argmax(-1), prompts_alone.argmax(-1))
+    else:
+        assert torch.equal(mixed, alone) and torch.equal(mixed_prompts, prompts_alone)
+    for part, ids in zip(parts, newcomers, strict=True):  # each prompt's cache holds exactly its own tokens
+        assert all(layer.keys.shape == (1, 3, len(ids), 64) for layer in part.cache.layers)
+
+
+def test_row_buckets_bound_the_matmul_shapes() -> None:
+    sizes = {bucket_rows(count) for count in range(1, 4097)}
+    assert all(bucket_rows(count) == count for count in range(1, 33))  # decoding steps keep their exact shapes
+    assert all(count <= bucket_rows(count) < count * 1.125 for count in range(33, 4097))
+    assert len(sizes) < 32 + 8 * 8  # ~8 sizes per power of two above 32
+
+
 def test_decoder_applies_only_to_bf16_llama_on_cpu(embedded_model: LoadedModel) -> None:
     assert LlamaDecoder.supports(embedded_model.model)
     assert not LlamaDecoder.supports(copy.deepcopy(embedded_model.model).to(torch.float32))
@@ -91,3 +133,68 @@ async def test_batched_engine_uses_it_unless_turned_off(settings: Settings, embe
         finally:
             engine.close()
     assert all(results[True]) and results[True] == results[False]
+
+
+async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
+    settings: Settings, embedded_model: LoadedModel, engine: SequentialEngine
+) -> None:
+    """A pass that fails after writing the running rows' cache is rolled back; the running request goes on unharmed.
+
+    The fake runs the real pass first (so the running row's cache has grown) and then raises for one prompt: the
+    engine must undo the append, run the running row alone, and fail only the newcomer that broke the pass.
+    """
+    batched = BatchedEngine(settings, loader=lambda _settings: embedded_model)
+    batched.load()
+    try:
+        running = GenerationRequest(messages=(Message("user", PROMPTS[2]),), max_new_tokens=24, temperature=0.0)
+        breaking = GenerationRequest(messages=(Message("user", "BOOM please"),), max_new_tokens=4, temperature=0.0)
+        breaking_ids = batched.prepare(breaking)
+        real_forward = batched._decoder.forward
+        failed_passes: list[int] = []
+
+        misaligned: list[tuple[int, int]] = []
+
+        def forward(decode: DecodeRows | None, prompts: list[PromptRow]) -> Any:
+            if decode is not None:  # the cache must hold exactly the mask's columns before the new token's
+                misaligned.extend(
+                    (layer.keys.shape[-2], decode.mask.shape[1] - 1)
+                    for layer in decode.cache.layers
+                    if layer.keys.shape[-2] != decode.mask.shape[1] - 1
+                )
+            result = real_forward(decode, prompts)
+            if any(prompt.ids.tolist() == breaking_ids for prompt in prompts):
+                failed_passes.append(0 if decode is None else int(decode.tokens.shape[0]))
+                raise RuntimeError("exploded")
+            return result
+
+        batched._decoder.forward = forward
+        stream = await batched.submit(running)
+        first = await anext(stream)  # the running request has started generating alone
+        assert isinstance(first, TextDelta)
+        with pytest.raises(GenerationFailed, match="generation failed: RuntimeError"):
+            await batched.generate(breaking)
+        deltas, result = await collect(stream)
+        assert failed_passes == [1, 0]  # the mixed pass, then the newcomer alone
+        assert not misaligned  # the failed pass's append was undone
+        assert first.text + "".join(deltas) == result.text
+        # A lone greedy request decodes with transformers' bits: had the failed pass's append stayed in its cache,
+        # the text would differ from the sequential engine's.
+        assert result.text == (await engine.generate(running)).text
+        assert result.output_length == 24
+        assert (await batched.generate(greedy_request("Halo!"))).text  # and the engine keeps serving
+    finally:
+        batched.close()
+
+
+def greedy_request(text: str) -> GenerationRequest:
+    return GenerationRequest(messages=(Message("user", text),), max_new_tokens=4, temperature=0.0)
+
+
+async def collect(stream: Any) -> tuple[list[str], GenerationResult]:
+    deltas: list[str] = []
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            deltas.append(event.text)
+        else:
+            return deltas, event
+    raise AssertionError("the stream ended without a result")

@@ -39,18 +39,22 @@ async def test_the_model_loads_on_the_thread_that_runs_it(
         assert load_threads and load_threads[0] is not threading.main_thread()
 
         run_threads: list[threading.Thread] = []
-        forward = embedded_model.model.forward
 
-        def recording_forward(*args: object, **kwargs: object) -> object:
-            run_threads.append(threading.current_thread())
-            return forward(*args, **kwargs)
+        def recording(forward: Callable[..., object]) -> Callable[..., object]:
+            def record(*args: object, **kwargs: object) -> object:
+                run_threads.append(threading.current_thread())
+                return forward(*args, **kwargs)
 
-        embedded_model.model.forward = recording_forward
+            return record
+
+        # The batched engine's passes run on its lean decoder (FAST_DECODE) where it applies, else on the model.
+        runner = getattr(engine, "_decoder", None) or embedded_model.model
+        runner.forward = recording(runner.forward)
         try:
             request = GenerationRequest(messages=[Message(role="user", content="Halo")], max_new_tokens=2)
             await engine.generate(request)
         finally:
-            del embedded_model.model.forward  # back to the class's forward
+            del runner.forward  # back to the class's forward
         assert run_threads and {id(t) for t in run_threads} == {id(load_threads[0])}
     finally:
         engine.close()
