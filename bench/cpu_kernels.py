@@ -147,8 +147,10 @@ def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
 
     texts = ["Apa ibu kota Indonesia?", "Jelaskan apa itu fotosintesis dengan bahasa yang mudah dipahami. " * 4]
     texts += ["Write a short story about a cat who lives in Jakarta and loves to eat fish.", "Halo! Apa kabar?"]
-    encoded = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": texts[i % 4]}]) for i in range(rows)]
-    encoded = [list(ids["input_ids"] if isinstance(ids, dict) else ids) for ids in encoded]
+    tokenizer = loaded.tokenizer
+    chats = [[{"role": "user", "content": texts[i % 4]}] for i in range(rows)]
+    prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
+    encoded = [tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
     longest = max(map(len, encoded))
     ids = torch.zeros((rows, longest), dtype=torch.long)
     mask = torch.zeros((rows, longest), dtype=torch.long)
