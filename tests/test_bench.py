@@ -211,19 +211,33 @@ def test_summary_ratios_and_percentiles() -> None:
     assert loadgen.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
     assert loadgen.percentile([3.0, 1.0, 2.0, 4.0], 95) == 4.0
 
-    def report(label: str, conc: int, tok_s: float, ttft: float) -> loadgen.RunReport:
-        results = [loadgen.RequestResult(ok=True, latency_s=1.0, ttft_s=ttft, output_tokens=int(tok_s))]
+    def report(label: str, conc: int, tok_s: float, *ttfts: float) -> loadgen.RunReport:
+        results = [
+            loadgen.RequestResult(ok=True, latency_s=1.0, ttft_s=ttft, output_tokens=int(tok_s) // len(ttfts))
+            for ttft in ttfts
+        ]
         return loadgen.summarise(label, conc, results, wall_s=1.0, peak_rss_mb=None)
 
+    # One client: short prompts answer first in 0.1 s, the long one in 0.2 s; eight clients: 0.3 s at worst.
     text = loadgen.summary_ratios(
         [
-            report("ours-sequential", 1, 20, 0.1),
+            report("ours-sequential", 1, 20, 0.1, 0.1, 0.1, 0.2),
             report("ours-sequential", 8, 20, 2.0),
-            report("ours-batched", 1, 20, 0.1),
-            report("ours-batched", 8, 140, 0.15),
+            report("ours-batched", 1, 20, 0.1, 0.1, 0.1, 0.2),
+            report("ours-batched", 8, 140, 0.15, 0.3),
         ]
     )
-    assert "7.00x PASS" in text and "1.50x PASS" in text and "no errors: 0 PASS" in text
+    assert "7.00x PASS" in text and "no errors: 0 PASS" in text
+    assert "single-request TTFT p95, same prompts: 1.50x PASS" in text  # 0.3 / 0.2, not 0.3 / 0.1
+    assert "TTFT p95 at 8 / TTFT p95 at 1 (same prompts) = 1.50x; / TTFT p50 at 1 = 3.00x" in text
+
+
+def test_the_summary_baseline_sends_the_eight_client_prompts_one_at_a_time() -> None:
+    args = loadgen.build_parser().parse_args(["--summary"])
+    assert loadgen.requests_for(1, args) == loadgen.requests_for(8, args) == 16
+    assert loadgen.requests_for(4, args) == 8
+    single = loadgen.build_parser().parse_args(["--start-ours", "-c", "1"])
+    assert loadgen.requests_for(1, single) == 4
 
 
 def test_cpu_kernels_bench_times_both_kernels() -> None:
