@@ -69,9 +69,10 @@ AUTO_MAX_BATCH_ACCELERATOR = 8
 PREFILL_OVERHEAD_TOKENS_CPU = 100
 PREFILL_OVERHEAD_TOKENS_ACCELERATOR = 1000
 PREFILL_TOKEN_BUDGET = 8192
-# Lean passes (inference/fast_decode.py) carry the running rows and whole prompts together. This caps the prompt
-# tokens of one pass: ~0.4 ms each on the 2-core CPU, so a full pass holds up the running streams for under a second.
-PASS_PROMPT_TOKENS = 2048
+# Lean passes (inference/fast_decode.py) carry the running rows and prompt chunks together. This caps the prompt
+# tokens of one pass (~0.4 ms each on the 2-core CPU): a long prompt is prefilled over several passes, so the running
+# streams get a token at least every ~0.25 s meanwhile instead of stalling for the whole prompt (chunked prefill).
+PASS_PROMPT_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class _Slot:
     admitted_at: float | None = None
     generator: Any = None  # torch.Generator, made on the logits' device at the first sample
     history: list[int] = field(default_factory=list)  # prompt + output ids, kept for repetition_penalty only
+    prompt: Any = None  # inference.fast_decode.PromptRow while the lean decoder prefills it, chunk by chunk
+    prefilled: int = 0  # prompt tokens in `prompt.cache` so far
 
     @property
     def greedy(self) -> bool:
@@ -313,6 +316,8 @@ class BatchedEngine(LocalEngine):
         self._batch = _Batch()
         self._terminator_set: frozenset[int] = frozenset()
         self._decoder: Any = None  # inference.fast_decode.LlamaDecoder where it applies, else transformers' forward
+        self._prefilling: list[_Slot] = []  # admitted, prompt not yet fully prefilled (lean decoder only)
+        self.pass_prompt_tokens = PASS_PROMPT_TOKENS
         self._mean_duration_s = 10.0  # running estimate of one request's time in the batch, for Retry-After
         self.steps = 0  # decode steps run (for tests and metrics)
         self.max_rows_seen = 0  # the largest batch a step has run (for tests and metrics)
@@ -488,8 +493,8 @@ class BatchedEngine(LocalEngine):
                     if newcomers is None:
                         break
                     if self._decoder is not None:
-                        for chunk in plan_prompt_chunks([len(s.prompt_ids) for s in newcomers], PASS_PROMPT_TOKENS):
-                            self._pass([newcomers[i] for i in chunk])
+                        self._prefilling += newcomers
+                        self._pass(self._plan_prompt_chunks())
                         continue
                     if newcomers:
                         self._admit(newcomers)
@@ -506,7 +511,7 @@ class BatchedEngine(LocalEngine):
         """Waiting requests for the free rows (blocks while there is nothing to do); None to stop."""
         expired: list[_Slot] = []
         with self._cond:
-            while not self._stopping and not self._waiting and not len(self._batch):
+            while not self._stopping and not self._waiting and not len(self._batch) and not self._prefilling:
                 self._cond.wait()
             if self._stopping:
                 return None
@@ -546,8 +551,9 @@ class BatchedEngine(LocalEngine):
                 self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * (now - slot.admitted_at)
 
     def _fail_all(self, error: InferenceError) -> None:
-        slots = list(self._batch.slots)
+        slots = list(self._batch.slots) + self._prefilling
         self._batch.clear()
+        self._prefilling = []
         with self._cond:
             slots += list(self._waiting)
             self._waiting.clear()
@@ -629,12 +635,36 @@ class BatchedEngine(LocalEngine):
         except Exception as error:
             self._fail_running(error)
 
-    def _pass(self, slots: list[_Slot], with_running: bool = True) -> None:
-        """One lean forward (LlamaDecoder): the running rows' next tokens and `slots`' whole prompts together.
+    def _plan_prompt_chunks(self) -> list[tuple[_Slot, int]]:
+        """The prompt chunks of the next pass, as (slot, end), at most `pass_prompt_tokens` tokens in all.
 
-        The newcomers' first tokens come from their prompts' last logits; they join the batch after the pass.
-        If the pass fails, nobody knows whose fault it was: the running rows' cache is rolled back and they run a
-        pass alone, then each newcomer alone, so a failure stays with the request that causes it.
+        Shortest remaining prompt first, each whole while it fits. A prompt longer than the budget is split over
+        passes (chunked prefill), but only in a pass that completes no other prompt: a chunk riding along would
+        delay those prompts' first tokens for nothing (its own first token is passes away anyway).
+        """
+        cancelled = [slot for slot in self._prefilling if slot.cancelled]
+        if cancelled:
+            self._prefilling = [slot for slot in self._prefilling if not slot.cancelled]
+            self._release(cancelled)
+        budget = self.pass_prompt_tokens
+        chunks: list[tuple[_Slot, int]] = []
+        for slot in sorted(self._prefilling, key=lambda s: len(s.prompt_ids) - s.prefilled):
+            remaining = len(slot.prompt_ids) - slot.prefilled
+            if remaining <= budget:
+                chunks.append((slot, len(slot.prompt_ids)))
+                budget -= remaining
+            else:
+                if not chunks:
+                    chunks.append((slot, slot.prefilled + budget))
+                break
+        return chunks
+
+    def _pass(self, chunks: list[tuple[_Slot, int]], with_running: bool = True) -> None:
+        """One lean forward (LlamaDecoder): the running rows' next tokens and the prompt chunks together.
+
+        A slot whose chunk ends its prompt gets its first token from the prompt's last logits and joins the batch
+        after the pass. If the pass fails, nobody knows whose fault it was: every cache it touched is rolled back,
+        the running rows run a pass alone, then each chunk alone, so a failure stays with the request causing it.
         """
         import torch
 
@@ -646,30 +676,43 @@ class BatchedEngine(LocalEngine):
             mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
             decode = DecodeRows(batch.next_tokens, batch.positions, mask, batch.cache)
             lengths = [layer.keys.shape[-2] for layer in _cache_layers(batch.cache)]
-        if decode is None and not slots:
+        if decode is None and not chunks:
             return
         config, device = self.model.config, self._device
-        prompts = [
-            PromptRow(torch.tensor(slot.prompt_ids, dtype=torch.long, device=device), new_cache(config))
-            for slot in slots
-        ]
+        for slot, end in chunks:
+            if slot.prompt is None:
+                slot.prompt = PromptRow(
+                    torch.tensor(slot.prompt_ids, dtype=torch.long, device=device), new_cache(config)
+                )
+            slot.prompt.start, slot.prompt.end = slot.prefilled, end
         try:
-            decode_logits, prompt_logits = self._decoder.forward(decode, prompts)
+            decode_logits, prompt_logits = self._decoder.forward(decode, [slot.prompt for slot, _ in chunks])
         except Exception as error:
             if decode is not None:
                 _truncate_cache(batch.cache, lengths)
-            if decode is not None and slots:
+            for slot, _ in chunks:  # back to what the cache held before the pass
+                if slot.prefilled:
+                    _truncate_cache(slot.prompt.cache, [slot.prefilled] * len(_cache_layers(slot.prompt.cache)))
+                else:
+                    slot.prompt.cache = new_cache(config)
+            if decode is not None and chunks:
                 self._pass([])
-                for slot in slots:
-                    self._pass([slot], with_running=False)
+                for chunk in chunks:
+                    self._pass([chunk], with_running=False)
             elif decode is not None:
                 self._fail_running(error)
-            elif len(slots) > 1:
-                for slot in slots:
-                    self._pass([slot], with_running=False)
+            elif len(chunks) > 1:
+                for chunk in chunks:
+                    self._pass([chunk], with_running=False)
             else:
-                self._fail_prefill(slots, error)
+                slot = chunks[0][0]
+                self._prefilling.remove(slot)
+                slot.prompt = None
+                self._fail_prefill([slot], error)
             return
+        prefilled = [
+            (row, slot) for row, (slot, end) in enumerate(chunks) if end == len(slot.prompt_ids)
+        ]  # whose prompt is complete
         try:
             if decode is not None:
                 batch.mask = decode.mask
@@ -678,12 +721,18 @@ class BatchedEngine(LocalEngine):
                 self.steps += 1
                 self.max_rows_seen = max(self.max_rows_seen, len(batch))
                 self._emit_and_retire(batch)
-            if slots:
-                first_tokens = self._choose(slots, prompt_logits).to(self._device)
+            for slot, end in chunks:
+                slot.prefilled = end
+            if prefilled:
+                done = [slot for _, slot in prefilled]
+                self._prefilling = [slot for slot in self._prefilling if slot not in done]
+                rows = torch.tensor([row for row, _ in prefilled], device=prompt_logits.device)
+                first_tokens = self._choose(done, prompt_logits.index_select(0, rows)).to(self._device)
                 joining: list[_Batch] = []
-                for row, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
+                for row, slot in enumerate(done):
                     new = _Batch()
-                    new.slots, new.cache = [slot], prompt.cache
+                    new.slots, new.cache = [slot], slot.prompt.cache
+                    slot.prompt = None
                     new.mask = torch.ones((1, len(slot.prompt_ids)), dtype=torch.long, device=self._device)
                     new.positions = torch.tensor([len(slot.prompt_ids)], dtype=torch.long, device=self._device)
                     new.next_tokens = first_tokens[row : row + 1]
@@ -691,7 +740,9 @@ class BatchedEngine(LocalEngine):
                     joining.append(new)
                 merge_batches(self._batch, *joining)
         except Exception as error:
-            self._fail_running(error, extra=slots)
+            extra = [slot for slot, _ in chunks]
+            self._prefilling = [slot for slot in self._prefilling if slot not in extra]
+            self._fail_running(error, extra=extra)
 
     def _fail_prefill(self, slots: list[_Slot], error: Exception) -> None:
         logger.error("prefill failed for %d request(s)", len(slots), exc_info=error)
@@ -761,23 +812,6 @@ class BatchedEngine(LocalEngine):
                     slot.generator.seed()
             tokens[row] = _sample(scores[row], slot.request, slot.generator)
         return tokens
-
-
-def plan_prompt_chunks(lengths: list[int], budget: int) -> list[list[int]]:
-    """Split prompts (by index, shortest first) into passes of at most `budget` prompt tokens; [[]] if none.
-
-    A prompt longer than the budget gets a pass of its own. The budget bounds a pass's activation memory and
-    how long one pass holds up the running rows' next token.
-    """
-    chunks: list[list[int]] = [[]]
-    tokens = 0
-    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if chunks[-1] and tokens + lengths[index] > budget:
-            chunks.append([])
-            tokens = 0
-        chunks[-1].append(index)
-        tokens += lengths[index]
-    return chunks
 
 
 def _truncate_cache(cache: Any, lengths: list[int]) -> None:

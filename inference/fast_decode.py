@@ -59,10 +59,18 @@ class DecodeRows:
 
 @dataclass
 class PromptRow:
-    """One whole prompt, unpadded, to prefill into a fresh cache of its own."""
+    """A prompt, unpadded, prefilled into a cache of its own: whole, or a chunk `ids[start:end]` per pass."""
 
-    ids: torch.Tensor  # (length,)
-    cache: Any  # an empty transformers cache (inference.batching.new_cache)
+    ids: torch.Tensor  # (length,) the whole prompt
+    cache: Any  # a transformers cache (inference.batching.new_cache) holding the prompt's first `start` tokens
+    start: int = 0
+    end: int | None = None  # None: to the end of the prompt
+
+    def span(self) -> tuple[int, int]:
+        end = int(self.ids.shape[0]) if self.end is None else self.end
+        if not 0 <= self.start < end <= self.ids.shape[0]:
+            raise ValueError(f"bad prompt chunk {self.start}:{end} of {int(self.ids.shape[0])} tokens")
+        return self.start, end
 
 
 class LlamaDecoder:
@@ -179,14 +187,23 @@ class LlamaDecoder:
         slightly different logits than in a step alone, as in any batched forward.
         """
         decoding = 0 if decode is None else int(decode.tokens.shape[0])
-        lengths = [int(prompt.ids.shape[0]) for prompt in prompts]
+        spans = [prompt.span() for prompt in prompts]
+        lengths = [end - start for start, end in spans]
         if not decoding and not lengths:
             raise ValueError("a pass needs decoding rows or prompts")
         tokens = [decode.tokens] if decode is not None else []
         positions = [decode.positions] if decode is not None else []
-        for prompt, length in zip(prompts, lengths, strict=True):
-            tokens.append(prompt.ids)
-            positions.append(torch.arange(length, device=prompt.ids.device))
+        for prompt, (start, end) in zip(prompts, spans, strict=True):
+            tokens.append(prompt.ids[start:end])
+            positions.append(torch.arange(start, end, device=prompt.ids.device))
+        # A later chunk of a prompt attends to the earlier chunks in its cache and causally within itself
+        # (queries are bottom-right aligned on the keys, which sdpa's is_causal does not do for unequal lengths).
+        chunk_masks = [
+            None
+            if start == 0
+            else torch.arange(start, end)[:, None] >= torch.arange(end)[None, :]  # (chunk, end) True = attend
+            for start, end in spans
+        ]
         token_ids = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         position_ids = torch.cat(positions) if len(positions) > 1 else positions[0]
         count = int(token_ids.shape[0])
@@ -225,12 +242,18 @@ class LlamaDecoder:
                     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=attend, scale=self.scaling)
                 outputs.append(out.reshape(decoding, query_heads * head_dim))
             start = decoding
-            for prompt, length in zip(prompts, lengths, strict=True):
+            for prompt, length, chunk_mask in zip(prompts, lengths, chunk_masks, strict=True):
                 part = query_key[start : start + length].transpose(0, 1)[None]  # (1, heads, length, head_dim)
                 value = qkv[start : start + length, rotated_heads:].transpose(0, 1)[None]
                 keys, values = prompt.cache.layers[index].update(part[:, query_heads:], value)
                 out = F.scaled_dot_product_attention(
-                    part[:, :query_heads], keys, values, is_causal=True, scale=self.scaling, enable_gqa=True
+                    part[:, :query_heads],
+                    keys,
+                    values,
+                    attn_mask=chunk_mask,
+                    is_causal=chunk_mask is None,
+                    scale=self.scaling,
+                    enable_gqa=True,
                 )
                 outputs.append(out[0].transpose(0, 1).reshape(length, query_heads * head_dim))
                 start += length

@@ -293,15 +293,6 @@ def test_prefill_groups_trade_padding_against_passes() -> None:
     assert plan_prefill_groups([], overhead=100, budget=8192) == []
 
 
-def test_prompt_chunks_fill_passes_up_to_the_token_budget() -> None:
-    from inference.batching import plan_prompt_chunks
-
-    assert plan_prompt_chunks([], budget=100) == [[]]  # a pass with no prompts: the running rows' step
-    assert plan_prompt_chunks([30, 10, 50], budget=100) == [[1, 0, 2]]  # shortest first, all in one pass
-    assert plan_prompt_chunks([60, 10, 50], budget=100) == [[1, 2], [0]]
-    assert plan_prompt_chunks([500, 10], budget=100) == [[1], [0]]  # a prompt over the budget runs alone
-
-
 def test_cpu_weights_are_aligned(embedded_model: LoadedModel) -> None:
     """Weights memory-mapped from safetensors (the model cache) are copied to aligned memory at load: a
     misaligned model decoded 5-10x slower on this CPU (see inference.loading.align_cpu_weights)."""

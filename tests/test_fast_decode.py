@@ -186,8 +186,8 @@ async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
         batched.close()
 
 
-def greedy_request(text: str) -> GenerationRequest:
-    return GenerationRequest(messages=(Message("user", text),), max_new_tokens=4, temperature=0.0)
+def greedy_request(text: str, max_new_tokens: int = 4) -> GenerationRequest:
+    return GenerationRequest(messages=(Message("user", text),), max_new_tokens=max_new_tokens, temperature=0.0)
 
 
 async def collect(stream: Any) -> tuple[list[str], GenerationResult]:
@@ -198,3 +198,81 @@ async def collect(stream: Any) -> tuple[list[str], GenerationResult]:
         else:
             return deltas, event
     raise AssertionError("the stream ended without a result")
+
+
+def test_a_prompt_prefilled_in_chunks_matches_it_prefilled_whole(embedded_model: LoadedModel) -> None:
+    decoder = LlamaDecoder(embedded_model.model)
+    config = embedded_model.model.config
+    ids = torch.tensor(embedded_model.tokenizer.encode(PROMPTS[2] + " " + PROMPTS[1] + " " + PROMPTS[0]))
+    with torch.inference_mode():
+        _, whole = decoder.forward(None, [PromptRow(ids, new_cache(config))])
+        cache = new_cache(config)
+        for start, end in ((0, 9), (9, 30), (30, None)):
+            _, last = decoder.forward(None, [PromptRow(ids, cache, start, end)])
+        with pytest.raises(ValueError, match="bad prompt chunk"):
+            decoder.forward(None, [PromptRow(ids, new_cache(config), 5, 5)])
+    assert whole is not None and last is not None
+    assert all(layer.keys.shape[-2] == len(ids) for layer in cache.layers)
+    # Other matmul shapes and masks round differently in bf16; a wrong mask or position would be far off.
+    torch.testing.assert_close(last, whole, atol=1.0, rtol=0.05)
+    assert torch.equal(last.argmax(-1), whole.argmax(-1))
+
+
+async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
+    settings: Settings, embedded_model: LoadedModel
+) -> None:
+    """With a 16-token pass budget a ~60-token prompt takes several passes, each also advancing the running row."""
+    batched = BatchedEngine(settings, loader=lambda _settings: embedded_model)
+    batched.load()
+    try:
+        batched.pass_prompt_tokens = 16
+        long_request = GenerationRequest(
+            messages=(Message("user", PROMPTS[2] + " " + PROMPTS[1]),), max_new_tokens=6, temperature=0.0
+        )
+        long_ids = batched.prepare(long_request)
+        real_forward = batched._decoder.forward
+        chunks_seen: list[tuple[int, int, int]] = []  # (start, end, running rows) of the long prompt's chunks
+
+        def forward(decode: DecodeRows | None, prompts: list[PromptRow]) -> Any:
+            for prompt in prompts:
+                if prompt.ids.tolist() == long_ids:
+                    chunks_seen.append((*prompt.span(), 0 if decode is None else int(decode.tokens.shape[0])))
+            return real_forward(decode, prompts)
+
+        batched._decoder.forward = forward
+        running = await batched.submit(greedy_request("Halo!", max_new_tokens=40))
+        assert isinstance(await anext(running), TextDelta)
+        result = await batched.generate(long_request)
+        _, running_result = await collect(running)
+        ends = [end for _, end, _ in chunks_seen]
+        assert [start for start, _, _ in chunks_seen] == [0, *ends[:-1]] and ends[-1] == len(long_ids)
+        assert len(chunks_seen) >= len(long_ids) // 16 and all(end - start <= 16 for start, end, _ in chunks_seen)
+        assert all(rows == 1 for _, _, rows in chunks_seen)  # the running request got a token in every pass
+        assert result.output_length > 0 and result.text
+        assert running_result.output_length == 40
+        batched.pass_prompt_tokens = 4096
+        assert (await batched.generate(long_request)).text == result.text  # the same text prefilled whole
+    finally:
+        batched.close()
+
+
+def test_passes_take_the_shortest_remaining_prompts_first_up_to_the_budget(settings: Settings) -> None:
+    from inference.batching import _Slot
+
+    engine = BatchedEngine(settings)  # never loaded: only the planning is exercised
+    engine.pass_prompt_tokens = 40
+    slots = [_Slot(greedy_request(str(n)), list(range(n)), None, None, 0.0) for n in (30, 10, 50)]  # type: ignore[arg-type]
+    engine._prefilling = list(slots)
+    assert engine._plan_prompt_chunks() == [(slots[1], 10), (slots[0], 30)]
+    slots[2].prefilled = 45  # 5 left: now the shortest remaining; 30 no longer fits whole, so it waits
+    assert engine._plan_prompt_chunks() == [(slots[2], 50), (slots[1], 10)]
+    slots[1].cancelled = True  # a cancelled prompt is dropped (and its row freed) before the next pass
+    engine._active = 3
+    assert engine._plan_prompt_chunks() == [(slots[2], 50), (slots[0], 30)]
+    assert slots[1] not in engine._prefilling and engine._active == 2
+    engine.pass_prompt_tokens = 20
+    assert engine._plan_prompt_chunks() == [(slots[2], 50)]  # no chunk rides along with a completing prompt
+    engine._prefilling = [slots[0]]
+    assert engine._plan_prompt_chunks() == [(slots[0], 20)]  # alone, a long prompt is split
+    slots[0].prefilled = 20
+    assert engine._plan_prompt_chunks() == [(slots[0], 30)]
