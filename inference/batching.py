@@ -10,9 +10,10 @@ How it works
   running batch. Then it runs ONE decode step for every running row (one token each). Rows that end
   (terminator, `max_new_tokens`, cancelled) leave the batch right after the step.
 - With the lean decoder (FAST_DECODE, bf16 Llama on CPU: the embedded model) an iteration is ONE pass:
-  the running rows' decode step and the newcomers' whole prompts (unpadded, up to `PASS_PROMPT_TOKENS`)
-  share the matmuls; the newcomers join the batch after it (inference/fast_decode.py). A failing pass is
-  rolled back and its parts rerun alone, so the failure stays with the request that causes it.
+  the running rows' decode step and the newcomers' prompts (unpadded, at most `PASS_PROMPT_TOKENS` in all)
+  share the matmuls; a newcomer joins the batch after the pass that completes its prompt. A longer prompt is
+  prefilled in chunks over several passes while the running rows keep decoding (chunked prefill). A failing
+  pass is rolled back and its parts rerun alone, so the failure stays with the request that causes it.
 - The batch shares one transformers `DynamicCache`, right-aligned: every row's tokens end at the last
   column, shorter rows are left-padded, and the 2D attention mask marks the padding. Each row gets
   its own `position_ids`, so padding never shifts positions. Joining pads the shorter side on the
