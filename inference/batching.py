@@ -620,18 +620,15 @@ class BatchedEngine(LocalEngine):
         batch = self._batch
         try:
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-            if self._decoder is not None:
-                logits = self._decoder.step(batch.next_tokens, batch.positions, batch.mask, batch.cache)
-            else:
-                logits = self.model(
-                    input_ids=batch.next_tokens[:, None],
-                    attention_mask=batch.mask,
-                    position_ids=batch.positions[:, None],
-                    cache=batch.cache,
-                    use_cache=True,
-                ).logits[:, -1, :]
+            output = self.model(
+                input_ids=batch.next_tokens[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.positions[:, None],
+                cache=batch.cache,
+                use_cache=True,
+            )
             batch.positions = batch.positions + 1
-            batch.next_tokens = self._choose(batch.slots, logits).to(self._device)
+            batch.next_tokens = self._choose(batch.slots, output.logits[:, -1, :]).to(self._device)
             self.steps += 1
             self.max_rows_seen = max(self.max_rows_seen, len(batch))
             self._emit_and_retire(batch)
@@ -713,9 +710,7 @@ class BatchedEngine(LocalEngine):
                 slot.prompt = None
                 self._fail_prefill([slot], error)
             return
-        prefilled = [
-            (row, slot) for row, (slot, end) in enumerate(chunks) if end == len(slot.prompt_ids)
-        ]  # whose prompt is complete
+        completed = [(row, slot) for row, (slot, end) in enumerate(chunks) if end == len(slot.prompt_ids)]
         try:
             if decode is not None:
                 batch.mask = decode.mask
@@ -726,10 +721,10 @@ class BatchedEngine(LocalEngine):
                 self._emit_and_retire(batch)
             for slot, end in chunks:
                 slot.prefilled = end
-            if prefilled:
-                done = [slot for _, slot in prefilled]
+            if completed:
+                done = [slot for _, slot in completed]
                 self._prefilling = [slot for slot in self._prefilling if slot not in done]
-                rows = torch.tensor([row for row, _ in prefilled], device=prompt_logits.device)
+                rows = torch.tensor([row for row, _ in completed], device=prompt_logits.device)
                 first_tokens = self._choose(done, prompt_logits.index_select(0, rows)).to(self._device)
                 joining: list[_Batch] = []
                 for row, slot in enumerate(done):
