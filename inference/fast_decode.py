@@ -10,7 +10,8 @@ per pass instead of once per layer.
 A pass also carries prompts next to the decoding rows (`LlamaDecoder.forward`), whole or a chunk of a long one:
 every token goes through the matmuls together, so a newcomer's prefill reads the weights once with the running
 rows' step instead of in a pass of its own (~25-40 ms saved per joining request here), and prompts need no
-padding (each attends over its own cache). A decoding step alone or a lone prompt gives exactly transformers' bits (tested).
+padding (each attends over its own cache). A decoding step alone or a lone prompt gives exactly transformers'
+bits (tested).
 
 It is used only where it applies (`LlamaDecoder.supports`): a bf16 Llama model on CPU with plain linears and
 default rotary embedding. Everything else (Gemma2, quantized weights, GPUs) runs transformers' forward.
