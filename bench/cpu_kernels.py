@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch
 import torch.nn.functional as F
 
-from inference.cpu_kernels import PackedLinear, is_packed, pack_linears, packing_available
+from inference.cpu_kernels import PackedLinear, is_packed, linear_pointwise, pack_linears, packing_available
 from inference.loading import LoadedModel, load_model
 from inference.settings import Settings
 
@@ -106,9 +106,7 @@ def time_linear(out_features: int, in_features: int, repeat: int, rows: int = 8)
     index = iter(range(10**9))
     with torch.inference_mode():
         plain = median_ms(lambda: F.linear(x, weights[next(index) % copies]), repeat)
-        fast = median_ms(
-            lambda: torch.ops.mkldnn._linear_pointwise(x, packed[next(index) % copies], None, "none", [], ""), repeat
-        )
+        fast = median_ms(lambda: linear_pointwise(x, packed[next(index) % copies]), repeat)
     return plain, fast
 
 

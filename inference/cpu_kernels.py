@@ -36,14 +36,19 @@ class PackedLinear(torch.nn.Linear):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        entry = _packed.get(self)
         weight = self.weight
-        if entry is not None and input.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            if weight.data_ptr() != entry[1] or weight._version != entry[2]:
-                entry = _pack(self) if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else None
-            if entry is not None:
-                return torch.ops.mkldnn._linear_pointwise(input, entry[0], self.bias, "none", [], "")
+        if self in _packed and input.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            packed = packed_weight(self)
+            if packed is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+                packed = _pack(self)[0]  # the weight changed since it was packed
+            if packed is not None:
+                return linear_pointwise(input, packed, self.bias)
         return F.linear(input, weight, self.bias)
+
+
+def linear_pointwise(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`input @ weight.T + bias` with a weight prepacked by `torch.ops.mkldnn._reorder_linear_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "")
 
 
 def _pack(module: torch.nn.Linear) -> tuple[torch.Tensor, int, int]:

@@ -28,11 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from inference.cpu_kernels import packed_weight, packing_available
-
-
-def _linear_pointwise(input: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(input, packed, None, "none", [], "")
+from inference.cpu_kernels import linear_pointwise, packed_weight, packing_available
 
 
 def bucket_rows(count: int) -> int:
@@ -227,7 +223,7 @@ class LlamaDecoder:
         for index, layer in enumerate(self.layers):
             norm1, eps1, qkv_weight, o_weight, norm2, eps2, gate_up_weight, intermediate, down_weight = layer
             normed = self._rms_norm(hidden, norm1, eps1)
-            qkv = _linear_pointwise(normed, qkv_weight).view(padded, rotated_heads + kv_heads, head_dim)
+            qkv = linear_pointwise(normed, qkv_weight).view(padded, rotated_heads + kv_heads, head_dim)
             query_key = qkv[:, :rotated_heads]
             query_key = query_key * cos + query_key.roll(head_dim // 2, dims=-1) * sin
             outputs = []
@@ -261,13 +257,13 @@ class LlamaDecoder:
             if padded > count:
                 outputs.append(hidden.new_zeros((padded - count, query_heads * head_dim)))
             attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            hidden = hidden + _linear_pointwise(attention, o_weight)
+            hidden = hidden + linear_pointwise(attention, o_weight)
             normed = self._rms_norm(hidden, norm2, eps2)
-            gate_up = _linear_pointwise(normed, gate_up_weight)
+            gate_up = linear_pointwise(normed, gate_up_weight)
             activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            hidden = hidden + _linear_pointwise(activated, down_weight)
+            hidden = hidden + linear_pointwise(activated, down_weight)
         if lengths:  # only the decoding rows and each prompt's last token need logits
             last = list(range(decoding)) + [decoding + end - 1 for end in itertools.accumulate(lengths)]
             hidden = hidden[torch.tensor(last, device=hidden.device)]
-        logits = _linear_pointwise(self._rms_norm(hidden, *self.final_norm), self.lm_head)
+        logits = linear_pointwise(self._rms_norm(hidden, *self.final_norm), self.lm_head)
         return (logits[:decoding] if decoding else None), (logits[decoding:] if lengths else None)
