@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -15,7 +16,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from inference import SequentialEngine
+from inference import BatchedEngine, Engine, SequentialEngine
+from inference.engine import LocalEngine
 from inference.loading import LoadedModel, load_model
 from inference.settings import Settings
 from webapp.server import create_app
@@ -45,6 +47,18 @@ def sse_events_from_lines(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
         yield event, "\n".join(data)
 
 
+class _Memo(dict):
+    """A dict that builds a missing value with `build(key)` (and keeps it)."""
+
+    def __init__(self, build: Callable[[str], object]) -> None:
+        super().__init__()
+        self._build = build
+
+    def __missing__(self, key: str) -> object:
+        self[key] = value = self._build(key)
+        return value
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings(model_id="embedded", _env_file=None)  # type: ignore[call-arg]
@@ -58,23 +72,54 @@ def embedded_model(settings: Settings) -> LoadedModel:
         return pool.submit(load_model, settings).result()
 
 
-def engine_for(settings: Settings, loaded: LoadedModel) -> SequentialEngine:
-    engine = SequentialEngine(settings, loader=lambda _settings: loaded)
+ENGINE_KINDS = ("batched", "sequential")
+# `pytestmark = both_engines` runs a module's tests on each engine behind the shared fixtures (engine, client,
+# live_server); without it they run on the engine users get, the default ENGINE=batched. Grouped by module, so each
+# module runs all its tests on one engine, then on the other.
+both_engines = pytest.mark.parametrize("engine_kind", ENGINE_KINDS, indirect=True, scope="module")
+
+
+def engine_for(settings: Settings, loaded: LoadedModel, kind: str = "batched") -> LocalEngine:
+    """A loaded engine of `kind` over an already loaded model (the default: the engine users get)."""
+    engine_class = {"batched": BatchedEngine, "sequential": SequentialEngine}[kind]
+    engine = engine_class(settings, loader=lambda _settings: loaded)
     engine.load()
     return engine
 
 
-@pytest.fixture(scope="session")
-def engine(settings: Settings, embedded_model: LoadedModel) -> SequentialEngine:
-    return engine_for(settings, embedded_model)
+@pytest.fixture(scope="module")
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "batched")
 
 
 @pytest.fixture(scope="session")
-def client(settings: Settings, engine: SequentialEngine) -> Iterator[TestClient]:
-    """One app for the session (its lifespan closes the engine at the end)."""
-    app = create_app(settings, engine, [API_KEY, "second-key"])
-    with TestClient(app) as test_client:
-        yield test_client
+def shared_engines(settings: Settings, embedded_model: LoadedModel) -> Iterator[dict[str, LocalEngine]]:
+    """One engine per kind for the whole session, built when first asked for."""
+    engines = _Memo(lambda kind: engine_for(settings, embedded_model, kind))
+    yield engines
+    for built in engines.values():
+        built.close()
+
+
+@pytest.fixture(scope="module")
+def engine(shared_engines: dict[str, LocalEngine], engine_kind: str) -> LocalEngine:
+    return shared_engines[engine_kind]
+
+
+@pytest.fixture(scope="session")
+def shared_clients(settings: Settings, shared_engines: dict[str, LocalEngine]) -> Iterator[dict[str, TestClient]]:
+    """One app per engine kind for the session (its lifespan closes the engine at the end)."""
+    with contextlib.ExitStack() as stack:
+        yield _Memo(
+            lambda kind: stack.enter_context(
+                TestClient(create_app(settings, shared_engines[kind], [API_KEY, "second-key"]))
+            )
+        )
+
+
+@pytest.fixture(scope="module")
+def client(shared_clients: dict[str, TestClient], engine_kind: str) -> TestClient:
+    return shared_clients[engine_kind]
 
 
 def free_port() -> int:
@@ -86,7 +131,7 @@ def free_port() -> int:
 @dataclass
 class LiveServer:
     base_url: str
-    engine: SequentialEngine
+    engine: Engine
     server: uvicorn.Server
 
 
@@ -111,8 +156,77 @@ def start_live_server(
 
 
 @pytest.fixture(scope="session")
-def live_server(settings: Settings, embedded_model: LoadedModel) -> Iterator[LiveServer]:
-    """A real server with its own engine instance (sharing the loaded model) for over-the-wire tests."""
-    live = start_live_server(settings, engine_for(settings, embedded_model))
-    yield live
-    live.server.should_exit = True
+def shared_live_servers(settings: Settings, embedded_model: LoadedModel) -> Iterator[dict[str, LiveServer]]:
+    """Real servers, one per engine kind, each with its own engine instance (sharing the loaded model)."""
+    servers = _Memo(lambda kind: start_live_server(settings, engine_for(settings, embedded_model, kind)))
+    yield servers
+    for live in servers.values():
+        live.server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def live_server(shared_live_servers: dict[str, LiveServer], engine_kind: str) -> LiveServer:
+    """A real server over the wire, on the module's engine kind."""
+    return shared_live_servers[engine_kind]
+
+
+class ForcedFault:
+    """Makes an engine's own forward pass raise, as a CUDA fault would: for requests whose prompt carries `marker`
+    (every request when None), before their first token, or once they have generated `after` tokens.
+
+    A fake only to force a fault the real model cannot produce on demand. It sits where each engine runs the model:
+    the sequential engine's `model.generate`, the batched engine's forward pass (the lean decoder's, which carries
+    the running rows and the newcomers' prompts together). Use it as a context manager.
+    """
+
+    def __init__(self, engine: Engine, marker: str | None = None, after: int = 0) -> None:
+        self.engine, self.marker, self.after = engine, marker, after
+        self._patch = pytest.MonkeyPatch()
+
+    def _carries(self, text: str) -> bool:
+        return self.marker is None or self.marker in text
+
+    def __enter__(self) -> ForcedFault:
+        engine = self.engine
+        if isinstance(engine, SequentialEngine):
+            self._patch.setattr(engine.model, "generate", self._faulty_generate(engine.model.generate))
+        else:
+            assert isinstance(engine, BatchedEngine) and engine._decoder is not None, "the lean decoder's pass"
+            self._patch.setattr(engine._decoder, "forward", self._faulty_pass(engine._decoder.forward))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.undo()
+
+    def _faulty_generate(self, original: Callable[..., object]) -> Callable[..., object]:
+        def generate(*args: object, **kwargs: object) -> object:
+            if self._carries(self.engine.tokenizer.decode(kwargs["input_ids"][0])):  # type: ignore[index]
+                if not self.after:
+                    raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
+                steps = 0
+
+                def bomb(*_args: object, **_kwargs: object) -> bool:
+                    nonlocal steps
+                    steps += 1
+                    if steps > self.after:
+                        raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
+                    return False
+
+                kwargs["stopping_criteria"].append(bomb)  # type: ignore[attr-defined]
+            return original(*args, **kwargs)
+
+        return generate
+
+    def _faulty_pass(self, original: Callable[..., object]) -> Callable[..., object]:
+        def forward(decode: object, prompts: list) -> object:
+            engine = self.engine
+            if not self.after and any(self._carries(engine.tokenizer.decode(p.ids[p.start :])) for p in prompts):
+                raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
+            if self.after and decode is not None:
+                for slot in engine._batch.slots:  # the decoding rows of this pass, in order
+                    text = "".join(message.content for message in slot.request.messages)
+                    if self._carries(text) and slot.generated >= self.after:
+                        raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
+            return original(decode, prompts)
+
+        return forward

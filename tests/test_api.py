@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import AUTH
+from tests.conftest import AUTH, ForcedFault, both_engines
+
+pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 
 SPEC_PATHS = ["/api/v1/generate-text", "/api/v1/chat"]
 
@@ -129,14 +131,8 @@ def test_every_configured_key_works(client: TestClient) -> None:
     assert response.status_code == 200
 
 
-def test_generation_fault_is_500_and_service_recovers(
-    client: TestClient, engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def broken_generate(*args, **kwargs):
-        raise RuntimeError("CUDA error: device-side assert (forced by test)")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(engine.model, "generate", broken_generate)
+def test_generation_fault_is_500_and_service_recovers(client: TestClient, engine) -> None:
+    with ForcedFault(engine):
         response = client.post("/api/v1/generate-text", headers=AUTH, json={"text": "hi", "max_new_tokens": 4})
     assert response.status_code == 500
     assert response.json()["detail"].startswith("generation failed")

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
 from inference.settings import Settings
-from tests.conftest import API_KEY, AUTH
+from tests.conftest import API_KEY, AUTH, ForcedFault
 from webapp.server import create_app
 
 PROTECTED_PREFIXES = ("/api/", "/v1/")
@@ -110,9 +110,7 @@ def test_an_unknown_api_path_is_not_an_open_door(http: TestClient) -> None:
         assert response.status_code != 200
 
 
-def test_keys_never_reach_logs_or_error_bodies(
-    http: TestClient, engine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_keys_never_reach_logs_or_error_bodies(http: TestClient, engine, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     bodies: list[str] = []
     for (method, path), body in VALID_REQUESTS.items():
@@ -122,12 +120,8 @@ def test_keys_never_reach_logs_or_error_bodies(
     bodies.append(http.post("/api/v1/chat", headers=AUTH, json={"text": ""}).text)
     bodies.append(http.post("/api/v1/chat", headers={**AUTH, "Content-Type": "application/json"}, content=b"{").text)
 
-    def broken_generate(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("forced fault")
-
-    monkeypatch.setattr(engine.model, "generate", broken_generate)
-    bodies.append(http.post("/api/v1/generate-text", headers=AUTH, json={"text": "hi", "max_new_tokens": 1}).text)
-    monkeypatch.undo()
+    with ForcedFault(engine):
+        bodies.append(http.post("/api/v1/generate-text", headers=AUTH, json={"text": "hi", "max_new_tokens": 1}).text)
 
     server_records = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
     assert any(r.levelno >= logging.ERROR for r in server_records), "the forced fault was not logged"

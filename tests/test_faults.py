@@ -13,36 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AUTH, LiveServer, sse_events_from_lines
+from tests.conftest import AUTH, ForcedFault, LiveServer, both_engines, sse_events_from_lines
+
+pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 
 BOOM = "MELEDAK-SEKARANG"  # generation raises before the first token
 BOOM_LATER = "MELEDAK-NANTI"  # generation raises after a few tokens were streamed
 TOKFAIL = "TOKENISASI-GAGAL"
-
-
-class FaultyGenerate:
-    """`model.generate` that raises for prompts carrying a marker, like a CUDA fault would."""
-
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.original = model.generate
-        self.tokenizer = tokenizer
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        prompt = self.tokenizer.decode(kwargs["input_ids"][0])
-        if BOOM in prompt:
-            raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
-        if BOOM_LATER in prompt:
-            calls = 0
-
-            def bomb(*_args: Any, **_kwargs: Any) -> Any:
-                nonlocal calls
-                calls += 1
-                if calls > 3:
-                    raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
-                return False
-
-            kwargs["stopping_criteria"].append(bomb)
-        return self.original(*args, **kwargs)
+LONG_PROMPT = "Tulis esai panjang tentang sejarah Indonesia."  # greedy, it runs well past 500 tokens
 
 
 class FaultyTokenizer:
@@ -81,30 +59,53 @@ async def normal(http: httpx.AsyncClient, index: int) -> httpx.Response:
     return await http.post("/api/v1/chat", json=body, headers=AUTH)
 
 
-async def test_a_failing_generation_fails_alone(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+GENERATION_FAILED = {"detail": "generation failed: RuntimeError", "status": 500}
+
+
+async def test_a_prompt_that_fails_fails_alone(live_server: LiveServer) -> None:
+    """A fault at a request's prompt (its prefill) fails that request only, on both engines: the batched engine
+    rolls its shared pass back and reruns the other parts without it."""
+    async with httpx.AsyncClient(base_url=live_server.base_url, timeout=600) as http:
+        with ForcedFault(live_server.engine, BOOM):
+            failing_json, failing_sse, *others = await asyncio.gather(
+                http.post("/api/v1/generate-text", json={"text": BOOM, "max_new_tokens": 8}, headers=AUTH),
+                http.post("/api/v1/chat", json={"text": BOOM, "stream": True}, headers=AUTH),
+                *(normal(http, i) for i in range(4)),
+            )
+        assert failing_json.status_code == 500
+        assert failing_json.json() == {"detail": "generation failed: RuntimeError"}
+        assert "CUDA" not in failing_json.text and "Traceback" not in failing_json.text
+        # Streaming: the stream had started (admission passed), so no text, then one error event.
+        assert failing_sse.status_code == 200
+        assert list(sse_events_from_lines(failing_sse.text.splitlines())) == [("error", json.dumps(GENERATION_FAILED))]
+        assert [r.status_code for r in others] == [200] * 4, [r.text for r in others]
+        assert (await normal(http, 99)).status_code == 200
+        assert (await http.get("/health")).status_code == 200
+
+
+async def test_a_generation_failing_mid_stream_ends_in_an_error_event(live_server: LiveServer) -> None:
+    """A fault after a few tokens: the text so far, then one error event, and no `complete` is claimed.
+
+    The sequential engine runs one generation at a time, so the others are untouched. The batched engine's fault
+    is in a forward pass that every running row shares: nobody can tell whose fault it was, so the rows in that
+    pass fail with the same clean error (never a hang, never a traceback) and everything after it is served."""
     engine = live_server.engine
-    monkeypatch.setattr(engine.model, "generate", FaultyGenerate(engine.model, engine.tokenizer))
-    async with httpx.AsyncClient(base_url=live_server.base_url, timeout=120) as http:
-        failing_json = http.post("/api/v1/generate-text", json={"text": BOOM, "max_new_tokens": 8}, headers=AUTH)
-        results = await asyncio.gather(
-            failing_json, spec_sse(http, BOOM_LATER), oai_sse(http, BOOM_LATER), *(normal(http, i) for i in range(4))
-        )
-        json_failure, spec_events, oai_datas, *others = results
-
-        assert json_failure.status_code == 500
-        assert json_failure.json() == {"detail": "generation failed: RuntimeError"}
-        assert "CUDA" not in json_failure.text and "Traceback" not in json_failure.text
-
-        # Mid-stream: the text so far, then one error event; no `complete` is claimed.
+    async with httpx.AsyncClient(base_url=live_server.base_url, timeout=600) as http:
+        with ForcedFault(engine, BOOM_LATER, after=3):
+            spec_events, oai_datas, *others = await asyncio.gather(
+                spec_sse(http, BOOM_LATER), oai_sse(http, BOOM_LATER), *(normal(http, i) for i in range(4))
+            )
         names = [name for name, _ in spec_events]
         assert names.count("delta") >= 1 and names[-1] == "error" and "complete" not in names
-        assert json.loads(spec_events[-1][1]) == {"detail": "generation failed: RuntimeError", "status": 500}
+        assert json.loads(spec_events[-1][1]) == GENERATION_FAILED
         assert json.loads(oai_datas[-1])["error"]["type"] == "server_error"
         assert "[DONE]" not in oai_datas and len(oai_datas) >= 2
-
-        assert all(r.status_code == 200 for r in others), [r.text for r in others]
-        monkeypatch.undo()
-        assert (await normal(http, 99)).status_code == 200
+        for response in others:
+            if response.status_code != 200:
+                assert engine.name == "batched", response.text  # the sequential engine fails one request only
+                assert response.status_code == 500 and response.json() == {"detail": GENERATION_FAILED["detail"]}
+        assert engine.running == 0
+        assert [(await normal(http, 90 + i)).status_code for i in range(3)] == [200] * 3
         assert (await http.get("/health")).status_code == 200
 
 
@@ -114,7 +115,7 @@ async def test_a_failing_tokenizer_fails_alone(
     caplog.set_level(logging.WARNING)
     builder = live_server.engine.prompt_builder
     monkeypatch.setattr(builder, "tokenizer", FaultyTokenizer(builder.tokenizer))
-    async with httpx.AsyncClient(base_url=live_server.base_url, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=live_server.base_url, timeout=600) as http:
         results = await asyncio.gather(
             http.post("/api/v1/generate-text", json={"text": TOKFAIL}, headers=AUTH),
             http.post("/api/v1/chat", json={"text": "hi", "system_message": TOKFAIL, "stream": True}, headers=AUTH),
@@ -134,36 +135,44 @@ async def test_a_failing_tokenizer_fails_alone(
 
 
 def test_a_slow_reader_does_not_hold_up_anyone(live_server: LiveServer) -> None:
-    """A client that reads its stream a few bytes at a time: the others are served meanwhile, the model is
-    freed when its generation ends (not when the reader catches up), and the reader still gets it all."""
+    """A client that reads a long stream a few bytes at a time: the others are served, the model is freed when
+    its generation ends (not when the reader catches up), and the reader still gets it all.
+
+    The reply is well over 64 KB (a /v1 chunk per word, ~200 bytes each), far beyond what the socket buffers of a
+    reader that set a 1 KB receive buffer hold, so the server really does wait on this reader."""
+    engine = live_server.engine
     host, port = live_server.base_url.removeprefix("http://").split(":")
-    body = json.dumps({"text": "Ceritakan tentang Jawa.", "max_new_tokens": 48, "temperature": 0, "stream": True})
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 500, "temperature": 0, "stream": True}
+    )
     request = (
-        f"POST /api/v1/generate-text HTTP/1.1\r\nHost: {host}\r\nAuthorization: {AUTH['Authorization']}\r\n"
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: {AUTH['Authorization']}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
     ).encode()
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     slow.connect((host, int(port)))
-    slow.settimeout(30)
+    slow.settimeout(600)  # a hang guard only
     slow.sendall(request)
     received = slow.recv(16)  # the response has started; from here on, read at a trickle
     try:
-        started = time.monotonic()
-        with httpx.Client(base_url=live_server.base_url, timeout=60) as http:
-            for index in range(3):
+        with httpx.Client(base_url=live_server.base_url, timeout=600) as http:
+            for index in range(3):  # the sequential engine serves these once the long generation has ended
                 response = http.post("/api/v1/chat", json={"text": f"Halo {index}", "max_new_tokens": 4}, headers=AUTH)
                 assert response.status_code == 200
                 received += slow.recv(16)
-        assert time.monotonic() - started < 60
-        deadline = time.monotonic() + 60
-        while b"event: complete" not in received or not received.endswith(b"0\r\n\r\n"):  # last chunk
-            assert time.monotonic() < deadline, received[-300:]
-            chunk = slow.recv(64)
+        hang_guard = time.monotonic() + 600
+        while engine.running:  # the long generation ends while the reader reads nothing more ...
+            assert time.monotonic() < hang_guard, "the generation waits for its reader"
+            time.sleep(0.05)
+        assert len(received) < 1024  # ... having read only a sliver of it
+        while not received.endswith(b"0\r\n\r\n"):  # the last chunk of the chunked body
+            chunk = slow.recv(65536)
             assert chunk, "connection closed early"
             received += chunk
-            time.sleep(0.01)
     finally:
         slow.close()
     assert received.startswith(b"HTTP/1.1 200")
-    assert b"event: delta" in received and b"event: error" not in received
+    assert len(received) > 64 * 1024, len(received)
+    assert b"data: [DONE]" in received and b'"finish_reason":"length"' in received
+    assert b'"error"' not in received

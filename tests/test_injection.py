@@ -16,12 +16,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inference import SequentialEngine
+from inference.engine import LocalEngine
 from inference.loading import LoadedModel
 from inference.prompt import PromptBuilder
 from inference.settings import Settings
 from inference.types import Message, ModelInfo
-from tests.conftest import API_KEY, AUTH
+from tests.conftest import API_KEY, AUTH, both_engines, engine_for
 from webapp.server import create_app
+
+pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 
 # Template tokens of the families this service meets (Gemma, ChatML, Llama 3), plus every special token
 # of the tokenizer under test (added below).
@@ -135,10 +138,9 @@ def tiny_gemma(tokenizer: Any) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def gemma_engine() -> Iterator[SequentialEngine]:
+def gemma_engine(engine_kind: str) -> Iterator[LocalEngine]:
     loaded = tiny_gemma(tiny_gemma_tokenizer())
-    engine = SequentialEngine(Settings(model_id="embedded", _env_file=None), loader=lambda _s: loaded)  # type: ignore[call-arg]
-    engine.load()
+    engine = engine_for(Settings(model_id="embedded", _env_file=None), loaded, engine_kind)  # type: ignore[call-arg]
     yield engine
     engine.close()
 
@@ -147,7 +149,7 @@ def gemma_engine() -> Iterator[SequentialEngine]:
 
 
 @pytest.fixture(params=["embedded", "gemma2"])
-def tokenizer(request: pytest.FixtureRequest, engine: SequentialEngine, gemma_engine: SequentialEngine) -> Any:
+def tokenizer(request: pytest.FixtureRequest, engine: LocalEngine, gemma_engine: LocalEngine) -> Any:
     return (engine if request.param == "embedded" else gemma_engine).tokenizer
 
 
@@ -171,13 +173,13 @@ def test_the_check_above_would_catch_a_forged_turn(tokenizer: Any) -> None:
     assert not control_counts(tokenizer, safe)
 
 
-def test_embedded_template_places_its_tokens(engine: SequentialEngine) -> None:
+def test_embedded_template_places_its_tokens(engine: LocalEngine) -> None:
     tokenizer = engine.tokenizer
     ids = PromptBuilder(tokenizer).build(conversation(attack_text(tokenizer)))
     assert control_counts(tokenizer, ids) == Counter({"<|im_start|>": 5, "<|im_end|>": 4})
 
 
-def test_gemma2_template_places_its_tokens(gemma_engine: SequentialEngine) -> None:
+def test_gemma2_template_places_its_tokens(gemma_engine: LocalEngine) -> None:
     tokenizer = gemma_engine.tokenizer
     ids = PromptBuilder(tokenizer).build(conversation(attack_text(tokenizer)))
     # The system message is folded into the first user turn (Gemma2 has no system role):
@@ -185,16 +187,39 @@ def test_gemma2_template_places_its_tokens(gemma_engine: SequentialEngine) -> No
     assert control_counts(tokenizer, ids) == Counter({"<bos>": 1, "<start_of_turn>": 4, "<end_of_turn>": 3})
 
 
-class GenerateSpy:
-    """Wraps `model.generate` to record the prompt ids the model really receives."""
+class PromptSpy:
+    """Records the prompt ids each engine really hands the model: the sequential engine's `model.generate` input,
+    the batched engine's prompt rows (the lean decoder's pass), or its padded prefill batch (transformers' forward,
+    as for Gemma2), padding left out."""
 
-    def __init__(self, model: Any) -> None:
-        self.original = model.generate
+    def __init__(self, engine: LocalEngine, patch: pytest.MonkeyPatch) -> None:
         self.calls: list[list[int]] = []
+        if isinstance(engine, SequentialEngine):
+            original = engine.model.generate
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls.append(kwargs["input_ids"][0].tolist())
-        return self.original(*args, **kwargs)
+            def generate(*args: Any, **kwargs: Any) -> Any:
+                self.calls.append(kwargs["input_ids"][0].tolist())
+                return original(*args, **kwargs)
+
+            patch.setattr(engine.model, "generate", generate)
+        elif engine._decoder is not None:
+            original_pass = engine._decoder.forward
+
+            def lean_pass(decode: Any, prompts: list) -> Any:
+                self.calls += [prompt.ids.tolist() for prompt in prompts if prompt.start == 0]
+                return original_pass(decode, prompts)
+
+            patch.setattr(engine._decoder, "forward", lean_pass)
+        else:
+            original_forward = engine.model.forward
+
+            def forward(*args: Any, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
+                if input_ids is not None and input_ids.shape[1] > 1:  # a prefill, not a decoding step
+                    rows = zip(input_ids, attention_mask, strict=True)
+                    self.calls += [ids[mask.bool()].tolist() for ids, mask in rows]
+                return original_forward(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+            patch.setattr(engine.model, "forward", forward)
 
 
 def requests_carrying(attack: str) -> list[tuple[str, dict]]:
@@ -213,15 +238,14 @@ def requests_carrying(attack: str) -> list[tuple[str, dict]]:
 def test_ids_reaching_the_model_through_every_route_hold_only_template_tokens(
     which: str,
     settings: Settings,
-    engine: SequentialEngine,
-    gemma_engine: SequentialEngine,
+    engine: LocalEngine,
+    gemma_engine: LocalEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     served = engine if which == "embedded" else gemma_engine
     tokenizer = served.tokenizer
     attack = attack_text(tokenizer)
-    spy = GenerateSpy(served.model)
-    monkeypatch.setattr(served.model, "generate", spy)
+    spy = PromptSpy(served, monkeypatch)
     expected = control_counts(tokenizer, PromptBuilder(tokenizer).build(conversation("Halo")))
     app = create_app(settings, served, [API_KEY], with_ui=False)
     client = TestClient(app)  # no lifespan: the shared engines stay open

@@ -11,9 +11,11 @@ from fastapi.testclient import TestClient
 
 from inference.loading import LoadedModel
 from inference.settings import Settings
-from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, start_live_server
+from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, engine_for, start_live_server
 from tests.test_streaming import sse_events
 from webapp.server import create_app
+
+pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 
 LIMITS = {"max_body_bytes": 4096, "max_history_messages": 3, "max_total_chars": 600, "max_new_tokens_cap": 8}
 
@@ -24,16 +26,17 @@ def limited_settings() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def limited(limited_settings: Settings, embedded_model: LoadedModel) -> Iterator[LiveServer]:
+def limited(limited_settings: Settings, embedded_model: LoadedModel, engine_kind: str) -> Iterator[LiveServer]:
     """A real server (UI mounted too) with small limits, for over-the-wire body-size tests."""
-    live = start_live_server(limited_settings, engine_for(limited_settings, embedded_model))
+    live = start_live_server(limited_settings, engine_for(limited_settings, embedded_model, engine_kind))
     yield live
     live.server.should_exit = True
+    live.engine.close()
 
 
 @pytest.fixture(scope="module")
 def limited_client(limited: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=limited.base_url, timeout=60) as client:
+    with httpx.Client(base_url=limited.base_url, timeout=600) as client:
         yield client
 
 

@@ -8,7 +8,7 @@ import time
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference import SequentialEngine
+from inference.engine import LocalEngine
 from inference.loading import LoadedModel
 from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, engine_for
@@ -54,7 +54,7 @@ def test_model_and_engine_metrics_are_present(client: TestClient) -> None:
         "quantization": "none (dequantised from Q4_1 GGUF)",
         "dtype": dict(info[0])["dtype"],
         "device": "cpu",
-        "engine": "sequential",
+        "engine": "batched",  # the default engine
         "context_length": "8192",
     }
     assert dict(info[0])["dtype"] in ("bfloat16", "float32")
@@ -96,7 +96,7 @@ def test_counters_and_histograms_increase_after_a_request(client: TestClient) ->
     assert value(after, "sahabat_http_requests_total", method="GET", route="/metrics", status="200") >= 1
 
 
-def test_running_requests_gauge_follows_a_generation(client: TestClient, engine: SequentialEngine) -> None:
+def test_running_requests_gauge_follows_a_generation(client: TestClient, engine: LocalEngine) -> None:
     results: list[int] = []
     request = threading.Thread(
         target=lambda: results.append(
@@ -112,7 +112,7 @@ def test_running_requests_gauge_follows_a_generation(client: TestClient, engine:
     while engine.running == 0 and request.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
     during = scrape(client)
-    request.join(60)
+    request.join(600)  # a hang guard
     assert results == [200]
     assert value(during, "sahabat_engine_running_requests") == 1
     assert value(scrape(client), "sahabat_engine_running_requests") == 0

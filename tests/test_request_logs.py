@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from inference import GenerationRequest, GenerationResult, SequentialEngine
+from inference import GenerationRequest, GenerationResult
+from inference.engine import LocalEngine
 from inference.loading import LoadedModel
 from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, engine_for
@@ -48,7 +49,7 @@ def test_request_id_round_trip(client: TestClient) -> None:
     )
 
 
-def test_the_request_id_reaches_the_engine(client: TestClient, engine: SequentialEngine) -> None:
+def test_the_request_id_reaches_the_engine(client: TestClient, engine: LocalEngine) -> None:
     seen: list[str] = []
 
     def listener(request: GenerationRequest, result: GenerationResult) -> None:

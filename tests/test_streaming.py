@@ -4,14 +4,15 @@ client, stop sequences on all generation routes, and cancellation when a client 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, AUTH, LiveServer, sse_events_from_lines
+from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, sse_events_from_lines
+
+pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
@@ -21,11 +22,11 @@ def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
 
 
 def spec_stream(live_server: LiveServer, path: str, body: dict) -> tuple[list[str], dict, httpx.Response]:
-    with httpx.stream("POST", f"{live_server.base_url}{path}", headers=AUTH, json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{live_server.base_url}{path}", headers=AUTH, json=body, timeout=600) as response:
         assert response.status_code == 200, response.read()
         deltas, final = [], {}
         for event, data in sse_events(response):
@@ -47,7 +48,9 @@ def test_spec_endpoints_stream_deltas_then_the_documented_object(live_server: Li
     assert set(final) == {"generated_text", "full_conversation", "model", "input_length", "output_length"}
     assert "".join(deltas) == final["generated_text"]
     assert 0 < final["output_length"] <= 12
-    plain = httpx.post(f"{live_server.base_url}{path}", headers=AUTH, json={**body, "stream": False}, timeout=60).json()
+    plain = httpx.post(
+        f"{live_server.base_url}{path}", headers=AUTH, json={**body, "stream": False}, timeout=600
+    ).json()
     assert plain["generated_text"] == final["generated_text"]
 
 
@@ -148,13 +151,13 @@ def test_openai_wrong_key(live_server: LiveServer) -> None:
 def test_stop_sequences_on_every_route(live_server: LiveServer, oai: openai.OpenAI) -> None:
     prompt = "Sebutkan nama-nama hari dalam seminggu."
     base = {"text": prompt, "max_new_tokens": 24, "temperature": 0}
-    full = httpx.post(f"{live_server.base_url}/api/v1/generate-text", headers=AUTH, json=base, timeout=60).json()
+    full = httpx.post(f"{live_server.base_url}/api/v1/generate-text", headers=AUTH, json=base, timeout=600).json()
     text = full["generated_text"]
     assert len(text) > 12
     stop = text[8:11]
     expected = text[: text.find(stop)]
     cut = httpx.post(
-        f"{live_server.base_url}/api/v1/generate-text", headers=AUTH, json={**base, "stop": [stop]}, timeout=60
+        f"{live_server.base_url}/api/v1/generate-text", headers=AUTH, json={**base, "stop": [stop]}, timeout=600
     ).json()
     assert cut["generated_text"] == expected
     deltas, final, _ = spec_stream(live_server, "/api/v1/generate-text", {**base, "stop": [stop], "stream": True})
@@ -171,25 +174,23 @@ def test_disconnect_cancels_generation_and_frees_the_model(live_server: LiveServ
     before = engine.generated_tokens_total
     body = {"text": "Tulis esai panjang tentang sejarah Indonesia.", "max_new_tokens": 1500, "temperature": 0}
     with httpx.stream(
-        "POST", f"{live_server.base_url}/api/v1/generate-text", headers=AUTH, json={**body, "stream": True}, timeout=60
+        "POST", f"{live_server.base_url}/api/v1/generate-text", headers=AUTH, json={**body, "stream": True}, timeout=600
     ) as response:
         deltas = 0
         for event, _ in sse_events(response):
             deltas += event == "delta"
             if deltas == 3:
                 break  # leaving the block closes the connection mid-stream
-    started = time.monotonic()
     after = httpx.post(
         f"{live_server.base_url}/api/v1/generate-text",
         headers=AUTH,
         json={"text": "Halo", "max_new_tokens": 4, "temperature": 0},
-        timeout=120,
+        timeout=600,  # a hang guard: with the model still busy for the client that left, this waits for it
     )
-    waited = time.monotonic() - started
     assert after.status_code == 200
+    assert engine.running == 0
     cancelled_tokens = engine.generated_tokens_total - before - after.json()["output_length"] - 1
     assert cancelled_tokens < 150, cancelled_tokens  # far fewer than the 1500 asked for
-    assert waited < 20, waited  # 1500 tokens would take about a minute here
 
 
 def test_openai_stream_disconnect_cancels(live_server: LiveServer, oai: openai.OpenAI) -> None:
@@ -206,4 +207,5 @@ def test_openai_stream_disconnect_cancels(live_server: LiveServer, oai: openai.O
         model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
     )
     assert completion.choices[0].message.content
+    assert engine.running == 0
     assert engine.generated_tokens_total - before < 150
