@@ -19,7 +19,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from inference import Engine, GenerationRequest, GenerationResult
@@ -44,6 +44,12 @@ class EngineCollector(Collector):
         running = GaugeMetricFamily(f"{PREFIX}_engine_running_requests", "Generations the model is working on.")
         running.add_metric([], engine.running)
         yield running
+        decoded = CounterMetricFamily(
+            f"{PREFIX}_engine_decoded_tokens",
+            "Tokens the model generated, for every generation: those cancelled when their client left included.",
+        )
+        decoded.add_metric([], engine.generated_tokens_total)
+        yield decoded
         state = GaugeMetricFamily(f"{PREFIX}_engine_state", "1 for the engine's current state.", labels=["state"])
         for name in ("loading", "ready", "failed", "unavailable", "stopping"):
             state.add_metric([name], 1.0 if engine.state == name else 0.0)
