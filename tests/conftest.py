@@ -136,13 +136,27 @@ class LiveServer:
 
 
 def start_live_server(
-    settings: Settings, engine, api_keys: list[str] | None = None, port: int | None = None
+    settings: Settings,
+    engine,
+    api_keys: list[str] | None = None,
+    port: int | None = None,
+    send_buffer_bytes: int | None = None,
 ) -> LiveServer:
-    """A real uvicorn server on a loopback port (a free one unless given), in a thread."""
+    """A real uvicorn server on a loopback port (a free one unless given), in a thread.
+
+    `send_buffer_bytes` fixes the kernel's send buffer of its connections (Linux otherwise grows it up to 4 MB on
+    loopback, more than any reply here), so that a test can make the server wait on a slow reader."""
     port = port or free_port()
     app = create_app(settings, engine, api_keys or [API_KEY])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    sockets = None
+    if send_buffer_bytes is not None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)  # accepted sockets inherit it
+        listener.bind(("127.0.0.1", port))
+        sockets = [listener]
+    threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True).start()
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
