@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
+from app import resolve_api_keys
 from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, ForcedFault
+from tests.test_shutdown import start_server
 from webapp.server import create_app
 
 PROTECTED_PREFIXES = ("/api/", "/v1/")
@@ -161,3 +167,52 @@ def test_gradio_auth_puts_the_chat_page_behind_a_login(engine) -> None:
 def test_without_gradio_auth_the_chat_page_is_open(http: TestClient) -> None:
     """Documented in the Security notes: the page (and its programmatic API) answers anyone."""
     assert http.get("/config").status_code == 200
+
+
+def test_api_keys_file_takes_one_key_per_line_and_skips_comments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine
+) -> None:
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(
+        "# keys of the team\nsk-file-one\n\n    # an indented comment\n  sk-file-two  \n#sk-retired-key\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("API_KEYS", "sk-from-env")
+    monkeypatch.setenv("API_KEYS_FILE", str(keys_file))
+    settings = Settings(model_id="embedded", _env_file=None)  # type: ignore[call-arg]
+    keys = resolve_api_keys(settings)  # what app.py serves with
+    assert keys == ["sk-from-env", "sk-file-one", "sk-file-two"]
+    http = TestClient(create_app(settings, engine, keys, with_ui=False))
+    for key in keys:
+        assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200, key
+    for not_a_key in ("# keys of the team", "#sk-retired-key", "sk-retired-key", "# an indented comment"):
+        assert http.get("/v1/models", headers={"Authorization": f"Bearer {not_a_key}"}).status_code == 401, not_a_key
+
+
+GENERATED_KEY = re.compile(r"No API_KEYS configured; generated an API key for this run: (sk-[A-Za-z0-9_-]+)")
+
+
+def test_without_keys_one_is_generated_printed_once_and_never_logged(settings: Settings, embedded_model) -> None:
+    """A real `python app.py` with neither API_KEYS nor API_KEYS_FILE, logging at debug level."""
+    served = start_server(settings, API_KEYS=None, API_KEYS_FILE=None, LOG_LEVEL="debug")
+    try:
+        printed = GENERATED_KEY.findall(served.log())
+        assert len(printed) == 1, served.log()[-3000:]
+        key = printed[0]
+        assert len(key) >= 32  # "sk-" + 24 random bytes in base64
+        bearer = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{served.url}/v1/models", headers=bearer, timeout=30).status_code == 200
+        assert httpx.get(f"{served.url}/v1/models", headers=AUTH, timeout=30).status_code == 401
+        answer = httpx.post(
+            f"{served.url}/api/v1/chat", headers=bearer, json={"text": "Halo", "max_new_tokens": 2}, timeout=120
+        )
+        assert answer.status_code == 200, answer.text
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(120) == 0
+        log = served.log()
+        assert "shutdown requested" in log and " DEBUG " in log  # the debug log was on, and all of it is here
+        assert log.count(key) == 1, "the generated key appears in the output beyond the one printed line"
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait(10)

@@ -11,6 +11,11 @@ Checks: no 5xx from any input, no status code or content type the schema does no
 match their schemas (error bodies included), invalid data is refused with a 4xx, operations that
 declare auth enforce it, undeclared methods get 405, and (custom) every error body is JSON with a
 non-empty message. `FUZZ_EXAMPLES` raises the fuzzing phase's examples for a deeper local run.
+
+The run's size is set by example counts and a fixed seed, not by a clock: about 25 s on two busy shared cores,
+longer on a slower or busier machine, the same cases either way. `FUZZ_TIME_BUDGET_S` stops a deep local run
+early; a run stopped that way reports what it covered instead of asserting the coverage floors, which only a
+whole run can meet (what it found is still asserted).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -37,9 +43,8 @@ FUZZ_SETTINGS = {
     "max_body_bytes": 16 * 1024,
 }
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))
-# A safety net, not a target: the run takes about 25 s on two busy shared cores. (Not schemathesis'
-# `max-time`, which makes the fuzzing phase repeat until the time is used up.)
-TIME_BUDGET_S = 100
+# Unset: no budget. (Not schemathesis' `max-time`, which makes the fuzzing phase repeat until the time is used up.)
+TIME_BUDGET_S = float(os.environ["FUZZ_TIME_BUDGET_S"]) if os.environ.get("FUZZ_TIME_BUDGET_S") else None
 
 
 @schemathesis.check
@@ -66,6 +71,10 @@ def fuzz_config(examples: int) -> schemathesis.Config:
             "seed": 20240611,  # the same cases every run, so a failure in CI reproduces locally
             "max-failures": 50,
             "continue-on-failure": True,
+            # No clock decides a case: schemathesis' 10 s default read timeout (hit at load 8 on two cores) is
+            # raised to a limit that only a hung request meets, and hypothesis' "too slow" health check is off.
+            "request-timeout": 300,
+            "suppress-health-check": ["too_slow"],
             "headers": {"Authorization": f"Bearer {API_KEY}"},
             "generation": {"mode": "all", "max-examples": examples, "database": "none"},  # no .hypothesis/ files
             "checks": {
@@ -112,7 +121,7 @@ def test_fuzz_every_route_against_the_openapi_schema(embedded_model: LoadedModel
     stream = from_schema(schema).execute()
     stopped_early = False
     for event in stream:
-        if not stopped_early and time.monotonic() - started > TIME_BUDGET_S:
+        if TIME_BUDGET_S is not None and not stopped_early and time.monotonic() - started > TIME_BUDGET_S:
             stream.stop()
             stopped_early = True
         if isinstance(event, events.ScenarioFinished):
@@ -132,10 +141,13 @@ def test_fuzz_every_route_against_the_openapi_schema(embedded_model: LoadedModel
     elapsed = time.monotonic() - started
 
     summary = ", ".join(f"{label} {code}: {n}" for (label, code), n in sorted(statuses.items()))
-    note = f" (stopped at the {TIME_BUDGET_S}s budget)" if stopped_early else ""
+    note = f" (stopped at FUZZ_TIME_BUDGET_S={TIME_BUDGET_S:g})" if stopped_early else ""
     print(f"\nfuzz: {sum(statuses.values())} requests in {elapsed:.0f}s{note}; {summary}")
     assert not errors, "\n".join(errors)
     assert not failures, "schemathesis found:\n" + "\n".join(failures.values())
+    if stopped_early:  # a partial run: say what it covered, and do not hold it to a whole run's floors
+        warnings.warn(f"fuzz run stopped early{note}: {sum(statuses.values())} requests; {summary}", stacklevel=1)
+        return
     # Not vacuous: every operation was reached, real generations ran, and the limits were hit.
     for operation in operations:
         assert any(label == operation for label, _ in statuses), f"{operation} was never called"

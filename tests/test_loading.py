@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 from bench.gemma_shape import TINY_SHAPE, gemma2_config, write_model_dir
-from inference import loading
+from inference import Engine, GenerationRequest, GenerationResult, Message, build_engine, loading
+from inference.engine import LocalEngine
 from inference.loading import (
+    LoadedModel,
     build_quantization_config,
     choose_model,
     load_model,
@@ -275,3 +278,39 @@ def test_importing_and_loading_on_cpu_never_imports_bitsandbytes(tiny_dir: Path)
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+# --- PACK_CPU_WEIGHTS -------------------------------------------------------------------------------
+
+
+def greedy_reply(engine: Engine) -> GenerationResult:
+    request = GenerationRequest(
+        messages=(Message("user", "Sebutkan tiga pulau di Indonesia."),), max_new_tokens=12, temperature=0
+    )
+    return asyncio.run(engine.generate(request))
+
+
+def test_pack_cpu_weights_off_serves_with_plain_linears(settings: Settings, embedded_model: LoadedModel) -> None:
+    """PACK_CPU_WEIGHTS=false: the engine app.py builds loads plain `nn.Linear`s, and they give the same replies."""
+    from inference.cpu_kernels import PackedLinear, is_packed, packing_available
+
+    unpacked = build_engine(settings.model_copy(update={"pack_cpu_weights": False}))
+    unpacked.load()  # the service's own load (from the model cache the session warmed)
+    try:
+        assert isinstance(unpacked, LocalEngine)
+        linears = [m for m in unpacked.model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m) is torch.nn.Linear and not is_packed(m) for m in linears)
+        plain_reply = greedy_reply(unpacked)
+    finally:
+        unpacked.close()
+    assert plain_reply.output_length == 12 and plain_reply.text.strip()
+
+    # The default packs them (where oneDNN can), and the packed model answers the same, token for token.
+    if packing_available() and embedded_model.info.dtype == "bfloat16":
+        assert any(type(m) is PackedLinear for m in embedded_model.model.modules())
+    packed = type(unpacked)(settings, loader=lambda _settings: embedded_model)
+    packed.load()
+    try:
+        assert greedy_reply(packed).text == plain_reply.text
+    finally:
+        packed.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,31 @@ def test_the_key_changes_with_dtype_and_file(tmp_path: Path) -> None:
     copy = tmp_path / gguf.name
     copy.write_bytes(b"not the same file")
     assert CacheEntry.for_gguf(tmp_path, copy, torch.bfloat16).name != bf16.name
+
+
+def test_the_key_changes_with_the_transformers_and_torch_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = cache_settings(tmp_path)
+    names = {entry_for(settings).name}
+    for package in ("transformers", "torch"):
+        module = importlib.import_module(package)
+        monkeypatch.setattr(module, "__version__", "99.0.0")  # what `pip install -U` would change
+        entry = entry_for(settings)
+        assert entry.key[package] == "99.0.0"
+        names.add(entry.name)
+    assert len(names) == 3
+
+
+def test_an_upgrade_does_not_reuse_the_old_entry(
+    tmp_path: Path, embedded_model: LoadedModel, gguf_loads: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    settings = cache_settings(tmp_path)
+    assert entry_for(settings).store(embedded_model.model, embedded_model.tokenizer)
+    assert load_model(settings).from_cache and not gguf_loads  # before the upgrade, the entry is used
+    monkeypatch.setattr(transformers, "__version__", "99.0.0")
+    loaded = load_model(settings)
+    assert not loaded.from_cache and len(gguf_loads) == 1  # weights written under the old version are not reused
+    assert entry_for(settings).is_complete()  # a new entry, for the new version

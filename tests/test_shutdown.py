@@ -1,4 +1,5 @@
-"""SIGTERM on a real `python app.py` process: new work gets 503, the in-flight request completes, exit 0."""
+"""SIGTERM on a real `python app.py` process: new work gets 503, the in-flight request completes, exit 0; the
+shutdown timeout and a second signal end the wait for it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,9 @@ LONG_REQUEST = {
     "temperature": 0,
 }
 TARGET_GENERATION_S = 8.0  # long enough to signal and probe mid-generation, on a fast or a loaded machine
+# A reply this long runs on for many seconds after its first tokens on any machine that serves this model; a
+# process that waited for it would send its `complete` event, whatever the machine's speed.
+LONG_REPLY_TOKENS = 2000
 
 
 LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
@@ -42,8 +46,9 @@ class Served:
         return "".join(self.output)
 
 
-def start_server(settings: Settings, **env: str) -> Served:
-    environment = {
+def start_server(settings: Settings, **env: str | None) -> Served:
+    """`python app.py` on a free port, ready; `env` adds variables (None removes one)."""
+    environment: dict[str, str | None] = {
         **os.environ,
         "MODEL_ID": "embedded",
         "MODEL_CACHE_DIR": str(settings.model_cache_dir),  # warmed by the session's model load
@@ -57,7 +62,7 @@ def start_server(settings: Settings, **env: str) -> Served:
     process = subprocess.Popen(
         [sys.executable, "app.py"],
         cwd=ROOT,
-        env=environment,
+        env={name: value for name, value in environment.items() if value is not None},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -103,10 +108,14 @@ def tokens_for_a_long_request(url: str) -> int:
     return max(16, min(1000, int(TARGET_GENERATION_S / per_token)))
 
 
-def running_generations(url: str) -> float:
+def engine_gauge(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
-    line = next(line for line in text.splitlines() if line.startswith("sahabat_engine_running_requests "))
+    line = next(line for line in text.splitlines() if line.startswith(f"sahabat_engine_{name} "))
     return float(line.split()[1])
+
+
+def running_generations(url: str) -> float:
+    return engine_gauge(url, "running_requests")
 
 
 def test_sigterm_drains_the_in_flight_request_and_exits_0(server: Served) -> None:
@@ -156,28 +165,83 @@ def test_sigterm_drains_the_in_flight_request_and_exits_0(server: Served) -> Non
     assert KEY not in log
 
 
+def read_reply(url: str, stream: bool, seen: dict[str, object]) -> None:
+    """One request for a long reply, recorded in `seen`: its deltas (if streamed), and whether it was completed."""
+    seen.update(deltas=0, complete=False)
+    body = {**LONG_REQUEST, "max_new_tokens": LONG_REPLY_TOKENS, "stream": stream}
+    try:
+        with httpx.stream("POST", f"{url}/api/v1/generate-text", headers=AUTH, json=body, timeout=600) as response:
+            seen["status"] = response.status_code
+            for line in response.iter_lines():
+                if line == "event: delta":
+                    seen["deltas"] = int(seen["deltas"]) + 1  # type: ignore[call-overload]
+                elif line == "event: complete" or (not stream and response.status_code == 200 and line):
+                    seen["complete"] = True
+    except httpx.HTTPError as error:  # the server went away mid-reply: that is the point
+        seen["error"] = repr(error)
+
+
+def start_long_replies(url: str) -> list[tuple[threading.Thread, dict[str, object]]]:
+    """A streamed and a plain request for long replies (LONG_REQUEST runs long), both admitted, the first streaming."""
+    replies: list[tuple[threading.Thread, dict[str, object]]] = []
+    deadline = time.monotonic() + 120  # liveness only
+
+    def wait_until(condition: Callable[[], bool], what: str) -> None:
+        while not condition():
+            assert time.monotonic() < deadline and all(c.is_alive() for c, _ in replies), f"{what}: {replies}"
+            time.sleep(0.05)
+
+    for stream in (True, False):
+        seen: dict[str, object] = {}
+        client = threading.Thread(target=read_reply, args=(url, stream, seen), daemon=True)
+        client.start()
+        replies.append((client, seen))
+        if stream:
+            wait_until(lambda: int(replies[0][1].get("deltas", 0)) >= 3, "the streamed reply never started")  # type: ignore[call-overload]
+    wait_until(
+        lambda: engine_gauge(url, "running_requests") + engine_gauge(url, "queue_depth") >= 2,
+        "the plain request was never admitted",
+    )
+    return replies
+
+
+def assert_cut_short(replies: list[tuple[threading.Thread, dict[str, object]]]) -> None:
+    """Each reply ended without being completed: the process stopped them rather than waiting for their end."""
+    for client, seen in replies:
+        client.join(60)
+        assert not client.is_alive()
+        assert not seen["complete"], seen
+        assert int(seen["deltas"]) < LONG_REPLY_TOKENS, seen  # type: ignore[call-overload]
+
+
 def test_the_shutdown_timeout_bounds_the_wait(settings: Settings, embedded_model: LoadedModel) -> None:
     served = start_server(settings, SHUTDOWN_TIMEOUT_S="1")
     try:
-        client = threading.Thread(
-            target=lambda: httpx.post(
-                f"{served.url}/api/v1/generate-text",
-                headers=AUTH,
-                json={**LONG_REQUEST, "max_new_tokens": 2000},
-                timeout=300,
-            ),
-            daemon=True,
-        )
-        client.start()
-        deadline = time.monotonic() + 60
-        while running_generations(served.url) < 1:
-            assert time.monotonic() < deadline, "the request never started generating"
-            time.sleep(0.05)
+        replies = start_long_replies(served.url)
         served.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        assert served.process.wait(60) == 0, served.log()
-        assert time.monotonic() - signalled < 30
+        assert served.process.wait(300) == 0, served.log()
+        assert_cut_short(replies)
         assert "shutdown timeout of 1 s reached" in served.log()
     finally:
         if served.process.poll() is None:
             served.process.kill()
+            served.process.wait(10)
+
+
+def test_a_second_signal_skips_the_drain(settings: Settings, embedded_model: LoadedModel) -> None:
+    served = start_server(settings, SHUTDOWN_TIMEOUT_S="600")  # the drain alone would wait for the whole reply
+    try:
+        replies = start_long_replies(served.url)
+        served.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{served.url}/ready", timeout=10).status_code != 503:  # draining now
+            assert time.monotonic() < deadline, "the first signal did not start the drain"
+            time.sleep(0.05)
+        assert served.process.poll() is None and all(c.is_alive() for c, _ in replies)  # the drain waits ...
+        served.process.send_signal(signal.SIGTERM)  # ... and the second signal does not
+        assert served.process.wait(300) == 0, served.log()
+        assert_cut_short(replies)
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait(10)

@@ -42,6 +42,9 @@ class DrainingServer(uvicorn.Server):
             self.drain_started = time.monotonic()
             self.engine.drain("the service is shutting down")
         elif not self.should_exit:
+            # Skip the wait, as if SHUTDOWN_TIMEOUT_S had run out: open responses get the final grace, then are
+            # cancelled (uvicorn would otherwise wait up to the whole timeout for a plain, unstreamed reply).
+            self.config.timeout_graceful_shutdown = MIN_FINAL_GRACE_S
             self.should_exit = True
         else:
             self.force_exit = True
