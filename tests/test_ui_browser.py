@@ -279,8 +279,8 @@ def test_stop_mid_stream(page: Page, any_engine_url: tuple[str, Counting]) -> No
     at_close = engine.generated_tokens_total
     wait_until(lambda: engine.running == 0)  # ... and the generation is gone:
     assert engine.generated_tokens_total - at_close <= 2  # at most the token in the works when the stream closed,
-    # and few between the click and the close (the page's round trip): not the 300+ the reply had left to run.
-    assert engine.generated_tokens_total - at_click < 100, engine.generated_tokens_total - at_click
+    # and few between the click and the close (the page's round trip; measured: 1): not the 300+ the reply had left.
+    assert engine.generated_tokens_total - at_click < 48, engine.generated_tokens_total - at_click
     partial = bot_messages(page)[0]
     page.wait_for_timeout(1500)
     assert bot_messages(page)[0] == partial, "the reply kept growing after Stop"
@@ -288,13 +288,13 @@ def test_stop_mid_stream(page: Page, any_engine_url: tuple[str, Counting]) -> No
     # The model is free again: a short reply runs alone (the engine counts its 3 tokens and nothing else).
     set_number(page, "max-new-tokens", 3)
     tokens_before = engine.generated_tokens_total
-    send(page, engine, "Halo")
-    assert stats_titles(page)[-1].startswith("📊 3 token")
+    send(page, engine, "Tulis cerita panjang tentang seekor kucing.")
+    assert stats_titles(page)[-1].startswith("📊 3 token ·")
     assert engine.generated_tokens_total - tokens_before == 3
 
 
 def wait_until(condition: Any) -> None:
-    deadline = time.monotonic() + TIMEOUT_MS / 1000  # only against a hang
+    deadline = time.monotonic() + 300  # only against a hang: a generation that ignored Stop ends well before
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
