@@ -385,20 +385,27 @@ async def test_sequential_engine_queue_limit(settings: Settings, model32: Loaded
 
 
 async def test_default_dtype_batched_engine(
-    settings: Settings, embedded_model: LoadedModel, engine: SequentialEngine
+    settings: Settings, embedded_model: LoadedModel, served: RecordingEngine
 ) -> None:
-    """The served configuration (bf16 here): a lone request is exactly the sequential one; a batch completes."""
-    default = batched_engine(settings, embedded_model)
+    """The served configuration (bf16, lean passes): a lone request is exactly the sequential one; in a batch, each
+    token is the greedy pick up to rounding."""
+    assert settings.max_batch == "auto" and served.max_batch == 16  # MAX_BATCH=auto on CPU
+    assert served._decoder is not None  # FAST_DECODE's lean passes
+    sequential_bf16 = SequentialEngine(settings, loader=lambda _settings: embedded_model)
+    sequential_bf16.load()
     try:
-        assert settings.max_batch == "auto" and default.max_batch == 16  # MAX_BATCH=auto on CPU
-        request = greedy(PROMPTS[0], max_new_tokens=8)
-        assert (await default.generate(request)).text == (await engine.generate(request)).text
-        streams = [await default.submit(greedy(text, max_new_tokens=8)) for text in PROMPTS]
-        results = [result for _, result in await asyncio.gather(*map(collect, streams))]
-        assert all(r.text and 0 < r.output_length <= 8 for r in results)
-        assert default.max_rows_seen >= 2
+        request = greedy(PROMPTS[0], max_new_tokens=16)
+        assert (await served.generate(request)).text == (await sequential_bf16.generate(request)).text
     finally:
-        default.close()
+        sequential_bf16.close()
+    served.max_rows_seen = 0
+    requests = [greedy(text, max_new_tokens=8, request_id=f"default-{i}") for i, text in enumerate(PROMPTS)]
+    streams = [await served.submit(request) for request in requests]
+    results = [result for _, result in await asyncio.gather(*map(collect, streams))]
+    assert all(r.text and 0 < r.output_length <= 8 for r in results)
+    assert served.max_rows_seen >= 2
+    for request in requests:
+        assert_greedy_up_to_rounding(embedded_model, served.prepare(request), served.sent[request.request_id])
 
 
 def test_prefill_groups_trade_padding_against_passes() -> None:
