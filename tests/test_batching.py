@@ -5,8 +5,10 @@ In bf16 the batched and the one-at-a-time forward passes round differently (othe
 padding), and this model has exact bf16 ties: for "Write one sentence about the sea." the logits of
 " and" and "," after "The sea is a vast" are identical in bf16, so either engine may legitimately pick
 either one. In float32 (a float32 copy of the loaded model) the ties are broken the same way and the texts must be
-identical. The default
-bf16 path is covered by `test_default_dtype_batched_engine`.
+identical. In the served configuration (bf16, FAST_DECODE's lean passes) batched rows round differently from a
+lone request, so there each token the batched engine picks is checked against the unbatched model's logits: it
+must be the greedy choice up to bf16 rounding (a masking or position bug is off by whole logits, see
+`assert_greedy_up_to_rounding`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import copy
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +37,64 @@ PROMPTS = [
 ]
 
 
+# ~330 tokens with the chat template, against 40 for SHORT_TEXT: a row that joins (or is joined by) the other gets
+# ~290 columns of left padding, which the attention mask must hide. Both, and STORY_TEXT, run past 30 tokens.
+LONG_TEXT = (
+    "Berikut adalah catatan perjalanan saya. "
+    + "Pada hari pertama kami berangkat dari Jakarta menuju Bandung dengan kereta api pagi, "
+    "melewati sawah hijau, sungai kecil, dan desa-desa yang tenang. " * 5 + "Ringkas catatan ini dalam dua kalimat."
+)
+SHORT_TEXT = "Hitung sampai 100."
+STORY_TEXT = "Tell me a story."
+
+
 def greedy(text: str, max_new_tokens: int = 12, **knobs: Any) -> GenerationRequest:
     return GenerationRequest(messages=(Message("user", text),), max_new_tokens=max_new_tokens, temperature=0.0, **knobs)
 
 
-def batched_engine(settings: Settings, loaded: LoadedModel, **overrides: Any) -> BatchedEngine:
-    engine = BatchedEngine(settings.model_copy(update=overrides), loader=lambda _settings: loaded)
+def sampled(text: str, max_new_tokens: int = 24, temperature: float = 1.0, **knobs: Any) -> GenerationRequest:
+    return GenerationRequest(
+        messages=(Message("user", text),), max_new_tokens=max_new_tokens, temperature=temperature, **knobs
+    )
+
+
+class RecordingEngine(BatchedEngine):
+    """The batched engine, keeping the token ids it sends each request (by request_id), terminators excluded."""
+
+    def __init__(self, settings: Settings, loader: Any) -> None:
+        super().__init__(settings, loader)
+        self.sent: dict[str, list[int]] = {}
+
+    def _post_many(self, items: Any) -> None:
+        items = list(items)
+        for slot, event in items:
+            if isinstance(event, int):
+                self.sent.setdefault(slot.request.request_id, []).append(event)
+        super()._post_many(items)
+
+
+def batched_engine(settings: Settings, loaded: LoadedModel, **overrides: Any) -> RecordingEngine:
+    engine = RecordingEngine(settings.model_copy(update=overrides), loader=lambda _settings: loaded)
     engine.load()
     return engine
+
+
+def assert_greedy_up_to_rounding(loaded: LoadedModel, prompt_ids: list[int], output_ids: list[int]) -> None:
+    """Each output token is the argmax of the model's logits after the tokens before it, up to bf16 rounding.
+
+    One unbatched forward over prompt + output gives every position's logits. Measured on the embedded model: a
+    correct batched engine's picks are at most 0.25 below the top logit (a tie broken the other way by rounding);
+    with the padding columns unmasked after a join they were 8-22 below.
+    """
+    import torch
+
+    assert output_ids
+    ids = torch.tensor([prompt_ids + output_ids[:-1]])
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids).logits[0, len(prompt_ids) - 1 :].float()
+    chosen = logits.gather(1, torch.tensor(output_ids)[:, None])[:, 0]
+    gaps = logits.max(dim=1).values - chosen
+    assert float(gaps.max()) <= 1.0, f"tokens {gaps.gt(1.0).nonzero().flatten().tolist()} are not greedy: {gaps}"
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +115,16 @@ def sequential(settings: Settings, model32: LoadedModel) -> Iterator[SequentialE
 
 
 @pytest.fixture(scope="module")
-def batched(settings: Settings, model32: LoadedModel) -> Iterator[BatchedEngine]:
+def batched(settings: Settings, model32: LoadedModel) -> Iterator[RecordingEngine]:
     engine = batched_engine(settings, model32, max_batch=8)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def served(settings: Settings, embedded_model: LoadedModel) -> Iterator[RecordingEngine]:
+    """The served configuration: bf16, FAST_DECODE's lean passes, MAX_BATCH=auto."""
+    engine = batched_engine(settings, embedded_model)
     yield engine
     engine.close()
 
@@ -110,74 +170,146 @@ async def test_concurrent_greedy_requests_match_sequential(
     await wait_until(lambda: batched.running == 0)
 
 
-async def test_request_joining_mid_batch_completes_correctly(
-    sequential: SequentialEngine, batched: BatchedEngine
+JOINS = {  # the first request runs alone; the second joins after its 3rd delta, the third after its 8th
+    "long joins short": (SHORT_TEXT, LONG_TEXT, STORY_TEXT),
+    "short joins long": (LONG_TEXT, SHORT_TEXT, STORY_TEXT),
+}
+JOIN_TOKENS = 40  # each; the first request still runs when the third joins
+
+
+@pytest.fixture(scope="module")
+def sequential_texts(sequential: SequentialEngine) -> Callable[[str], Awaitable[GenerationResult]]:
+    """The sequential engine's greedy JOIN_TOKENS reply to a prompt, generated once per module."""
+    cache: dict[str, GenerationResult] = {}
+
+    async def reference(text: str) -> GenerationResult:
+        if text not in cache:
+            cache[text] = await sequential.generate(greedy(text, max_new_tokens=JOIN_TOKENS))
+        return cache[text]
+
+    return reference
+
+
+async def run_joins(
+    engine: BatchedEngine, texts: tuple[str, ...], tag: str
+) -> list[tuple[list[str], GenerationResult]]:
+    requests = [
+        greedy(text, max_new_tokens=JOIN_TOKENS, request_id=f"{tag}-{index}") for index, text in enumerate(texts)
+    ]
+    engine.max_rows_seen = 0
+    first = await engine.submit(requests[0])
+    head: list[str] = []
+    streams = [first]
+    for request, after in zip(requests[1:], (3, 8), strict=True):
+        while len(head) < after:
+            event = await anext(first)
+            assert isinstance(event, TextDelta), "the first request ended before the joins"
+            head.append(event.text)
+        assert engine.running >= 1
+        streams.append(await engine.submit(request))
+    results = list(await asyncio.gather(*map(collect, streams)))
+    results[0] = (head + results[0][0], results[0][1])
+    assert engine.max_rows_seen == 3  # all three shared steps: the joins happened mid-way
+    for deltas, result in results:
+        assert "".join(deltas) == result.text
+    await wait_until(lambda: engine.running == 0)
+    return results
+
+
+@pytest.mark.parametrize("order", JOINS)
+async def test_requests_joining_at_different_steps_match_sequential(
+    sequential_texts: Callable[[str], Awaitable[GenerationResult]], batched: BatchedEngine, order: str
 ) -> None:
-    long_request = greedy(PROMPTS[1], max_new_tokens=24)
-    joiner = greedy(PROMPTS[4], max_new_tokens=10)
-    expected_long, expected_joiner = await sequential_results(sequential, [long_request, joiner])
-    long_stream = await batched.submit(long_request)
-    long_deltas: list[str] = []
-    async for event in long_stream:  # the first request is generating alone ...
-        assert isinstance(event, TextDelta)
-        long_deltas.append(event.text)
-        if len(long_deltas) == 3:
-            break
-    joiner_result = await batched.generate(joiner)  # ... when the second one arrives and joins
-    assert batched.running == 1  # the joiner is done and the first request is still generating: they shared steps
-    assert joiner_result.text == expected_joiner.text
-    assert joiner_result.output_length == expected_joiner.output_length
-    rest, long_result = await collect(long_stream)
-    assert "".join(long_deltas + rest) == long_result.text == expected_long.text
-    assert long_result.output_length == expected_long.output_length == 24
+    """float32: very different prompt lengths, joins at different steps, 30+ tokens: the sequential texts exactly."""
+    texts = JOINS[order]
+    expected = [await sequential_texts(text) for text in texts]
+    lengths = sorted(r.input_length for r in expected[:2])
+    assert lengths[0] <= 40 and lengths[1] >= 300, lengths  # very different prompt lengths (see LONG_TEXT)
+    results = await run_joins(batched, texts, order)
+    for (_, result), reference in zip(results, expected, strict=True):
+        assert result.text == reference.text
+        assert result.output_length == reference.output_length
+        assert result.finish_reason == reference.finish_reason
+    assert all(r.output_length >= 30 for r in expected)
+
+
+@pytest.mark.parametrize("order", JOINS)
+async def test_requests_joining_at_different_steps_are_greedy_in_the_served_dtype(
+    served: RecordingEngine, embedded_model: LoadedModel, order: str
+) -> None:
+    """bf16 with FAST_DECODE (the default): each token is the unbatched model's greedy pick up to rounding."""
+    texts = JOINS[order]
+    results = await run_joins(served, texts, order)
+    for index, (text, (_, result)) in enumerate(zip(texts, results, strict=True)):
+        output_ids = served.sent[f"{order}-{index}"]
+        assert len(output_ids) == result.output_length >= 30
+        assert_greedy_up_to_rounding(embedded_model, served.prepare(greedy(text)), output_ids)
+
+
+# Below the top token's probability at every step of PROMPTS[2]'s greedy reply at temperature 1 (measured in float32:
+# 0.06 at the least, 0.06-1.0 over its 24 tokens), so the nucleus is that one token and the draw is the greedy pick.
+TINY_TOP_P = 0.02
 
 
 async def test_each_request_keeps_its_own_knobs(sequential: SequentialEngine, batched: BatchedEngine) -> None:
-    reference = await sequential.generate(greedy(PROMPTS[2], max_new_tokens=16))
+    """One batch, a different knob on each row, each pinned down to what it must give."""
+    penalised = greedy(PROMPTS[1], max_new_tokens=24, repetition_penalty=1.3)
+    reference, penalised_reference, plain_reference = await sequential_results(
+        sequential, [greedy(PROMPTS[2], max_new_tokens=24), penalised, greedy(PROMPTS[1], max_new_tokens=24)]
+    )
+    assert penalised_reference.text != plain_reference.text  # the penalty changes this reply within 24 tokens
     words = reference.text.split()
     assert len(words) >= 3, reference.text
     stop_word = words[2]
     requests = [
-        greedy(PROMPTS[2], max_new_tokens=16, stop=(stop_word,)),  # stops before its stop word
+        greedy(PROMPTS[2], max_new_tokens=24, stop=(stop_word,)),  # stops before its stop word
         greedy(PROMPTS[0], max_new_tokens=3),  # runs out of tokens
         greedy(PROMPTS[3], max_new_tokens=1),  # leaves right after its prefill
-        GenerationRequest(messages=(Message("user", PROMPTS[1]),), max_new_tokens=12, temperature=1.3, seed=7),
-        GenerationRequest(
-            messages=(Message("user", PROMPTS[4]),),
-            max_new_tokens=12,
-            temperature=0.7,
-            top_p=0.9,
-            top_k=20,
-            repetition_penalty=1.3,
-            seed=3,
-        ),
+        penalised,  # a greedy row with a repetition penalty: the sequential engine's text (transformers' penalty)
+        greedy(PROMPTS[1], max_new_tokens=24),  # the same prompt beside it, without the penalty
+        sampled(PROMPTS[2], temperature=1.3, top_k=1, seed=7),  # top_k=1 leaves only the greedy token to draw
+        sampled(PROMPTS[2], temperature=1.0, top_p=TINY_TOP_P, seed=8),  # so does a nucleus of one token
+        sampled(PROMPTS[2], temperature=1.3, seed=7),  # the same draws without top_k: not the greedy text
     ]
     streams = [await batched.submit(request) for request in requests]
-    (stopped, length, single, hot, mixed) = [result for _, result in await asyncio.gather(*map(collect, streams))]
+    results = [result for _, result in await asyncio.gather(*map(collect, streams))]
+    stopped, length, single, with_penalty, without_penalty, top_k_1, tiny_top_p, free = results
     assert stopped.finish_reason == "stop"
     assert stop_word not in stopped.text
     assert reference.text.startswith(stopped.text) and len(stopped.text) < len(reference.text)
     assert length.finish_reason == "length" and length.output_length == 3
     assert single.output_length == 1 and single.finish_reason == "length" and single.text
-    assert 0 < hot.output_length <= 12 and 0 < mixed.output_length <= 12
+    assert with_penalty.text == penalised_reference.text
+    assert without_penalty.text == plain_reference.text
+    assert top_k_1.text == reference.text
+    assert tiny_top_p.text == reference.text
+    assert free.text != reference.text
     await wait_until(lambda: batched.running == 0)
 
 
 async def test_seeded_sampling_is_reproducible_whatever_the_batch(batched: BatchedEngine) -> None:
-    seeded = GenerationRequest(
-        messages=(Message("user", "Tulis puisi pendek tentang laut."),), max_new_tokens=12, temperature=1.0, seed=1234
+    """A seeded row draws from its own generator: the same text alone, again, beside other sampled rows and when it
+    joins a batch whose rows have drawn already; another seed gives another text."""
+    seeded = sampled(
+        "Tulis puisi pendek tentang laut.", temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.1, seed=1234
     )
     alone = await batched.generate(seeded)
-    again = await batched.generate(seeded)
-    assert again.text == alone.text
-    others = [
-        GenerationRequest(messages=(Message("user", text),), max_new_tokens=12, temperature=1.0) for text in PROMPTS[:4]
-    ]
+    assert alone.output_length > 12
+    assert (await batched.generate(seeded)).text == alone.text
+    others = [sampled(text) for text in PROMPTS[:4]]  # unseeded neighbours, drawing at the same steps
     streams = [await batched.submit(request) for request in [*others[:2], seeded, *others[2:]]]
     results = [result for _, result in await asyncio.gather(*map(collect, streams))]
     assert results[2].text == alone.text
+    running = await batched.submit(sampled(PROMPTS[1], max_new_tokens=200, seed=5))  # closed after the join
+    for _ in range(3):
+        assert isinstance(await anext(running), TextDelta)
+    joined = await batched.generate(seeded)  # joins the running row mid-way
+    assert batched.running == 1
+    await running.aclose()  # type: ignore[attr-defined]
+    assert joined.text == alone.text
     different_seed = await batched.generate(dataclasses.replace(seeded, seed=99))
     assert different_seed.text != alone.text
+    await wait_until(lambda: batched.running == 0)
 
 
 async def test_a_cancelled_request_leaves_the_batch_running(
@@ -263,20 +395,27 @@ async def test_sequential_engine_queue_limit(settings: Settings, model32: Loaded
 
 
 async def test_default_dtype_batched_engine(
-    settings: Settings, embedded_model: LoadedModel, engine: SequentialEngine
+    settings: Settings, embedded_model: LoadedModel, served: RecordingEngine
 ) -> None:
-    """The served configuration (bf16 here): a lone request is exactly the sequential one; a batch completes."""
-    default = batched_engine(settings, embedded_model)
+    """The served configuration (bf16, lean passes): a lone request is exactly the sequential one; in a batch, each
+    token is the greedy pick up to rounding."""
+    assert settings.max_batch == "auto" and served.max_batch == 16  # MAX_BATCH=auto on CPU
+    assert served._decoder is not None  # FAST_DECODE's lean passes
+    sequential_bf16 = SequentialEngine(settings, loader=lambda _settings: embedded_model)
+    sequential_bf16.load()
     try:
-        assert settings.max_batch == "auto" and default.max_batch == 16  # MAX_BATCH=auto on CPU
-        request = greedy(PROMPTS[0], max_new_tokens=8)
-        assert (await default.generate(request)).text == (await engine.generate(request)).text
-        streams = [await default.submit(greedy(text, max_new_tokens=8)) for text in PROMPTS]
-        results = [result for _, result in await asyncio.gather(*map(collect, streams))]
-        assert all(r.text and 0 < r.output_length <= 8 for r in results)
-        assert default.max_rows_seen >= 2
+        request = greedy(PROMPTS[0], max_new_tokens=16)
+        assert (await served.generate(request)).text == (await sequential_bf16.generate(request)).text
     finally:
-        default.close()
+        sequential_bf16.close()
+    served.max_rows_seen = 0
+    requests = [greedy(text, max_new_tokens=8, request_id=f"default-{i}") for i, text in enumerate(PROMPTS)]
+    streams = [await served.submit(request) for request in requests]
+    results = [result for _, result in await asyncio.gather(*map(collect, streams))]
+    assert all(r.text and 0 < r.output_length <= 8 for r in results)
+    assert served.max_rows_seen >= 2
+    for request in requests:
+        assert_greedy_up_to_rounding(embedded_model, served.prepare(request), served.sent[request.request_id])
 
 
 def test_prefill_groups_trade_padding_against_passes() -> None:

@@ -136,7 +136,7 @@ async def test_batched_engine_uses_it_unless_turned_off(settings: Settings, embe
 
 
 async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
-    settings: Settings, embedded_model: LoadedModel, engine: SequentialEngine
+    settings: Settings, embedded_model: LoadedModel
 ) -> None:
     """A pass that fails after writing the running rows' cache is rolled back; the running request goes on unharmed.
 
@@ -179,7 +179,12 @@ async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
         assert first.text + "".join(deltas) == result.text
         # A lone greedy request decodes with transformers' bits: had the failed pass's append stayed in its cache,
         # the text would differ from the sequential engine's.
-        assert result.text == (await engine.generate(running)).text
+        sequential = SequentialEngine(settings, loader=lambda _settings: embedded_model)
+        sequential.load()
+        try:
+            assert result.text == (await sequential.generate(running)).text
+        finally:
+            sequential.close()
         assert result.output_length == 24
         assert (await batched.generate(greedy_request("Halo!"))).text  # and the engine keeps serving
     finally:

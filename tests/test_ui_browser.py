@@ -1,7 +1,8 @@
 """The chat page in a real browser: Debian's Chromium, headless, driven by Playwright.
 
-A real uvicorn server (the whole app, embedded model) runs in a thread on a free loopback port;
-each test gets a fresh browser context (empty localStorage). Generations are kept short.
+A real uvicorn server (the whole app, embedded model, the default batched engine) runs in a thread on a free
+loopback port; each test gets a fresh browser context (empty localStorage). Generations are kept short, but for
+the one Stop cuts short (on both engines).
 Chromium comes from apt (`make browser`); `playwright install` is never needed.
 """
 
@@ -12,16 +13,17 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from inference import GenerationRequest, SequentialEngine, StreamEvent
+from inference import BatchedEngine, GenerationRequest, SequentialEngine, StreamEvent
 from inference.loading import LoadedModel
 from inference.settings import Settings
 from tests.conftest import API_KEY
@@ -48,23 +50,32 @@ if not Path(CHROMIUM).exists():
 expect.set_options(timeout=TIMEOUT_MS)
 
 
-class CountingEngine(SequentialEngine):
-    """The real engine, counting finished generations so a test knows when a reply is complete."""
+class Counting:
+    """Mixin for a real engine: counts finished generations (the engine stream closed, whatever the reason) so a
+    test knows when a reply is complete."""
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel]) -> None:
-        super().__init__(settings, loader)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.finished = 0
 
-    async def _generate_stream(
-        self, request: GenerationRequest, prompt_ids: list[int], started: float
-    ) -> AsyncIterator[StreamEvent]:
-        inner = super()._generate_stream(request, prompt_ids, started)
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        return self._counted(await super().submit(request))  # type: ignore[misc]
+
+    async def _counted(self, inner: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
         try:
             async for event in inner:
                 yield event
         finally:
-            await inner.aclose()  # passes a Stop on to the real stream at once
+            await inner.aclose()  # type: ignore[attr-defined]  # passes a Stop on to the real stream at once
             self.finished += 1
+
+
+class CountingEngine(Counting, BatchedEngine):
+    """The engine users get (ENGINE=batched), counting finished generations."""
+
+
+class CountingSequentialEngine(Counting, SequentialEngine):
+    """ENGINE=sequential, counting finished generations."""
 
 
 @contextmanager
@@ -167,7 +178,7 @@ def stats_titles(page: Page) -> list[str]:
     return re.findall(r"📊[^\n]*", page.locator("#chatbot").inner_text())
 
 
-def send(page: Page, engine: CountingEngine, text: str) -> None:
+def send(page: Page, engine: Counting, text: str) -> None:
     """Send `text` and wait until its reply is complete (the engine finished, the page is idle)."""
     before = engine.finished
     page.locator("#message textarea").fill(text)
@@ -175,7 +186,7 @@ def send(page: Page, engine: CountingEngine, text: str) -> None:
     wait_for_generation(page, engine, before)
 
 
-def wait_for_generation(page: Page, engine: CountingEngine, before: int) -> None:
+def wait_for_generation(page: Page, engine: Counting, before: int) -> None:
     deadline = time.monotonic() + TIMEOUT_MS / 1000
     while engine.finished <= before:
         assert time.monotonic() < deadline, "the reply did not finish"
@@ -229,32 +240,64 @@ def test_reply_streams_grows_and_finishes_with_stats(page: Page, url: str, ui_en
     screenshot(page, "chat-reply.png")
 
 
-def test_stop_mid_stream(page: Page, url: str, ui_engine: CountingEngine) -> None:
+@pytest.fixture(params=["batched", "sequential"])
+def any_engine_url(
+    request: pytest.FixtureRequest, settings: Settings, embedded_model: LoadedModel
+) -> Iterator[tuple[str, Counting]]:
+    """The module's server (batched engine), or one of its own on the sequential engine."""
+    if request.param == "batched":
+        yield request.getfixturevalue("url"), request.getfixturevalue("ui_engine")
+        return
+    engine = CountingSequentialEngine(settings, loader=lambda _settings: embedded_model)
+    engine.load()
+    with serve(create_app(settings, engine, [API_KEY])) as base_url:  # its lifespan closes the engine
+        yield base_url, engine
+
+
+# Runs to the limit uncancelled, greedy, in both engines (measured: 450 of 450 tokens; see tests/test_cancellation.py).
+LONG_PROMPT = "Hitung dari 1 sampai 400, satu angka per baris."
+
+
+def test_stop_mid_stream(page: Page, any_engine_url: tuple[str, Counting]) -> None:
+    url, engine = any_engine_url
     open_chat(page, url)
     set_number(page, "max-new-tokens", 400)
     set_number(page, "temperature", 0)
-    before = ui_engine.finished
-    page.locator("#message textarea").fill("Hitung dari 1 sampai 400, satu angka per baris.")
+    before = engine.finished
+    page.locator("#message textarea").fill(LONG_PROMPT)
     page.locator("#send").click()
     expect(page.locator('#chatbot [data-testid="bot"]').first).not_to_have_text("")
     expect(page.locator("#message textarea")).to_be_disabled()  # no second message mid-reply
     expect(page.locator("#retry")).to_be_disabled()
     screenshot(page, "chat-streaming.png")
+    at_click = engine.generated_tokens_total
     page.locator("#stop").click()
     expect(page.locator("#chatbot")).to_contain_text("Dihentikan")
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator("#message textarea")).to_be_editable()
-    assert ui_engine.finished == before + 1  # the engine's generation ended with the stop
+    wait_until(lambda: engine.finished == before + 1)  # the page's handler closed the engine's stream ...
+    at_close = engine.generated_tokens_total
+    wait_until(lambda: engine.running == 0)  # ... and the generation is gone:
+    assert engine.generated_tokens_total - at_close <= 2  # at most the token in the works when the stream closed,
+    # and few between the click and the close (the page's round trip; measured: 1): not the 300+ the reply had left.
+    assert engine.generated_tokens_total - at_click < 48, engine.generated_tokens_total - at_click
     partial = bot_messages(page)[0]
     page.wait_for_timeout(1500)
     assert bot_messages(page)[0] == partial, "the reply kept growing after Stop"
     assert stats_titles(page) == []
-    # The model is free again at once: a short reply is not queued behind the 400 tokens.
+    # The model is free again: a short reply runs alone (the engine counts its 3 tokens and nothing else).
     set_number(page, "max-new-tokens", 3)
-    started = time.monotonic()
-    send(page, ui_engine, "Halo")
-    assert time.monotonic() - started < 30
-    assert stats_titles(page)[-1].startswith("📊 ")
+    tokens_before = engine.generated_tokens_total
+    send(page, engine, "Tulis cerita panjang tentang seekor kucing.")
+    assert stats_titles(page)[-1].startswith("📊 3 token ·")
+    assert engine.generated_tokens_total - tokens_before == 3
+
+
+def wait_until(condition: Any) -> None:
+    deadline = time.monotonic() + 300  # only against a hang: a generation that ignored Stop ends well before
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_max_new_tokens_setting_takes_effect(page: Page, url: str, ui_engine: CountingEngine) -> None:
