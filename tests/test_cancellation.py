@@ -23,7 +23,6 @@ import httpx
 import pytest
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, TextDelta
-from inference.loading import LoadedModel
 from inference.settings import Settings
 from tests.conftest import AUTH, LiveServer, sse_events_from_lines, start_live_server
 
@@ -45,12 +44,10 @@ def long_request(max_new_tokens: int = LONG_TOKENS) -> GenerationRequest:
 
 
 @pytest.fixture(scope="module")
-def batched(settings: Settings, embedded_model: LoadedModel) -> Iterator[BatchedEngine]:
-    """The engine users get: default settings (bf16, FAST_DECODE, MAX_BATCH=auto)."""
-    engine = BatchedEngine(settings, loader=lambda _settings: embedded_model)
-    engine.load()
-    yield engine
-    engine.close()
+def batched(engine: BatchedEngine) -> BatchedEngine:
+    """The engine users get (the shared fixture): default settings (bf16, FAST_DECODE, MAX_BATCH=auto)."""
+    assert isinstance(engine, BatchedEngine)
+    return engine
 
 
 @pytest.fixture(scope="module")
