@@ -16,15 +16,14 @@ import asyncio
 import gc
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, TextDelta
-from inference.settings import Settings
-from tests.conftest import AUTH, LiveServer, sse_events_from_lines, start_live_server
+from tests.conftest import AUTH, LiveServer, sse_events_from_lines
 
 LONG_PROMPT = "Hitung dari 1 sampai 400, satu angka per baris."
 LONG_TOKENS = 400
@@ -51,10 +50,10 @@ def batched(engine: BatchedEngine) -> BatchedEngine:
 
 
 @pytest.fixture(scope="module")
-def server(settings: Settings, batched: BatchedEngine) -> Iterator[LiveServer]:
-    live = start_live_server(settings, batched)
-    yield live
-    live.server.should_exit = True
+def server(live_server: LiveServer) -> LiveServer:
+    """The shared real server, on the engine users get (its own engine instance, batched)."""
+    assert isinstance(live_server.engine, BatchedEngine)
+    return live_server
 
 
 def wait_idle(engine: BatchedEngine) -> None:

@@ -13,8 +13,17 @@ from typing import Any
 import httpx
 import pytest
 
+from inference.loading import LoadedModel
 from inference.settings import Settings
-from tests.conftest import AUTH, ForcedFault, LiveServer, both_engines, sse_events_from_lines, start_live_server
+from tests.conftest import (
+    AUTH,
+    ForcedFault,
+    LiveServer,
+    both_engines,
+    engine_for,
+    sse_events_from_lines,
+    start_live_server,
+)
 
 pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 
@@ -136,15 +145,17 @@ async def test_a_failing_tokenizer_fails_alone(
         assert (await normal(http, 99)).status_code == 200
 
 
-def test_a_slow_reader_does_not_hold_up_anyone(live_server: LiveServer, settings: Settings) -> None:
+def test_a_slow_reader_does_not_hold_up_anyone(
+    settings: Settings, embedded_model: LoadedModel, engine_kind: str
+) -> None:
     """A client that reads a long stream a few bytes at a time: the others are served, the model is freed when
     its generation ends (not when the reader catches up), and the reader still gets it all.
 
     The reply (a /v1 chunk per word, ~200 bytes each) is well over what the buffers between the model and this
     reader hold: the reader's 1 KB receive buffer, the server's send buffer (fixed at 4 KB here; Linux would grow it
     to 4 MB on loopback) and uvicorn's 64 KB of write buffer. So the server really does wait on this reader."""
-    engine = live_server.engine
-    live = start_live_server(settings, engine, send_buffer_bytes=4096)
+    live = start_live_server(settings, engine_for(settings, embedded_model, engine_kind), send_buffer_bytes=4096)
+    engine = live.engine
     host, port = live.base_url.removeprefix("http://").split(":")
     with httpx.Client(base_url=live.base_url, timeout=600) as http:  # this machine's speed, for the hang guard
         started = time.monotonic()
