@@ -315,20 +315,25 @@ def precheck(settings: Any) -> dict[str, Any]:
     return out
 
 
-def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
-    import torch
-
-    from inference.batching import BatchedEngine
+def mode_settings(mode: str, plan: Plan) -> Any:
     from inference.settings import Settings
 
-    cuda = torch.cuda.is_available()
-    settings = Settings(  # type: ignore[call-arg]
+    return Settings(  # type: ignore[call-arg]
         model_id=plan.model_dir,
         quantization=mode,
         max_new_tokens_cap=max(plan.new_tokens, 8),
         queue_timeout=3600,
         _env_file=None,
     )
+
+
+def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
+    import torch
+
+    from inference.batching import BatchedEngine
+
+    cuda = torch.cuda.is_available()
+    settings = mode_settings(mode, plan)
     out: dict[str, Any] = {"mode": mode, "load_average_before": load_average(), "precheck": precheck(settings)}
     if out["precheck"]["refused"]:
         print(f"{mode}: refused by the memory pre-check: {out['precheck']['refused']}", flush=True)
@@ -587,8 +592,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{written['seconds']:.0f} s",
                 flush=True,
             )
-        for index, mode in enumerate(plan.modes):
-            mode_deadline = time.time() + (deadline - time.time()) / (len(plan.modes) - index)
+        runnable = []
+        for mode in plan.modes:  # modes the pre-check refuses take no time: the others share the budget
+            checked = precheck(mode_settings(mode, plan))
+            if checked["refused"]:
+                print(f"{mode}: refused by the memory pre-check: {checked['refused']}", flush=True)
+                results[mode] = {"mode": mode, "precheck": checked, "skipped": "refused by the memory pre-check"}
+            else:
+                runnable.append(mode)
+        for index, mode in enumerate(runnable):
+            mode_deadline = time.time() + (deadline - time.time()) / (len(runnable) - index)
             if time.time() > deadline:
                 results[mode] = {"mode": mode, "skipped": "over the time budget"}
                 continue
