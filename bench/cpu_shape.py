@@ -72,6 +72,7 @@ class Plan:
     shard_bytes: int
     budget_s: float  # the whole run, writing included
     same_process: bool
+    conversation_modes: tuple[str, ...] = ()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, help=f"where the shards go (default {DEFAULT_DIR}; never in git)")
     parser.add_argument("--modes", default="8bit,4bit,none", help="QUANTIZATION values, in order (default: all)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per request (default 16)")
+    parser.add_argument(
+        "--conversation-modes", help="modes that run the long conversation (default: all; its prefill is the slow step)"
+    )
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams for the aggregate decode rate")
     parser.add_argument("--budget-min", type=float, default=45.0, help="skip steps that would end the run later")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (default: deleted at the end)")
@@ -106,6 +110,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         shard_bytes=200_000 if tiny else 2_000_000_000,
         budget_s=args.budget_min * 60,
         same_process=bool(args.same_process),
+        conversation_modes=tuple(m.strip() for m in (args.conversation_modes or args.modes).split(",") if m.strip()),
     )
 
 
@@ -281,6 +286,19 @@ def request_of(messages: tuple[Any, ...], new_tokens: int) -> Any:
     return GenerationRequest(messages=messages, max_new_tokens=new_tokens, temperature=0)
 
 
+async def arrivals(stream: Any) -> tuple[list[float], Any]:
+    """(arrival time of each text delta, the result): with the random checkpoint one token is one delta
+    (nearly every id of the 256k vocabulary decodes to a word of its own)."""
+    from inference.types import GenerationResult
+
+    times: list[float] = []
+    async for event in stream:
+        if isinstance(event, GenerationResult):
+            return times, event
+        times.append(time.perf_counter())
+    raise RuntimeError("the stream ended without a result")
+
+
 def decode_rate(result: Any) -> float | None:
     """Tokens per second after the first one (the first one's time is the TTFT)."""
     ttft = result.time_to_first_token_s
@@ -368,22 +386,26 @@ def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
         }
         print(f"{mode}: single stream {out['single']}", flush=True)
         prompts = [prompt_text(engine, plan.stream_prompt, f"Permintaan {i}:") for i in range(plan.streams)]
-        many = await asyncio.gather(*(engine.generate(request_of(p, plan.new_tokens)) for p in prompts))
-        # Submitted together and prefilled in one pass, the streams then decode in lockstep: every token after
-        # the last stream's first one, over the time from that first token to the last stream's end.
-        first = max(r.time_to_first_token_s or 0.0 for r in many)
-        end = max(r.duration_s for r in many)
-        after_first = sum(max(0, r.output_length - 1) for r in many)
+        streams = [await engine.submit(request_of(p, plan.new_tokens)) for p in prompts]
+        timed = await asyncio.gather(*(arrivals(stream) for stream in streams))
+        # The decode thread may start the first request before the others arrive, and they join a pass later:
+        # count only the text that arrives once every stream has produced some (all of them decoding together).
+        together = max(times[0] for times, _ in timed if times) if all(times for times, _ in timed) else None
+        end = max(times[-1] for times, _ in timed if times) if together is not None else None
+        later = sum(1 for times, _ in timed for t in times if together is not None and t > together)
         out["streams"] = {
-            "streams": len(many),
+            "streams": len(timed),
             "rows_seen": engine.max_rows_seen,
-            "prompt_tokens": [r.input_length for r in many],
-            "output_tokens": [r.output_length for r in many],
-            "ttft_s": [r.time_to_first_token_s for r in many],
-            "duration_s": [r.duration_s for r in many],
-            "aggregate_tok_s": after_first / (end - first) if end > first else None,
+            "prompt_tokens": [r.input_length for _, r in timed],
+            "output_tokens": [r.output_length for _, r in timed],
+            "ttft_s": [r.time_to_first_token_s for _, r in timed],
+            "deltas_together": later,
+            "aggregate_tok_s": later / (end - together) if together is not None and end and end > together else None,
         }
         print(f"{mode}: {plan.streams} streams {out['streams']}", flush=True)
+        if mode not in plan.conversation_modes:
+            out["conversation"] = {"skipped": "not asked (--conversation-modes)"}
+            return
         # The long conversation costs about conversation/ttft_prompt times the TTFT prompt's prefill.
         single_ttft = out["single"]["ttft_s"] or 0.0
         estimate = 1.3 * single_ttft * plan.conversation / plan.ttft_prompt + plan.new_tokens * 2.0
@@ -551,6 +573,7 @@ def fill_file(path: Path, table: str) -> None:
 def child_main(args: argparse.Namespace) -> int:
     values = json.loads(args.plan)
     values["modes"] = tuple(values["modes"])
+    values["conversation_modes"] = tuple(values["conversation_modes"])
     plan = Plan(**values)
     result = run_mode(args.run_mode, plan, args.deadline)
     args.json.write_text(json.dumps(result, indent=2, default=str))
@@ -601,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 runnable.append(mode)
         for index, mode in enumerate(runnable):
-            mode_deadline = time.time() + (deadline - time.time()) / (len(runnable) - index)
+            # The time left is shared by the modes still to run; one with the long conversation weighs 3.
+            weights = [3 if m in plan.conversation_modes else 1 for m in runnable[index:]]
+            mode_deadline = time.time() + (deadline - time.time()) * weights[0] / sum(weights)
             if time.time() > deadline:
                 results[mode] = {"mode": mode, "skipped": "over the time budget"}
                 continue

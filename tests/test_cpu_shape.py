@@ -46,6 +46,7 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     report = tmp_path / "results.json"
     model_dir = tmp_path / "model"
     args = ["--tiny", "--same-process", f"--model-dir={model_dir}", "--modes=8bit,4bit", f"--json={report}"]
+    args.append("--conversation-modes=4bit")
     assert cpu_shape.main([*args, f"--fill={notes}"]) == 0
     assert not model_dir.exists()  # cleaned up
     results = json.loads(report.read_text())["results"]
@@ -59,6 +60,9 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert 24 <= run["single"]["prompt_tokens"] <= 32 and run["single"]["output_tokens"] == 4
         assert run["streams"]["streams"] == 4 and run["streams"]["rows_seen"] >= 2
         conversation = run["conversation"]
+        if mode == "8bit":
+            assert conversation == {"skipped": "not asked (--conversation-modes)"}
+            continue
         assert conversation["turns"] >= 5  # a real multi-turn conversation
         assert 112 <= conversation["total_tokens"] <= 128
         assert conversation["after"]["RssAnon"] > 0
