@@ -253,7 +253,7 @@ def load_model(settings: Settings) -> LoadedModel:
         raise _readable_load_error(choice.source, error) from error
     model.eval()
     release_free_heap()  # before the copies below, so they reuse the freed pages instead of adding to the peak
-    align_cpu_weights(model)
+    align_cpu_weights(model, copy_unquantized=quantization_config is not None)
     if settings.pack_cpu_weights and dtype == torch.bfloat16 and device == "cpu":
         from inference.cpu_kernels import pack_linears
 
@@ -298,13 +298,18 @@ def release_free_heap() -> bool:
         return False
 
 
-def align_cpu_weights(model: Any, alignment: int = 64) -> int:
+def align_cpu_weights(model: Any, alignment: int = 64, copy_unquantized: bool = False) -> int:
     """Copy CPU weights that are not `alignment`-byte aligned into fresh (aligned) memory; returns how many.
 
     safetensors files are memory-mapped, so weights loaded from one (the model cache, a local directory) sit
     at the file's offsets: measured here, every tensor of the cached embedded model was 8 bytes off a 64-byte
     boundary and each decoding step took 5-10x longer (~600 ms instead of ~90 ms: oneDNN's bf16 matmuls
     fall off their fast path). Tied weights stay tied (the Parameter object is kept; only its data moves).
+
+    `copy_unquantized` (bitsandbytes models): copy every floating-point tensor, aligned or not. The quantized
+    weights are new memory, and what still points into the checkpoint (norms, biases) keeps each whole shard
+    mapped: with sahabat-ai's shape in 8-bit, 6 GB of the bf16 shards' pages stayed in the process's RSS
+    (file-backed: reclaimable, but counted by `ps`, cgroups and dashboards). After the copy the shards are unmapped.
     """
     import itertools
 
@@ -313,7 +318,9 @@ def align_cpu_weights(model: Any, alignment: int = 64) -> int:
     moved = 0
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+            if tensor.device.type != "cpu" or not tensor.numel():
+                continue
+            if tensor.data_ptr() % alignment or (copy_unquantized and tensor.is_floating_point()):
                 tensor.data = tensor.data.clone()
                 moved += 1
     if moved:
