@@ -318,3 +318,22 @@ async def test_embedded_model_in_8bit_serves_4_concurrent_streams(embedded_8bit:
         assert "8bit" in banner_markdown(engine, "en")
     finally:
         engine.close()
+
+
+def test_the_lean_decoder_refuses_bitsandbytes_layers_even_with_bf16_weights() -> None:
+    """Its rule is the layer's type: a Linear8bitLt that still holds bf16 weights (has_fp16_weights) runs its own
+    forward, so a model with one takes transformers' forward."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    assert LlamaDecoder.supports(model)
+    attention = model.model.layers[0].self_attn
+    replacement = bnb.nn.Linear8bitLt(32, 32, bias=False, has_fp16_weights=True)
+    replacement.weight = bnb.nn.Int8Params(attention.q_proj.weight.data.clone(), has_fp16_weights=True)
+    attention.q_proj = replacement
+    assert attention.q_proj.weight.dtype == torch.bfloat16 and isinstance(attention.q_proj, torch.nn.Linear)
+    assert not LlamaDecoder.supports(model)
