@@ -129,13 +129,15 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
     settings = Settings(
         model_id=args.model_id,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_batch=args.max_batch if args.max_batch == "auto" else int(args.max_batch),
         max_queue=max(64, max(args.concurrency)),
         queue_timeout=3600,
         _env_file=None,  # type: ignore[call-arg]
     )
     loaded = load_model(settings)
-    print(f"model {loaded.info.model_id} dtype={loaded.info.dtype} device={loaded.info.device}", flush=True)
+    info = loaded.info
+    print(f"model {info.model_id} quantization={info.quantization} dtype={info.dtype} device={info.device}", flush=True)
     engines = [build(kind, settings, loaded) for kind in args.engines]
     for engine in engines:
         await run(engine, 1, 1, 4)  # warm-up
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> Any:
     parser.add_argument("--model-id", default="embedded")
     parser.add_argument("--repeat", type=int, default=1, help="repeat the sweep; the summary shows median runs")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--quantization", default="auto", choices=["auto", "8bit", "4bit", "none"])
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
     summarize(results)

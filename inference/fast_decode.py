@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from inference.cpu_kernels import linear_pointwise, packed_weight, packing_available
+from inference.cpu_kernels import PackedLinear, linear_pointwise, packed_weight, packing_available
 
 
 def bucket_rows(count: int) -> int:
@@ -95,7 +95,9 @@ class LlamaDecoder:
             attention, mlp = layer.self_attn, layer.mlp
             linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
             linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            if any(not isinstance(linear, torch.nn.Linear) for linear in linears):  # e.g. bitsandbytes layers
+            # Exactly nn.Linear (or its prepacked form): bitsandbytes' Linear8bitLt/Linear4bit subclass nn.Linear
+            # but hold int8/nf4 weights and run their own kernels, so those models take transformers' forward.
+            if any(type(linear) not in (torch.nn.Linear, PackedLinear) for linear in linears):
                 return False
             weights += [linear.weight for linear in linears]
         return all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights)

@@ -1,7 +1,9 @@
 """MODEL_ID -> (model, tokenizer): the embedded GGUF demo model, a hub id or a local directory.
 
-On CUDA the model loads with bitsandbytes quantization (8-bit by default) and `device_map="auto"`;
-on CPU it loads unquantized in bf16 where the CPU has native bf16, else fp32.
+On CUDA the model loads with bitsandbytes quantization (8-bit by default) and `device_map="auto"`; on CPU
+unquantized by default (bf16 where the CPU has native bf16, else fp32), or with QUANTIZATION=8bit|4bit through
+the same `BitsAndBytesConfig` (bitsandbytes runs its int8 and nf4 layers on CPU too). Before any weight is
+read, the weights' size is estimated from the config and checked against free memory (inference/memory.py).
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference.model_cache import CacheEntry
+from inference import memory
+from inference.model_cache import CacheEntry, load_directory, write_plain_copy
 from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, Settings
 from inference.types import ModelInfo, ModelLoadError
 
@@ -74,21 +78,32 @@ def embedded_gguf_path() -> Path:
 
 
 def resolve_quantization(settings: Settings, has_cuda: bool) -> str:
-    """`8bit`, `4bit` or `none`. bitsandbytes is only attempted on CUDA."""
-    if not has_cuda:
-        if settings.quantization in ("8bit", "4bit"):
-            logger.warning("QUANTIZATION=%s needs a CUDA GPU; loading unquantized on CPU", settings.quantization)
-        return "none"
-    return "8bit" if settings.quantization == "auto" else settings.quantization
+    """`8bit`, `4bit` or `none`: as set, on CPU and CUDA alike; `auto` is 8bit on CUDA and none on CPU.
+
+    `auto` stays unquantized on CPU: with the embedded model (a dequantised Q4_1 GGUF) bf16 is the fastest path
+    here (lean passes and prepacked linears, which skip bitsandbytes layers) and quantizing it again only adds
+    rounding; README, "sahabat-ai without a GPU", has the measurements.
+    """
+    if settings.quantization == "auto":
+        return "8bit" if has_cuda else "none"
+    return settings.quantization
+
+
+# bitsandbytes' loggers that speak on every call or at import: the int8 matmul says on every forward that it
+# casts its input to float16 (LLM.int8 always does), and its CPU backend says at import that it could not fetch
+# an optional 4-bit kernel from the model hub with the `kernels` package (it falls back to its own kernel).
+BITSANDBYTES_NOISY_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
 
 
 def ensure_bitsandbytes(quantization: str) -> None:
     """Fail early and readably when QUANTIZATION asks for bitsandbytes and it cannot be imported.
 
-    Only called on CUDA with `8bit`/`4bit`: on CPU, or with `none`, bitsandbytes is never imported.
+    With `none` bitsandbytes is never imported.
     """
     if quantization == "none":
         return
+    for name in BITSANDBYTES_NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(
             f"QUANTIZATION={quantization} needs the bitsandbytes package, which is not installed: "
@@ -100,12 +115,16 @@ def ensure_bitsandbytes(quantization: str) -> None:
         first_line = f"{type(error).__name__}: {error}".splitlines()[0][:200].rstrip(". ")
         raise ModelLoadError(
             f"QUANTIZATION={quantization} needs bitsandbytes, which failed to import ({first_line}): "
-            "reinstall a bitsandbytes build that matches this CUDA, or set QUANTIZATION=none to load in bf16"
+            "reinstall bitsandbytes (`pip install bitsandbytes==0.50.2`, a build that matches this CUDA on a GPU), "
+            "or set QUANTIZATION=none to load in bf16"
         ) from None
 
 
-def build_quantization_config(quantization: str) -> Any | None:
-    """The `BitsAndBytesConfig` for `8bit`/`4bit`, or None. Building it needs no GPU."""
+def build_quantization_config(quantization: str, compute_dtype: Any = None) -> Any | None:
+    """The `BitsAndBytesConfig` for `8bit`/`4bit`, or None. Building it needs no GPU.
+
+    4bit computes in `compute_dtype` (default bf16; fp32 on a CPU without native bf16).
+    """
     if quantization == "none":
         return None
     import torch
@@ -114,7 +133,9 @@ def build_quantization_config(quantization: str) -> Any | None:
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16
+        )
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
@@ -178,7 +199,7 @@ def _readable_load_error(source: str, error: BaseException) -> ModelLoadError:
         # The second is what transformers says when a bitsandbytes model does not fit on the GPU.
         hint = "the model does not fit in GPU memory: use QUANTIZATION=8bit or 4bit, a smaller model, or a larger GPU"
     elif "bitsandbytes" in lowered:
-        hint = "install bitsandbytes on a CUDA machine, or set QUANTIZATION=none"
+        hint = "reinstall bitsandbytes (`pip install bitsandbytes==0.50.2`), or set QUANTIZATION=none"
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(source).expanduser().is_dir():
         hint = (
             "HF_HUB_OFFLINE=1 and the model is not in the local Hugging Face cache: download it first, "
@@ -202,29 +223,37 @@ def load_model(settings: Settings) -> LoadedModel:
     has_cuda = cuda_available()
     choice = choose_model(settings, has_cuda)
     quantization = resolve_quantization(settings, has_cuda)
-    logger.info("serving model %s (%s)", choice.source, choice.reason)
+    logger.info("serving model %s (%s), QUANTIZATION=%s", choice.source, choice.reason, quantization)
     if choice.source != EMBEDDED_MODEL_ID:
         check_local_source(choice.source)
-        if has_cuda:
-            ensure_bitsandbytes(quantization)
+    ensure_bitsandbytes(quantization)
     dtype = resolve_dtype(settings, has_cuda)
+    quantization_config = build_quantization_config(quantization, dtype)
     from_cache = False
     try:
+        if settings.memory_check:
+            check_memory(settings, choice.source, quantization, dtype, has_cuda)
         if choice.source == EMBEDDED_MODEL_ID:
-            model, tokenizer, from_cache = _load_embedded(settings, dtype)
-            model_id, quantization, device = EMBEDDED_SERVED_ID, "none (dequantised from Q4_1 GGUF)", "cpu"
-            if has_cuda:
+            model, tokenizer, from_cache = _load_embedded(settings, dtype, quantization_config, has_cuda)
+            model_id, device = EMBEDDED_SERVED_ID, describe_placement(model)
+            if quantization_config is None and has_cuda:
                 model = model.to("cuda")
                 device = "cuda"
+            quantization = (
+                "none (dequantised from Q4_1 GGUF)"
+                if quantization_config is None
+                else f"{quantization} (bitsandbytes, from the dequantised Q4_1 GGUF)"
+            )
         else:
-            model, tokenizer = _load_pretrained(settings, choice.source, quantization, dtype, has_cuda)
+            model, tokenizer = _load_pretrained(settings, choice.source, quantization_config, dtype, has_cuda)
             model_id, device = choice.source, describe_placement(model)
     except ModelLoadError:
         raise
     except (Exception, torch.cuda.OutOfMemoryError) as error:
         raise _readable_load_error(choice.source, error) from error
     model.eval()
-    align_cpu_weights(model)
+    release_free_heap()  # before the copies below, so they reuse the freed pages instead of adding to the peak
+    align_cpu_weights(model, copy_unquantized=quantization_config is not None)
     if settings.pack_cpu_weights and dtype == torch.bfloat16 and device == "cpu":
         from inference.cpu_kernels import pack_linears
 
@@ -251,13 +280,36 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, from_cache=from_cache)
 
 
-def align_cpu_weights(model: Any, alignment: int = 64) -> int:
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc's `malloc_trim`); False where there is none.
+
+    Quantizing while loading allocates and frees temporaries of every weight's size. Those under glibc's mmap
+    threshold (up to 32 MB: the attention projections of a 9B model) come from the heap, and the holes they leave
+    between the kept int8/nf4 weights stay counted in the process's RSS: measured with sahabat-ai's shape in 8-bit,
+    ~75 MB per layer, ~3 GB over 42 layers. `malloc_trim(0)` returns them (bench/cpu_shape.py).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+
+
+def align_cpu_weights(model: Any, alignment: int = 64, copy_unquantized: bool = False) -> int:
     """Copy CPU weights that are not `alignment`-byte aligned into fresh (aligned) memory; returns how many.
 
     safetensors files are memory-mapped, so weights loaded from one (the model cache, a local directory) sit
     at the file's offsets: measured here, every tensor of the cached embedded model was 8 bytes off a 64-byte
     boundary and each decoding step took 5-10x longer (~600 ms instead of ~90 ms: oneDNN's bf16 matmuls
     fall off their fast path). Tied weights stay tied (the Parameter object is kept; only its data moves).
+
+    `copy_unquantized` (bitsandbytes models): copy every floating-point tensor, aligned or not. The quantized
+    weights are new memory, and what still points into the checkpoint (norms, biases) keeps each whole shard
+    mapped: with sahabat-ai's shape in 8-bit, 6 GB of the bf16 shards' pages stayed in the process's RSS
+    (file-backed: reclaimable, but counted by `ps`, cgroups and dashboards). After the copy the shards are unmapped.
     """
     import itertools
 
@@ -266,7 +318,9 @@ def align_cpu_weights(model: Any, alignment: int = 64) -> int:
     moved = 0
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+            if tensor.device.type != "cpu" or not tensor.numel():
+                continue
+            if tensor.data_ptr() % alignment or (copy_unquantized and tensor.is_floating_point()):
                 tensor.data = tensor.data.clone()
                 moved += 1
     if moved:
@@ -296,21 +350,36 @@ def describe_placement(model: Any) -> str:
     return f"{device} ({count} of {len(device_map)} modules offloaded to {' and '.join(offloaded)})"
 
 
-def _load_embedded(settings: Settings, dtype: Any) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, from_cache): from the weight cache when it has a valid entry, else the GGUF file."""
+def _load_embedded(
+    settings: Settings, dtype: Any, quantization_config: Any = None, has_cuda: bool = False
+) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, from_cache): from the weight cache when it has a valid entry, else the GGUF file.
+
+    Quantized (QUANTIZATION=8bit|4bit), bitsandbytes quantizes while it loads a safetensors checkpoint: the
+    dequantised weights are read back from the cache entry (written first if missing), or from a temporary
+    copy with MODEL_CACHE=false or an unwritable cache.
+    """
     gguf = embedded_gguf_path()
     entry = CacheEntry.for_gguf(settings.model_cache_dir, gguf, dtype) if settings.model_cache else None
+    device_map = ("auto" if has_cuda else "cpu") if quantization_config is not None else None
     if entry is not None:
-        cached = entry.load(dtype)
+        cached = entry.load(dtype, quantization_config, device_map)
         if cached is not None:
             logger.info("loaded the embedded model's weights from the cache %s", entry.path)
             return *cached, True
     started = time.perf_counter()
     model, tokenizer = _load_gguf(gguf, dtype)
     logger.info("dequantised %s in %.1f s", gguf.name, time.perf_counter() - started)
-    if entry is not None:
-        entry.store(model, tokenizer)
-    return model, tokenizer, False
+    stored = entry.store(model, tokenizer) if entry is not None else False
+    if quantization_config is None:
+        return model, tokenizer, False
+    with tempfile.TemporaryDirectory(prefix="sahabat-embedded-") as temporary:
+        directory = entry.path if stored and entry is not None else Path(temporary)
+        if directory == Path(temporary):
+            write_plain_copy(directory, model, tokenizer)
+        del model  # the dequantised bf16 model: the quantized one is read back from the directory
+        quantized = load_directory(directory, dtype, quantization_config, device_map)
+    return quantized, tokenizer, False
 
 
 def _load_gguf(gguf: Path, dtype: Any) -> tuple[Any, Any]:
@@ -321,9 +390,8 @@ def _load_gguf(gguf: Path, dtype: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_pretrained(settings: Settings, source: str, quantization: str, dtype: Any, has_cuda: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _pretrained_args(settings: Settings, source: str) -> tuple[str, dict[str, Any]]:
+    """(source, from_pretrained keyword arguments common to config, tokenizer and model)."""
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     common: dict[str, Any] = {"token": token, "trust_remote_code": settings.trust_remote_code}
     if Path(source).expanduser().is_dir():
@@ -331,12 +399,70 @@ def _load_pretrained(settings: Settings, source: str, quantization: str, dtype: 
         common["local_files_only"] = True
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
         common["local_files_only"] = True
+    return source, common
+
+
+def _load_pretrained(
+    settings: Settings, source: str, quantization_config: Any, dtype: Any, has_cuda: bool
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, common = _pretrained_args(settings, source)
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     kwargs: dict[str, Any] = {"dtype": dtype, **common}
     if has_cuda:
         kwargs["device_map"] = "auto"
-        quantization_config = build_quantization_config(quantization)
-        if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
+    elif quantization_config is not None:
+        kwargs["device_map"] = "cpu"
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return model, tokenizer
+
+
+def model_config(settings: Settings, source: str, dtype: Any) -> Any | None:
+    """The model's config without its weights: the hub's or the directory's config.json; for the embedded model
+    the cache entry's (None without one: reading the GGUF's metadata takes seconds, for a 135M model)."""
+    from transformers import AutoConfig
+
+    if source == EMBEDDED_MODEL_ID:
+        entry = CacheEntry.for_gguf(settings.model_cache_dir, embedded_gguf_path(), dtype)
+        if not settings.model_cache or not entry.is_complete():
+            return None
+        return AutoConfig.from_pretrained(entry.path, local_files_only=True)
+    source, common = _pretrained_args(settings, source)
+    return AutoConfig.from_pretrained(source, **common)
+
+
+def available_memory(has_cuda: bool) -> tuple[int, str]:
+    """(bytes, what they are) the model may take: tests replace this to inject a figure."""
+    return memory.available_bytes(has_cuda)
+
+
+def check_memory(settings: Settings, source: str, quantization: str, dtype: Any, has_cuda: bool) -> None:
+    """Refuse (ModelLoadError) a model whose weights, in this QUANTIZATION, do not fit in the memory left."""
+    import torch
+
+    config = model_config(settings, source, dtype)
+    if config is None:
+        logger.debug("no config for %s before loading: memory check skipped", source)
+        return
+    try:
+        counts = memory.count_weights(config, settings.trust_remote_code)
+    except Exception as error:  # an architecture transformers cannot build on the meta device: load anyway
+        logger.warning("could not estimate the size of %s (%s); loading without a memory check", source, error)
+        return
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    packing = not has_cuda and dtype == torch.bfloat16 and settings.pack_cpu_weights
+    choices = memory.options(counts, dtype_bytes, packing)
+    available, where = available_memory(has_cuda)
+    needs = dict(choices)[f"QUANTIZATION={quantization}"]
+    logger.info(
+        "memory check: %s needs about %s with QUANTIZATION=%s, %s of %s",
+        source,
+        memory.gb(needs),
+        quantization,
+        memory.gb(available),
+        where,
+    )
+    memory.check_fits(source, f"QUANTIZATION={quantization}", choices, available, where)

@@ -85,19 +85,22 @@ class CacheEntry:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
 
-    def load(self, dtype: Any) -> tuple[Any, Any] | None:
-        """(model, tokenizer) from the entry, or None if it is absent or unusable (then it is removed)."""
+    def load(self, dtype: Any, quantization_config: Any = None, device_map: Any = None) -> tuple[Any, Any] | None:
+        """(model, tokenizer) from the entry, or None if it is absent or unusable (then it is removed).
+
+        With a `quantization_config` (bitsandbytes) the weights are quantized as they are read.
+        """
         if not self.path.exists():
             return None
         if not self.is_complete():
             logger.warning("model cache entry %s is incomplete or stale; reloading from the GGUF file", self.path)
             self.remove()
             return None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, local_files_only=True)
+            model = load_directory(self.path, dtype, quantization_config, device_map)
         except Exception as error:
             logger.warning(
                 "model cache entry %s cannot be loaded (%s: %s); reloading from the GGUF file",
@@ -160,7 +163,26 @@ class CacheEntry:
                     shutil.rmtree(child, ignore_errors=True)
 
 
-def _write_entry(directory: Path, model: Any, tokenizer: Any, key: dict[str, Any]) -> None:
+def load_directory(directory: Path, dtype: Any, quantization_config: Any = None, device_map: Any = None) -> Any:
+    """The model saved in `directory` (an entry, or a plain copy), quantized while read if asked.
+
+    A config saved from a GGUF-loaded model names the GGUF loader as its quantization method, and transformers
+    refuses a BitsAndBytesConfig for a model "quantized with GgufConfig": such a record is dropped (the weights
+    on disk are plain tensors). Entries written by this module never carry it; older copies might.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if quantization_config is not None:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        kwargs.update(config=config, quantization_config=quantization_config, device_map=device_map or "cpu")
+    return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+
+
+def write_plain_copy(directory: Path, model: Any, tokenizer: Any) -> None:
+    """config, generation config, tokenizer and `model.safetensors` of a (GGUF-loaded) model, into `directory`."""
     from safetensors.torch import save_model
 
     config = copy.deepcopy(model.config)
@@ -171,6 +193,10 @@ def _write_entry(directory: Path, model: Any, tokenizer: Any, key: dict[str, Any
     model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})  # handles the tied embeddings
+
+
+def _write_entry(directory: Path, model: Any, tokenizer: Any, key: dict[str, Any]) -> None:
+    write_plain_copy(directory, model, tokenizer)
     files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
     manifest = {"key": key, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")

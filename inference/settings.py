@@ -48,7 +48,9 @@ class Settings(BaseSettings):
         "a Hugging Face hub id, or a local model directory.",
     )
     quantization: Literal["auto", "8bit", "4bit", "none"] = Field(
-        "auto", description="bitsandbytes quantization on CUDA; `auto` is 8bit on CUDA and none on CPU."
+        "auto",
+        description="bitsandbytes quantization of the linear layers, on CUDA and on CPU alike; `auto` is 8bit on "
+        "CUDA and none on CPU.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; `auto` is bf16 where the device supports it, else fp32."
@@ -57,6 +59,11 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(False, description="Allow model repos that ship their own code.")
     model_cache: bool = Field(
         True, description="Cache the embedded model's dequantised weights in MODEL_CACHE_DIR for a fast second start."
+    )
+    memory_check: bool = Field(
+        True,
+        description="Before loading, estimate the weights' size for QUANTIZATION from the model's config and refuse "
+        "a model that does not fit in the available RAM (free GPU memory on CUDA), naming the QUANTIZATION that fits.",
     )
     pack_cpu_weights: bool = Field(
         True,

@@ -104,12 +104,10 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert run["first_token_s"] > 0
     assert bf16["concurrent"]["requests"] == 8
     assert bf16["concurrent"]["aggregate_tok_s"] > 0
+    assert results["8bit"]["info"]["quantization"] == "8bit"  # bitsandbytes on CPU too
+    assert results["8bit"]["concurrent"]["requests"] == 8
     if torch.cuda.is_available():
-        assert results["8bit"]["info"]["quantization"] == "8bit"
         assert bf16["after_load_gb"] > 0
-    else:
-        assert "skip 8bit: QUANTIZATION=8bit needs a CUDA GPU" in out
-        assert "skipped" in results["8bit"]
     filled = notes.read_text()
     assert "(placeholder)" not in filled and "| load time (s) |" in filled
     assert filled.startswith("before\n") and filled.endswith(f"{TABLE_END}\nafter\n")
