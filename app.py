@@ -10,8 +10,8 @@ import logging
 import secrets
 import sys
 
-from inference.settings import Settings
 from webapp.cli import load_settings
+from webapp.settings import Settings
 
 logger = logging.getLogger("app")
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from inference.cpu_kernels import PackedLinear, is_packed, linear_pointwise, pack_linears, packing_available
 from inference.loading import LoadedModel, load_model
-from inference.settings import Settings
+from webapp.settings import Settings
 
 
 def median_ms(work: Callable[[], Any], repeat: int) -> float:

@@ -334,7 +334,7 @@ def precheck(settings: Any) -> dict[str, Any]:
 
 
 def mode_settings(mode: str, plan: Plan) -> Any:
-    from inference.settings import Settings
+    from webapp.settings import Settings
 
     return Settings(  # type: ignore[call-arg]
         model_id=plan.model_dir,

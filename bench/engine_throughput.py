@@ -25,7 +25,7 @@ from typing import Any
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine, TextDelta
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel, load_model
-from inference.settings import Settings
+from webapp.settings import Settings
 
 PROMPTS = [
     "Apa ibu kota Indonesia?",

@@ -301,7 +301,7 @@ async def measure_engine(engine: Any, plan: Plan, concurrent: bool) -> dict[str,
 def run_mode(mode: str, plan: Plan, cuda: bool) -> dict[str, Any]:
     from inference.engine import SequentialEngine
     from inference.loading import load_model
-    from inference.settings import Settings
+    from webapp.settings import Settings
 
     settings = Settings(  # type: ignore[call-arg]
         model_id=str(plan.model_dir), quantization=mode, max_new_tokens_cap=max(plan.new_tokens, 8), _env_file=None

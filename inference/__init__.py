@@ -2,7 +2,7 @@
 
 from inference.batching import BatchedEngine
 from inference.engine import Engine, SequentialEngine, build_engine
-from inference.settings import Settings
+from inference.settings import EngineSettings
 from inference.types import (
     ContextTooLong,
     EngineBusy,
@@ -26,6 +26,7 @@ __all__ = [
     "Engine",
     "EngineBusy",
     "EngineNotReady",
+    "EngineSettings",
     "GenerationFailed",
     "GenerationRequest",
     "GenerationResult",
@@ -35,7 +36,6 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "SequentialEngine",
-    "Settings",
     "StreamEvent",
     "TextDelta",
     "UpstreamError",

@@ -45,7 +45,7 @@ from typing import Any
 
 from inference.engine import GREEDY_BELOW_TEMPERATURE, LocalEngine
 from inference.loading import LoadedModel, load_model
-from inference.settings import Settings
+from inference.settings import EngineSettings
 from inference.text import StopMatcher
 from inference.types import (
     EngineBusy,
@@ -305,7 +305,7 @@ class BatchedEngine(LocalEngine):
 
     name = "batched"
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+    def __init__(self, settings: EngineSettings, loader: Callable[[EngineSettings], LoadedModel] = load_model) -> None:
         super().__init__(settings, loader)
         self.max_batch = 8 if settings.max_batch == "auto" else settings.max_batch  # "auto" is settled at load
         self.max_queue = settings.max_queue

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from inference.loading import LoadedModel, load_model
 from inference.prompt import PromptBuilder, resolve_terminators
-from inference.settings import Settings
+from inference.settings import EngineSettings
 from inference.text import StopMatcher
 from inference.types import (
     ContextTooLong,
@@ -137,7 +137,7 @@ class LocalEngine(Engine, ABC):
 
     name = "local"
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+    def __init__(self, settings: EngineSettings, loader: Callable[[EngineSettings], LoadedModel] = load_model) -> None:
         super().__init__()
         self.settings = settings
         self._loader = loader
@@ -266,7 +266,7 @@ class SequentialEngine(LocalEngine):
 
     name = "sequential"
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+    def __init__(self, settings: EngineSettings, loader: Callable[[EngineSettings], LoadedModel] = load_model) -> None:
         super().__init__(settings, loader)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._counts_lock = threading.Lock()
@@ -427,7 +427,7 @@ class SequentialEngine(LocalEngine):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: EngineSettings) -> Engine:
     """The engine the settings ask for."""
     if settings.engine == "sequential":
         return SequentialEngine(settings)

@@ -19,7 +19,7 @@ from typing import Any
 
 from inference import memory
 from inference.model_cache import CacheEntry, load_directory, write_plain_copy
-from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, Settings
+from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, EngineSettings
 from inference.types import ModelInfo, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def choose_model(settings: Settings, has_cuda: bool) -> ModelChoice:
+def choose_model(settings: EngineSettings, has_cuda: bool) -> ModelChoice:
     if settings.model_id == "auto":
         if has_cuda:
             return ModelChoice(SAHABAT_AI_MODEL_ID, "MODEL_ID=auto and a CUDA GPU is present")
@@ -77,7 +77,7 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def resolve_quantization(settings: Settings, has_cuda: bool) -> str:
+def resolve_quantization(settings: EngineSettings, has_cuda: bool) -> str:
     """`8bit`, `4bit` or `none`: as set, on CPU and CUDA alike; `auto` is 8bit on CUDA and none on CPU.
 
     `auto` stays unquantized on CPU: with the embedded model (a dequantised Q4_1 GGUF) bf16 is the fastest path
@@ -147,7 +147,7 @@ def cpu_has_native_bf16() -> bool:
     return bool((probe and probe()) or (amx and amx()))
 
 
-def resolve_dtype(settings: Settings, has_cuda: bool) -> Any:
+def resolve_dtype(settings: EngineSettings, has_cuda: bool) -> Any:
     import torch
 
     if settings.dtype != "auto":
@@ -215,7 +215,7 @@ def _readable_load_error(source: str, error: BaseException) -> ModelLoadError:
     return ModelLoadError(f"could not load model {source!r} ({text}): {hint}")
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: EngineSettings) -> LoadedModel:
     """Load the model the settings ask for. Raises ModelLoadError with a readable message on failure."""
     import torch
 
@@ -351,7 +351,7 @@ def describe_placement(model: Any) -> str:
 
 
 def _load_embedded(
-    settings: Settings, dtype: Any, quantization_config: Any = None, has_cuda: bool = False
+    settings: EngineSettings, dtype: Any, quantization_config: Any = None, has_cuda: bool = False
 ) -> tuple[Any, Any, bool]:
     """(model, tokenizer, from_cache): from the weight cache when it has a valid entry, else the GGUF file.
 
@@ -390,7 +390,7 @@ def _load_gguf(gguf: Path, dtype: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _pretrained_args(settings: Settings, source: str) -> tuple[str, dict[str, Any]]:
+def _pretrained_args(settings: EngineSettings, source: str) -> tuple[str, dict[str, Any]]:
     """(source, from_pretrained keyword arguments common to config, tokenizer and model)."""
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     common: dict[str, Any] = {"token": token, "trust_remote_code": settings.trust_remote_code}
@@ -403,7 +403,7 @@ def _pretrained_args(settings: Settings, source: str) -> tuple[str, dict[str, An
 
 
 def _load_pretrained(
-    settings: Settings, source: str, quantization_config: Any, dtype: Any, has_cuda: bool
+    settings: EngineSettings, source: str, quantization_config: Any, dtype: Any, has_cuda: bool
 ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -420,7 +420,7 @@ def _load_pretrained(
     return model, tokenizer
 
 
-def model_config(settings: Settings, source: str, dtype: Any) -> Any | None:
+def model_config(settings: EngineSettings, source: str, dtype: Any) -> Any | None:
     """The model's config without its weights: the hub's or the directory's config.json; for the embedded model
     the cache entry's (None without one: reading the GGUF's metadata takes seconds, for a 135M model)."""
     from transformers import AutoConfig
@@ -439,7 +439,7 @@ def available_memory(has_cuda: bool) -> tuple[int, str]:
     return memory.available_bytes(has_cuda)
 
 
-def check_memory(settings: Settings, source: str, quantization: str, dtype: Any, has_cuda: bool) -> None:
+def check_memory(settings: EngineSettings, source: str, quantization: str, dtype: Any, has_cuda: bool) -> None:
     """Refuse (ModelLoadError) a model whose weights, in this QUANTIZATION, do not fit in the memory left."""
     import torch
 

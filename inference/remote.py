@@ -31,7 +31,7 @@ import openai
 
 from inference.engine import Engine
 from inference.loading import EMBEDDED_SERVED_ID
-from inference.settings import Settings
+from inference.settings import EngineSettings
 from inference.types import (
     ContextTooLong,
     EngineBusy,
@@ -169,7 +169,7 @@ class RemoteStream:
 class RemoteEngine(Engine):
     name = "remote"
 
-    def __init__(self, settings: Settings, client: openai.AsyncOpenAI | None = None) -> None:
+    def __init__(self, settings: EngineSettings, client: openai.AsyncOpenAI | None = None) -> None:
         super().__init__()
         if not settings.remote_url:
             raise ValueError("REMOTE_URL is required when ENGINE=remote")

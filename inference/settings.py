@@ -1,4 +1,7 @@
-"""Every knob of the service, read from environment variables (and a `.env` file) in one place."""
+"""The model and engine knobs, read from environment variables (and a `.env` file).
+
+The HTTP server, request-limit, page and operations knobs extend this class in `webapp/settings.py`; that
+subclass is the service's one settings source (`--help`, the README table, `.env`)."""
 
 from __future__ import annotations
 
@@ -13,28 +16,9 @@ from inference.model_cache import default_cache_dir
 SAHABAT_AI_MODEL_ID = "GoToCompany/gemma2-9b-cpt-sahabatai-v1-instruct"
 EMBEDDED_MODEL_ID = "embedded"
 
-DEFAULT_CHAT_SYSTEM_MESSAGE = (
-    "You are Sahabat, a friendly and helpful assistant. Always answer in the language the user "
-    "writes in, including Indonesian (Bahasa Indonesia), Javanese (Basa Jawa) and Sundanese "
-    "(Basa Sunda). Be clear, warm and concise."
-)
 
-
-def parse_credentials(text: str) -> list[tuple[str, str]]:
-    """`user:password,user2:password2` -> pairs. The error says which entry is wrong, never what it holds."""
-    pairs: list[tuple[str, str]] = []
-    for position, item in enumerate((i.strip() for i in text.split(",") if i.strip()), start=1):
-        user, sep, password = item.partition(":")
-        if not sep or not user.strip() or not password:
-            raise ValueError(f"entry {position} is not `user:password`")
-        pairs.append((user.strip(), password))
-    if not pairs:
-        raise ValueError("no `user:password` pair given")
-    return pairs
-
-
-class Settings(BaseSettings):
-    """Service settings. Each field is read from the environment variable of the same name, upper-cased."""
+class EngineSettings(BaseSettings):
+    """Model and engine settings. Each field is read from the environment variable of the same name, upper-cased."""
 
     # hide_input_in_errors: a misconfigured secret (API_KEYS, GRADIO_AUTH, HF_TOKEN) never reaches an error message.
     model_config = SettingsConfigDict(
@@ -101,24 +85,6 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(
         60.0, gt=0, description="Seconds a request may wait for a free slot before it fails with 503."
     )
-    max_new_tokens_cap: int = Field(2048, ge=1, description="Largest `max_new_tokens` a request may ask for.")
-
-    # Request limits (each refused with a clear 4xx before any work is done)
-    max_body_bytes: int = Field(
-        1_048_576, ge=1024, description="Largest HTTP request body in bytes, on every route (413 above it)."
-    )
-    max_history_messages: int = Field(
-        100,
-        ge=0,
-        description="Most earlier messages a request may carry (`conversation_history`, or `messages` "
-        "before the last one on /v1).",
-    )
-    max_total_chars: int = Field(
-        100_000,
-        ge=1,
-        description="Most characters of message text in one request (system message, history "
-        "and the new text together).",
-    )
 
     # Remote engine (ENGINE=remote): vLLM, TGI's Messages API, llama.cpp's server or another instance of this service
     remote_url: str | None = Field(
@@ -146,50 +112,12 @@ class Settings(BaseSettings):
         "(for templates without a system role, e.g. Gemma2), `auto` folds once the upstream refuses one.",
     )
 
-    # HTTP server
-    host: str = Field("0.0.0.0", description="Address to listen on.")
-    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port, logged at start).")
-    api_keys: SecretStr | None = Field(None, description="Comma-separated Bearer API keys.")
-    api_keys_file: Path | None = Field(None, description="File with one API key per line (`#` comments).")
-    gradio_auth: SecretStr | None = Field(
-        None, description="Protect the chat page at `/` with a login: comma-separated `user:password` pairs."
-    )
-    chat_system_message: str = Field(
-        DEFAULT_CHAT_SYSTEM_MESSAGE, description="The automatic system message of `/api/v1/chat` and the UI."
-    )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-
-    # Operations
-    log_format: Literal["text", "json"] = Field(
-        "text", description="`text` (human-readable) or `json` (one JSON object per line)."
-    )
-    log_prompts: bool = Field(False, description="Put the prompt text in the request log lines (off: never logged).")
-    metrics_public: bool = Field(
-        False, description="Serve `GET /metrics` without an API key (for a scraper inside a trusted network)."
-    )
-    shutdown_timeout_s: float = Field(
-        30.0,
-        ge=0,
-        description="On SIGTERM, how long running generations may take to finish before the process exits anyway.",
-    )
-
     @field_validator("model_id")
     @classmethod
     def _model_id_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("MODEL_ID must not be empty")
         return value.strip()
-
-    @field_validator("gradio_auth")
-    @classmethod
-    def _gradio_auth_pairs(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            parse_credentials(value.get_secret_value())
-        return value
-
-    def gradio_credentials(self) -> list[tuple[str, str]]:
-        """GRADIO_AUTH as (user, password) pairs; empty if unset."""
-        return [] if self.gradio_auth is None else parse_credentials(self.gradio_auth.get_secret_value())
 
     @field_validator("remote_url")
     @classmethod
@@ -202,16 +130,3 @@ class Settings(BaseSettings):
         if info.data.get("engine") == "remote":
             raise ValueError("REMOTE_URL is required when ENGINE=remote (the upstream's base URL ending in /v1)")
         return None
-
-    def load_api_keys(self) -> list[str]:
-        """The configured keys, from API_KEYS and API_KEYS_FILE together; empty if none is set."""
-        keys: list[str] = []
-        if self.api_keys is not None:
-            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
-        if self.api_keys_file is not None:
-            try:
-                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-            except OSError as error:
-                raise ValueError(f"API_KEYS_FILE {self.api_keys_file} cannot be read: {error.strerror}") from None
-            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        return keys

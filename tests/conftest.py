@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from inference import BatchedEngine, Engine, SequentialEngine
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel, load_model
-from inference.settings import Settings
 from webapp.server import create_app
+from webapp.settings import Settings
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
 from app import resolve_api_keys
-from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, ForcedFault
 from tests.test_shutdown import start_server
 from webapp.server import create_app
+from webapp.settings import Settings
 
 PROTECTED_PREFIXES = ("/api/", "/v1/")
 WRONG_KEY = "sk-wrong-0123456789-abcdef"

@@ -25,8 +25,8 @@ import pytest
 
 from inference import BatchedEngine, EngineBusy, GenerationRequest, GenerationResult, Message, SequentialEngine
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from inference.types import StreamEvent, TextDelta
+from webapp.settings import Settings
 
 PROMPTS = [
     "Apa ibu kota Indonesia?",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from inference.settings import Settings
 from webapp import cli
+from webapp.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.settings import Settings
+from webapp.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))

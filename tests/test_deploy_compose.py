@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from inference.settings import Settings
+from webapp.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

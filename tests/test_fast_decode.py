@@ -13,8 +13,8 @@ from inference import BatchedEngine, GenerationRequest, GenerationResult, Messag
 from inference.batching import new_cache
 from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow, bucket_rows
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from inference.types import GenerationFailed, TextDelta
+from webapp.settings import Settings
 
 PROMPTS = [
     "Apa ibu kota Indonesia?",

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from tests.conftest import (
     AUTH,
     ForcedFault,
@@ -24,6 +23,7 @@ from tests.conftest import (
     sse_events_from_lines,
     start_live_server,
 )
+from webapp.settings import Settings
 
 pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 

@@ -32,9 +32,9 @@ import schemathesis
 from schemathesis.engine import Status, events, from_schema
 
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from tests.conftest import API_KEY, engine_for
 from webapp.server import create_app
+from webapp.settings import Settings
 
 FUZZ_SETTINGS = {
     "max_new_tokens_cap": 1,

@@ -26,10 +26,10 @@ from bench.gemma_shape import (
 )
 from inference import SequentialEngine
 from inference.prompt import PromptBuilder
-from inference.settings import Settings
 from inference.types import ContextTooLong, GenerationRequest, GenerationResult, InvalidRequest, Message, TextDelta
 from tests.conftest import API_KEY, AUTH
 from webapp.server import create_app
+from webapp.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from inference import SequentialEngine
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel
 from inference.prompt import PromptBuilder
-from inference.settings import Settings
 from inference.types import Message, ModelInfo
 from tests.conftest import API_KEY, AUTH, both_engines, engine_for
 from webapp.server import create_app
+from webapp.settings import Settings
 
 pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, engine_for, start_live_server
 from tests.test_streaming import sse_events
 from webapp.server import create_app
+from webapp.settings import Settings
 
 pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 

@@ -23,9 +23,10 @@ from inference.loading import (
     resolve_dtype,
     resolve_quantization,
 )
-from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, Settings
+from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID
 from inference.types import ModelLoadError
 from tests.conftest import free_port
+from webapp.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,7 +255,7 @@ def test_importing_and_loading_on_cpu_never_imports_bitsandbytes(tiny_dir: Path)
         "import sys\n"
         "import app, webapp.server, inference\n"
         "from inference.loading import load_model\n"
-        "from inference.settings import Settings\n"
+        "from webapp.settings import Settings\n"
         "assert 'bitsandbytes' not in sys.modules, 'imported by the service'\n"
         f"loaded = load_model(Settings(model_id={str(tiny_dir)!r}, quantization='auto', _env_file=None))\n"
         "assert loaded.info.quantization == 'none', loaded.info\n"

@@ -15,8 +15,8 @@ import torch
 from bench.gemma_shape import SAHABAT_AI_SHAPE, TINY_SHAPE, gemma2_config, weight_bytes, write_model_dir
 from inference import loading, memory
 from inference.loading import load_model
-from inference.settings import Settings
 from inference.types import ModelLoadError
+from webapp.settings import Settings
 
 GB = 1e9
 

@@ -10,9 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, engine_for
 from webapp.server import create_app
+from webapp.settings import Settings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

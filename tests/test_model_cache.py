@@ -14,7 +14,7 @@ from inference import loading as loading_module
 from inference.loading import LoadedModel, embedded_gguf_path, load_model, resolve_dtype
 from inference.model_cache import MANIFEST, WEIGHTS, CacheEntry
 from inference.prompt import PromptBuilder, resolve_terminators
-from inference.settings import Settings
+from webapp.settings import Settings
 
 CONVERSATION = (Message("system", "Jawab singkat."), Message("user", "Apa ibu kota Indonesia?"))
 

@@ -16,7 +16,7 @@ import torch
 from inference import BatchedEngine, GenerationRequest, Message, SequentialEngine
 from inference.cpu_kernels import PackedLinear, is_packed, pack_linears, packing_available
 from inference.loading import LoadedModel
-from inference.settings import Settings
+from webapp.settings import Settings
 
 
 def recording_loader(loaded: LoadedModel, threads: list[threading.Thread]) -> Callable[[Settings], LoadedModel]:

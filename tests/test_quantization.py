@@ -30,10 +30,10 @@ from inference.cpu_kernels import PackedLinear
 from inference.fast_decode import LlamaDecoder
 from inference.loading import LoadedModel, build_quantization_config, load_model, resolve_quantization
 from inference.model_cache import load_directory
-from inference.settings import Settings
 from inference.types import GenerationRequest, GenerationResult, Message, ModelLoadError, StreamEvent
 from tests.conftest import API_KEY, AUTH, sse_events_from_lines
 from webapp.server import create_app
+from webapp.settings import Settings
 from webapp.ui import banner_markdown
 
 BNB_CLASSES = {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}

@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 
 from inference import SequentialEngine
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from inference.types import ModelLoadError
 from tests.conftest import API_KEY, AUTH
 from webapp.server import create_app
+from webapp.settings import Settings
 
 
 def wait_until_ready(client: TestClient, timeout_s: float = 30) -> dict:

@@ -30,9 +30,9 @@ from sse_starlette import EventSourceResponse
 from inference import EngineNotReady, Message, UpstreamError
 from inference.loading import LoadedModel
 from inference.remote import RemoteEngine, fold_system_messages, redact_url
-from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, free_port, start_live_server
 from tests.test_streaming import sse_events
+from webapp.settings import Settings
 from webapp.ui import ChatUI, banner_markdown, error_note
 
 REPO = Path(__file__).resolve().parent.parent
@@ -625,7 +625,7 @@ def test_5xx_is_a_502_json_error_on_both_apis(fake_upstream: tuple[str, list[dic
 NO_TORCH_SCRIPT = """
 import sys
 from inference import build_engine
-from inference.settings import Settings
+from webapp.settings import Settings
 from webapp.server import create_app
 settings = Settings(engine="remote", remote_url="http://127.0.0.1:9/v1", _env_file=None)
 engine = build_engine(settings)

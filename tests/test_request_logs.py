@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from inference import GenerationRequest, GenerationResult
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, engine_for
 from webapp.observability import JsonFormatter, TextFormatter
 from webapp.server import create_app
+from webapp.settings import Settings
 
 CLIENT_LOGGERS = ("httpx", "httpcore")
 PROMPT = "Sopo wae sing ana ing Punakawan? rahasia-prompt-7f3a"

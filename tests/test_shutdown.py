@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from inference.loading import LoadedModel
-from inference.settings import Settings
+from webapp.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-shutdown-test-9d2e41"

@@ -30,8 +30,8 @@ from inference import (
     TextDelta,
 )
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from webapp.schemas import SamplingParams
+from webapp.settings import Settings
 from webapp.ui import (
     EXAMPLES,
     TEXTS,

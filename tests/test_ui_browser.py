@@ -25,9 +25,9 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from inference import BatchedEngine, GenerationRequest, SequentialEngine, StreamEvent
 from inference.loading import LoadedModel
-from inference.settings import Settings
 from tests.conftest import API_KEY
 from webapp.server import create_app
+from webapp.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

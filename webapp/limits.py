@@ -14,8 +14,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference.settings import Settings
 from webapp.errors import BadRequest, openai_error_body
+from webapp.settings import Settings
 
 OPENAI_PREFIX = "/v1/"
 

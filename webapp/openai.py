@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from inference import Engine, GenerationRequest, GenerationResult, InferenceError, Message, TextDelta
-from inference.settings import Settings
 from webapp import service
 from webapp.auth import authenticate
 from webapp.errors import BadRequest, error_status, openai_error_body
@@ -30,6 +29,7 @@ from webapp.schemas import (
     OpenAIResponseMessage,
     OpenAIUsage,
 )
+from webapp.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 

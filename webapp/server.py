@@ -11,12 +11,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from inference import Engine
-from inference.settings import Settings
 from webapp import api, openai, ops
 from webapp.errors import install_error_handlers
 from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.metrics import ServiceMetrics
 from webapp.observability import RequestObserver, RequestObserverMiddleware
+from webapp.settings import Settings
 from webapp.ui import mount_ui
 
 logger = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from inference import GenerationRequest, GenerationResult, InferenceError, Message, StreamEvent
-from inference.settings import Settings
 from webapp.errors import BadRequest, error_status
 from webapp.limits import check_conversation_limits
 from webapp.observability import current_request_id
 from webapp.schemas import ChatMessage, GenerateTextResponse, TextGenerationRequest
+from webapp.settings import Settings
 
 SSE_PING_SECONDS = 15
 

@@ -37,8 +37,8 @@ from inference import (
     Message,
     TextDelta,
 )
-from inference.settings import Settings
 from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from webapp.settings import Settings
 
 logger = logging.getLogger(__name__)
 
