@@ -23,7 +23,6 @@ import ipaddress
 import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -82,12 +86,6 @@ class Phase:
     @property
     def errors(self) -> int:
         return sum(not s.ok for s in self.samples)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def require_loopback(url: str) -> None:

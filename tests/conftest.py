@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from bench.loadgen import free_port
 from inference import BatchedEngine, Engine, SequentialEngine
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel, load_model
@@ -120,12 +121,6 @@ def shared_clients(settings: Settings, shared_engines: dict[str, LocalEngine]) -
 @pytest.fixture(scope="module")
 def client(shared_clients: dict[str, TestClient], engine_kind: str) -> TestClient:
     return shared_clients[engine_kind]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
