@@ -10,7 +10,7 @@ whole model), then, for each QUANTIZATION, loads it in a fresh process through t
 - RSS when ready, and after a 4,096-token conversation (anonymous and file-backed apart),
 - TTFT of a 512-token prompt and single-stream decode tok/s, then aggregate decode tok/s of 4 concurrent streams.
 
-    python bench/cpu_shape.py --fill README.md        # ~18.5 GB of shards under /work/tmp-9b, deleted at the end
+    python bench/cpu_shape.py --fill docs/cpu-quantization.md   # ~18.5 GB of shards under /work/tmp-9b, deleted after
     python bench/cpu_shape.py --modes 8bit            # one mode; `none` (bf16) runs only if the pre-check lets it
     python bench/cpu_shape.py --tiny                  # the same steps on a tiny Gemma2 in seconds (a test runs this)
 

@@ -82,7 +82,7 @@ def resolve_quantization(settings: EngineSettings, has_cuda: bool) -> str:
 
     `auto` stays unquantized on CPU: with the embedded model (a dequantised Q4_1 GGUF) bf16 is the fastest path
     here (lean passes and prepacked linears, which skip bitsandbytes layers) and quantizing it again only adds
-    rounding; README, "sahabat-ai without a GPU", has the measurements.
+    rounding; docs/cpu-quantization.md, "Why `auto` stays unquantized on CPU", has the measurements.
     """
     if settings.quantization == "auto":
         return "8bit" if has_cuda else "none"

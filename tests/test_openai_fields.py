@@ -1,4 +1,4 @@
-"""README promises about request fields, on the real embedded model: `max_completion_tokens` and the `developer`
+"""Promises of docs/api.md about request fields, on the real embedded model: `max_completion_tokens` and the `developer`
 role on /v1/chat/completions, and the limit of 4 stop sequences on every generation route."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SSE keep-alives: streams carry `: ping` comment lines (sse-starlette's ping), and clients that ignore comment
-lines, as the README says they can, read the same events and text as without them.
+lines, as docs/api.md says they can, read the same events and text as without them.
 
 The service pings every SSE_PING_SECONDS (15 s); the test shortens it to 1 ms, far below the time of one
 decoding step, so every generation's stream carries pings between its events, on a fast machine or a slow one.
