@@ -34,7 +34,7 @@ from inference.settings import Settings
 from inference.types import GenerationRequest, GenerationResult, Message, ModelLoadError, StreamEvent
 from tests.conftest import API_KEY, AUTH, sse_events_from_lines
 from webapp.server import create_app
-from webapp.ui import banner_markdown
+from webapp.ui.chat import banner_markdown
 
 BNB_CLASSES = {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}
 

@@ -33,7 +33,7 @@ from inference.remote import RemoteEngine, fold_system_messages, redact_url
 from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, free_port, start_live_server
 from tests.test_streaming import sse_events
-from webapp.ui import ChatUI, banner_markdown, error_note
+from webapp.ui.chat import ChatUI, banner_markdown, error_note
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_CAP = 1500  # the upstream's MAX_NEW_TOKENS_CAP; the front's is the default 2048

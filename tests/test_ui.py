@@ -32,9 +32,7 @@ from inference import (
 from inference.loading import LoadedModel
 from inference.settings import Settings
 from webapp.schemas import SamplingParams
-from webapp.ui import (
-    EXAMPLES,
-    TEXTS,
+from webapp.ui.chat import (
     ChatOptions,
     ChatUI,
     banner_markdown,
@@ -44,6 +42,7 @@ from webapp.ui import (
     note,
     stats_note,
 )
+from webapp.ui.texts import EXAMPLES, TEXTS
 
 DEMO_INFO = ModelInfo(
     model_id="SmolLM2-135M-Instruct-Q4_1",
@@ -403,12 +402,12 @@ def test_stats_are_computed_from_the_result() -> None:
 
 def test_the_mounted_page_does_not_poll_every_millisecond(settings: Settings) -> None:
     # Gradio's idle queue polls every 1 ms by default: ~1000 event-loop wake-ups a second that preempt the model's
-    # threads on a small CPU. The mounted page polls less often (see webapp.ui.UI_QUEUE_IDLE_POLL_S).
+    # threads on a small CPU. The mounted page polls less often (see webapp.ui.layout.UI_QUEUE_IDLE_POLL_S).
     from fastapi import FastAPI
     from starlette.routing import Mount
 
     from inference import SequentialEngine
-    from webapp.ui import UI_PROGRESS_POLL_S, UI_QUEUE_IDLE_POLL_S, mount_ui
+    from webapp.ui.layout import UI_PROGRESS_POLL_S, UI_QUEUE_IDLE_POLL_S, mount_ui
 
     app = mount_ui(FastAPI(), SequentialEngine(settings), settings)
     gradio_apps = [route.app for route in app.routes if isinstance(route, Mount)]
