@@ -296,6 +296,22 @@ async def test_request_carries_the_settings_and_clean_history() -> None:
     assert (request.repetition_penalty, request.seed) == (1.1, 42)
 
 
+async def test_each_reply_carries_its_own_request_id() -> None:
+    """The page has no HTTP request per reply, so each reply gets a fresh id of the kind the HTTP middleware makes,
+    kept across the retries without the oldest turns: the engine's failure logs and a remote upstream carry it."""
+    engine_ = ShortContextEngine(limit=4)
+    ui = ChatUI(engine_, SETTINGS)
+    history = [user("satu"), assistant("1"), user("dua"), assistant("2"), user("tiga")]
+    await run(ui, history, "Sistem.", 16, 0.7, 1.0, 0, 1.0, None)
+    first = {request.request_id for request in engine_.requests}
+    assert len(engine_.requests) == 2 and len(first) == 1  # one retry without the oldest turn: the same reply
+    (first_id,) = first
+    assert re.fullmatch(r"[0-9a-f]{32}", first_id)
+    await run(ui, [user("empat")])
+    assert re.fullmatch(r"[0-9a-f]{32}", engine_.requests[-1].request_id)
+    assert engine_.requests[-1].request_id != first_id
+
+
 def test_defaults_match_the_api() -> None:
     api = SamplingParams()
     options = ChatUI(FakeEngine(), SETTINGS).default_options()
