@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -310,6 +311,25 @@ async def test_each_reply_carries_its_own_request_id() -> None:
     await run(ui, [user("empat")])
     assert re.fullmatch(r"[0-9a-f]{32}", engine_.requests[-1].request_id)
     assert engine_.requests[-1].request_id != first_id
+
+
+@pytest.mark.parametrize(
+    ("engine_", "when"),
+    [
+        (FakeEngine(RuntimeError("exploded")), "before generation"),
+        (FakeEngine(fail_with=KeyError("x")), "while generating"),
+    ],
+)
+async def test_an_unexpected_page_failure_is_logged_with_the_reply_id(
+    engine_: FakeEngine, when: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="webapp.ui.chat"):
+        await run(ChatUI(engine_, SETTINGS), [user("Halo")])
+    (request,) = engine_.requests
+    assert re.fullmatch(r"[0-9a-f]{32}", request.request_id)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"chat page: unexpected error {when} (request {request.request_id})"
+    ]
 
 
 def test_defaults_match_the_api() -> None:

@@ -319,7 +319,7 @@ class ChatUI:
                     dropped += 1
         except Exception as error:
             if not isinstance(error, InferenceError):
-                logger.exception("chat page: unexpected error before generation")
+                logger.exception("chat page: unexpected error before generation (request %s)", request_id)
             yield [*chat, error_note(error, lang, self.engine)]
             return
         if dropped:
@@ -337,7 +337,7 @@ class ChatUI:
                     yield chat
         except Exception as error:
             if not isinstance(error, InferenceError):
-                logger.exception("chat page: unexpected error while generating")
+                logger.exception("chat page: unexpected error while generating (request %s)", request_id)
             chat.append(error_note(error, lang, self.engine))
             yield chat
         finally:
