@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from inference import GenerationRequest, GenerationResult
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel
-from tests.conftest import API_KEY, AUTH, engine_for
+from tests.conftest import API_KEY, AUTH, ForcedFault, engine_for
 from webapp.observability import JsonFormatter, TextFormatter
 from webapp.server import create_app
 from webapp.settings import Settings
@@ -49,7 +49,22 @@ def test_request_id_round_trip(client: TestClient) -> None:
     )
 
 
-def test_the_request_id_reaches_the_engine(client: TestClient, engine: LocalEngine) -> None:
+SHORT = {"max_new_tokens": 3, "temperature": 0}
+SHORT_OPENAI = {"max_tokens": 3, "temperature": 0}
+
+
+def body_for(path: str, text: str) -> dict:
+    """A short request for the documented chat route or the OpenAI-compatible one."""
+    if path == "/v1/chat/completions":
+        return {"messages": [{"role": "user", "content": text}], **SHORT_OPENAI}
+    return {"text": text, **SHORT}
+
+
+API_PATHS = ("/api/v1/chat", "/v1/chat/completions")
+
+
+@pytest.mark.parametrize("path", API_PATHS)
+def test_the_request_id_reaches_the_engine(client: TestClient, engine: LocalEngine, path: str) -> None:
     seen: list[str] = []
 
     def listener(request: GenerationRequest, result: GenerationResult) -> None:
@@ -57,13 +72,34 @@ def test_the_request_id_reaches_the_engine(client: TestClient, engine: LocalEngi
 
     engine.add_result_listener(listener)
     try:
-        client.post("/api/v1/chat", headers={**AUTH, "X-Request-ID": "engine-sees-me"}, json={"text": "Hai"} | SHORT)
+        response = client.post(path, headers={**AUTH, "X-Request-ID": "engine-sees-me"}, json=body_for(path, "Hai"))
     finally:
         engine.remove_result_listener(listener)
+    assert response.status_code == 200
     assert seen == ["engine-sees-me"]
 
 
-SHORT = {"max_new_tokens": 3, "temperature": 0}
+FAULT = "GAGAL-DENGAN-ID"
+
+
+@pytest.mark.parametrize("path", API_PATHS)
+def test_a_failed_generation_is_logged_with_its_request_id(
+    shared_clients: dict[str, TestClient],
+    shared_engines: dict[str, LocalEngine],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """The operator finds a failed generation's traceback by the id the client saw (`X-Request-ID`), on every API
+    family. The sequential engine's failure log names the request (the batched engine's names no request: a
+    shared pass fails every row in it)."""
+    client, engine = shared_clients["sequential"], shared_engines["sequential"]
+    request_id = f"failed-{path.strip('/').replace('/', '-')}"
+    with caplog.at_level(logging.ERROR), ForcedFault(engine, FAULT):
+        response = client.post(path, headers={**AUTH, "X-Request-ID": request_id}, json=body_for(path, FAULT))
+    assert response.status_code == 500
+    assert response.headers["X-Request-ID"] == request_id
+    failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generation failed (request")]
+    assert failures == [f"generation failed (request {request_id})"]
 
 
 def test_one_line_per_request_with_tokens_and_timings(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:

@@ -14,14 +14,14 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, AUTH, LiveServer, sse_events_from_lines
-from webapp import service
+from webapp import sse
 
 PING_SECONDS = 0.001
 
 
 @pytest.fixture
 def pinging(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "SSE_PING_SECONDS", PING_SECONDS)
+    monkeypatch.setattr(sse, "SSE_PING_SECONDS", PING_SECONDS)
 
 
 def test_spec_stream_carries_pings_and_the_events_are_unchanged(live_server: LiveServer, pinging: None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -32,9 +33,7 @@ from inference import (
 from inference.loading import LoadedModel
 from webapp.schemas import SamplingParams
 from webapp.settings import Settings
-from webapp.ui import (
-    EXAMPLES,
-    TEXTS,
+from webapp.ui.chat import (
     ChatOptions,
     ChatUI,
     banner_markdown,
@@ -44,6 +43,7 @@ from webapp.ui import (
     note,
     stats_note,
 )
+from webapp.ui.texts import EXAMPLES, TEXTS
 
 DEMO_INFO = ModelInfo(
     model_id="SmolLM2-135M-Instruct-Q4_1",
@@ -297,6 +297,41 @@ async def test_request_carries_the_settings_and_clean_history() -> None:
     assert (request.repetition_penalty, request.seed) == (1.1, 42)
 
 
+async def test_each_reply_carries_its_own_request_id() -> None:
+    """The page has no HTTP request per reply, so each reply gets a fresh id of the kind the HTTP middleware makes,
+    kept across the retries without the oldest turns: the engine's failure logs and a remote upstream carry it."""
+    engine_ = ShortContextEngine(limit=4)
+    ui = ChatUI(engine_, SETTINGS)
+    history = [user("satu"), assistant("1"), user("dua"), assistant("2"), user("tiga")]
+    await run(ui, history, "Sistem.", 16, 0.7, 1.0, 0, 1.0, None)
+    first = {request.request_id for request in engine_.requests}
+    assert len(engine_.requests) == 2 and len(first) == 1  # one retry without the oldest turn: the same reply
+    (first_id,) = first
+    assert re.fullmatch(r"[0-9a-f]{32}", first_id)
+    await run(ui, [user("empat")])
+    assert re.fullmatch(r"[0-9a-f]{32}", engine_.requests[-1].request_id)
+    assert engine_.requests[-1].request_id != first_id
+
+
+@pytest.mark.parametrize(
+    ("engine_", "when"),
+    [
+        (FakeEngine(RuntimeError("exploded")), "before generation"),
+        (FakeEngine(fail_with=KeyError("x")), "while generating"),
+    ],
+)
+async def test_an_unexpected_page_failure_is_logged_with_the_reply_id(
+    engine_: FakeEngine, when: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="webapp.ui.chat"):
+        await run(ChatUI(engine_, SETTINGS), [user("Halo")])
+    (request,) = engine_.requests
+    assert re.fullmatch(r"[0-9a-f]{32}", request.request_id)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"chat page: unexpected error {when} (request {request.request_id})"
+    ]
+
+
 def test_defaults_match_the_api() -> None:
     api = SamplingParams()
     options = ChatUI(FakeEngine(), SETTINGS).default_options()
@@ -403,12 +438,12 @@ def test_stats_are_computed_from_the_result() -> None:
 
 def test_the_mounted_page_does_not_poll_every_millisecond(settings: Settings) -> None:
     # Gradio's idle queue polls every 1 ms by default: ~1000 event-loop wake-ups a second that preempt the model's
-    # threads on a small CPU. The mounted page polls less often (see webapp.ui.UI_QUEUE_IDLE_POLL_S).
+    # threads on a small CPU. The mounted page polls less often (see webapp.ui.layout.UI_QUEUE_IDLE_POLL_S).
     from fastapi import FastAPI
     from starlette.routing import Mount
 
     from inference import SequentialEngine
-    from webapp.ui import UI_PROGRESS_POLL_S, UI_QUEUE_IDLE_POLL_S, mount_ui
+    from webapp.ui.layout import UI_PROGRESS_POLL_S, UI_QUEUE_IDLE_POLL_S, mount_ui
 
     app = mount_ui(FastAPI(), SequentialEngine(settings), settings)
     gradio_apps = [route.app for route in app.routes if isinstance(route, Mount)]

@@ -93,6 +93,11 @@ def current_request_id() -> str:
     return record.request_id if record is not None else ""
 
 
+def new_request_id() -> str:
+    """A fresh request id: for an HTTP request that brings no sane one, and for each reply of the chat page."""
+    return uuid.uuid4().hex
+
+
 def request_id_from(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
@@ -100,7 +105,7 @@ def request_id_from(scope: Scope) -> str:
             if SANE_REQUEST_ID.fullmatch(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def route_template(scope: Scope) -> str:

@@ -149,12 +149,6 @@ class HealthResponse(BaseModel):
     status: str
 
 
-class TextDeltaEvent(BaseModel):
-    """SSE `event: delta` payload of the documented endpoints in streaming mode."""
-
-    delta: str
-
-
 # --- OpenAI-compatible API (/v1) -------------------------------------------------------------
 
 

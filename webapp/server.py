@@ -11,13 +11,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from inference import Engine
-from webapp import api, openai, ops
+from webapp import openai_routes, ops, spec_routes
 from webapp.errors import install_error_handlers
 from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.metrics import ServiceMetrics
 from webapp.observability import RequestObserver, RequestObserverMiddleware
 from webapp.settings import Settings
-from webapp.ui import mount_ui
+from webapp.ui.layout import mount_ui
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def create_app(
     app.add_middleware(RequestObserverMiddleware, observer=observer)
     install_error_handlers(app)
     app.include_router(ops.router)
-    app.include_router(api.router)
-    app.include_router(openai.router)
+    app.include_router(spec_routes.router)
+    app.include_router(openai_routes.router)
     install_openapi(app, settings)
     # Outermost of the app's own middleware: covers the API, the docs and the Gradio page alike.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

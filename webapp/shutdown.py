@@ -15,7 +15,6 @@ this server handles the signals itself, so the exit is a clean 0.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from types import FrameType
 
@@ -48,10 +47,6 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
         else:
             self.force_exit = True
-
-    def begin_drain(self) -> None:
-        """The same as receiving SIGTERM."""
-        self.handle_exit(signal.SIGTERM, None)
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_started is not None and not self.should_exit:

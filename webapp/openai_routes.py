@@ -10,13 +10,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
-from inference import Engine, GenerationRequest, GenerationResult, InferenceError, Message, TextDelta
-from webapp import service
+from inference import Engine, GenerationResult, InferenceError, TextDelta
 from webapp.auth import authenticate
-from webapp.errors import BadRequest, error_status, openai_error_body
-from webapp.limits import check_conversation_limits
+from webapp.errors import error_status, openai_error_body
+from webapp.observability import current_request_id
+from webapp.request_builders import openai_request
 from webapp.schemas import (
-    DEFAULT_MAX_NEW_TOKENS,
     OpenAIChatCompletion,
     OpenAIChatCompletionChunk,
     OpenAIChatCompletionRequest,
@@ -29,7 +28,7 @@ from webapp.schemas import (
     OpenAIResponseMessage,
     OpenAIUsage,
 )
-from webapp.settings import Settings
+from webapp.sse import closing, sse_json, sse_response
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 
@@ -63,15 +62,15 @@ async def list_models(request: Request) -> OpenAIModelList:
 @router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=COMPLETION_RESPONSES)
 async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
-    generation = _generation_request(body, request.app.state.settings)
+    generation = openai_request(body, request.app.state.settings, request_id=current_request_id())
     info = engine.ensure_ready()
     stream = await engine.submit(generation)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chunks(service.closing(stream), completion_id, created, info.model_id, include_usage)
-        return service.sse_response(chunks)
-    async for event in service.closing(stream):
+        chunks = _chunks(closing(stream), completion_id, created, info.model_id, include_usage)
+        return sse_response(chunks)
+    async for event in closing(stream):
         if isinstance(event, GenerationResult):
             return OpenAIChatCompletion(
                 id=completion_id,
@@ -83,42 +82,6 @@ async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
                 usage=_usage(event),
             )
     raise InferenceError("the generation ended without a result")
-
-
-def _generation_request(body: OpenAIChatCompletionRequest, settings: Settings) -> GenerationRequest:
-    refused = body.unsupported()
-    if refused is not None:
-        field, reason = refused
-        raise BadRequest(f"{field}: {reason}", param=field)
-    if body.stream_options is not None and not body.stream:
-        raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
-    messages = tuple(
-        Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
-    )
-    check_conversation_limits(
-        settings,
-        history_messages=len(messages) - 1,
-        total_chars=sum(len(m.content) for m in messages),
-        history_field="messages",
-        text_field="messages",
-    )
-    cap = settings.max_new_tokens_cap
-    for field in ("max_tokens", "max_completion_tokens"):  # each explicit value is checked, even the unused one
-        value = getattr(body, field)
-        if value is not None:
-            service.check_max_new_tokens(value, cap, field)
-    # max_completion_tokens wins over the older max_tokens; the default is lowered to a cap below it.
-    max_new_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_NEW_TOKENS, cap)
-    return GenerationRequest(
-        messages=messages,
-        max_new_tokens=max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=tuple(body.stop_list()),
-    )
 
 
 def _usage(result: GenerationResult) -> OpenAIUsage:
@@ -139,9 +102,7 @@ async def _chunks(
             model=model,
             choices=[OpenAIChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
         )
-        return ServerSentEvent(
-            service.sse_json(payload.model_dump_json(exclude={"usage"} if not include_usage else set()))
-        )
+        return ServerSentEvent(sse_json(payload.model_dump_json(exclude={"usage"} if not include_usage else set())))
 
     yield chunk(OpenAIDelta(role="assistant", content=""))
     try:
@@ -154,9 +115,9 @@ async def _chunks(
                     usage_chunk = OpenAIChatCompletionChunk(
                         id=completion_id, created=created, model=model, choices=[], usage=_usage(event)
                     )
-                    yield ServerSentEvent(service.sse_json(usage_chunk.model_dump_json()))
+                    yield ServerSentEvent(sse_json(usage_chunk.model_dump_json()))
     except InferenceError as error:
         code, message, _ = error_status(error)
-        yield ServerSentEvent(service.sse_json(json.dumps(openai_error_body(code, message))))
+        yield ServerSentEvent(sse_json(json.dumps(openai_error_body(code, message))))
         return
     yield ServerSentEvent("[DONE]")

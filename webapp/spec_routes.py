@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from inference import Engine, GenerationResult, InferenceError, TextDelta
-from webapp import service
 from webapp.auth import authenticate
+from webapp.observability import current_request_id
+from webapp.request_builders import conversation_of, spec_request
 from webapp.schemas import (
     ChatMessage,
     ChatRequest,
@@ -19,6 +20,7 @@ from webapp.schemas import (
     GenerateTextResponse,
     TextGenerationRequest,
 )
+from webapp.sse import closing, error_event_data, sse_json, sse_response
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
@@ -53,15 +55,15 @@ async def chat(body: ChatRequest, request: Request):
 
 async def _respond(request: Request, body: TextGenerationRequest, system_message: str | None):
     engine: Engine = request.app.state.engine
-    conversation = service.conversation_of(body, system_message)
-    generation = service.generation_request(body, conversation, request.app.state.settings)
+    conversation = conversation_of(body, system_message)
+    generation = spec_request(body, conversation, request.app.state.settings, request_id=current_request_id())
     info = engine.ensure_ready()
     stream = await engine.submit(generation)  # a bad or unadmitted request fails here, before any byte is sent
     if body.stream:
-        return service.sse_response(_sse_events(service.closing(stream), conversation, info.model_id))
-    async for event in service.closing(stream):
+        return sse_response(_sse_events(closing(stream), conversation, info.model_id))
+    async for event in closing(stream):
         if isinstance(event, GenerationResult):
-            return service.text_response(conversation, event, info.model_id)
+            return text_response(conversation, event, info.model_id)
     raise InferenceError("the generation ended without a result")
 
 
@@ -71,11 +73,19 @@ async def _sse_events(
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
-                yield ServerSentEvent(
-                    service.sse_json(json.dumps({"delta": event.text}, ensure_ascii=False)), event="delta"
-                )
+                yield ServerSentEvent(sse_json(json.dumps({"delta": event.text}, ensure_ascii=False)), event="delta")
             elif isinstance(event, GenerationResult):
-                final = service.text_response(conversation, event, model)
-                yield ServerSentEvent(service.sse_json(final.model_dump_json()), event="complete")
+                final = text_response(conversation, event, model)
+                yield ServerSentEvent(sse_json(final.model_dump_json()), event="complete")
     except InferenceError as error:
-        yield ServerSentEvent(service.error_event_data(error), event="error")
+        yield ServerSentEvent(error_event_data(error), event="error")
+
+
+def text_response(conversation: list[ChatMessage], result: GenerationResult, model: str) -> GenerateTextResponse:
+    return GenerateTextResponse(
+        generated_text=result.text,
+        full_conversation=[*conversation, ChatMessage(role="assistant", content=result.text)],
+        model=model,
+        input_length=result.input_length,
+        output_length=result.output_length,
+    )

@@ -1,0 +1,133 @@
+"""Parsed bodies to `GenerationRequest`s: one builder per API family, each carrying the request id.
+
+- `spec_request`: the documented `/api/v1` routes (generate-text and chat);
+- `openai_request`: the OpenAI-compatible `/v1/chat/completions`;
+- `page_request`: the chat page (its settings panel's values, already clamped by `ui.chat.ChatOptions`).
+
+The request id is the HTTP request's (`observability.current_request_id()`) for the API routes, and a fresh one
+(`observability.new_request_id()`) for each reply of the page: the engine's failure logs and the remote engine's
+`X-Request-Id` carry it. The checks the builders share (the MAX_NEW_TOKENS_CAP, the conversation limits) are here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from inference import GenerationRequest, Message
+from webapp.errors import BadRequest
+from webapp.limits import check_conversation_limits
+from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, ChatMessage, OpenAIChatCompletionRequest, TextGenerationRequest
+from webapp.settings import Settings
+
+
+def conversation_of(body: TextGenerationRequest, system_message: str | None) -> list[ChatMessage]:
+    """System message (if any) + history + the new user text: what the model is asked to continue."""
+    messages: list[ChatMessage] = []
+    if system_message:
+        messages.append(ChatMessage(role="system", content=system_message))
+    messages += body.conversation_history or []
+    messages.append(ChatMessage(role="user", content=body.text))
+    return messages
+
+
+def check_max_new_tokens(value: int, cap: int, field: str = "max_new_tokens") -> None:
+    if value > cap:
+        raise BadRequest(f"{field}: must be at most {cap} (MAX_NEW_TOKENS_CAP)", param=field)
+
+
+def spec_request(
+    body: TextGenerationRequest, conversation: list[ChatMessage], settings: Settings, *, request_id: str
+) -> GenerationRequest:
+    history = body.conversation_history or []
+    check_conversation_limits(
+        settings,
+        history_messages=len(history),
+        # What the client sent; the automatic system message of /chat is the operator's and not counted.
+        total_chars=len(body.text) + len(body.system_message or "") + sum(len(m.content) for m in history),
+        history_field="conversation_history",
+        text_field="text",
+    )
+    cap = settings.max_new_tokens_cap
+    # An explicit value above the cap is an error; the default is lowered to a cap below it.
+    max_new_tokens = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(body.max_new_tokens, cap)
+    check_max_new_tokens(max_new_tokens, cap)
+    return GenerationRequest(
+        messages=tuple(Message(role=m.role, content=m.content) for m in conversation),
+        max_new_tokens=max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        request_id=request_id,
+    )
+
+
+def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, request_id: str) -> GenerationRequest:
+    refused = body.unsupported()
+    if refused is not None:
+        field, reason = refused
+        raise BadRequest(f"{field}: {reason}", param=field)
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
+    messages = tuple(
+        Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
+    )
+    check_conversation_limits(
+        settings,
+        history_messages=len(messages) - 1,
+        total_chars=sum(len(m.content) for m in messages),
+        history_field="messages",
+        text_field="messages",
+    )
+    cap = settings.max_new_tokens_cap
+    for field in ("max_tokens", "max_completion_tokens"):  # each explicit value is checked, even the unused one
+        value = getattr(body, field)
+        if value is not None:
+            check_max_new_tokens(value, cap, field)
+    # max_completion_tokens wins over the older max_tokens; the default is lowered to a cap below it.
+    max_new_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_NEW_TOKENS, cap)
+    return GenerationRequest(
+        messages=messages,
+        max_new_tokens=max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+        request_id=request_id,
+    )
+
+
+class PageOptions(Protocol):
+    """What `page_request` reads of the page's settings (`webapp.ui.chat.ChatOptions`, clamped to the API's ranges;
+    None means the API's default)."""
+
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def top_k(self) -> int | None: ...
+    @property
+    def repetition_penalty(self) -> float | None: ...
+    @property
+    def seed(self) -> int | None: ...
+
+
+def page_request(options: PageOptions, messages: Sequence[Message], *, request_id: str) -> GenerationRequest:
+    return GenerationRequest(
+        messages=tuple(messages),
+        max_new_tokens=options.max_new_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        repetition_penalty=options.repetition_penalty,
+        seed=options.seed,
+        request_id=request_id,
+    )

@@ -1,0 +1,282 @@
+"""The page's layout: `build_ui` (the Blocks, their wiring and event names), the CSS, and `mount_ui` at `/`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+from fastapi import FastAPI
+
+from inference import Engine
+from webapp.settings import Settings
+from webapp.ui.chat import SEED_MAX, TOP_K_MAX, ChatUI, banner_markdown
+from webapp.ui.texts import DEFAULT_LANGUAGE, EXAMPLE_LANGUAGE_NAMES, EXAMPLES, LANGUAGE_CHOICES, tr
+
+# The conversation and the preferences are kept in the browser's localStorage under fixed keys, so
+# they survive a reload and a server restart. The "secret" only obfuscates: the browser holds it too.
+CHAT_STORAGE_KEY = "sahabat-ai-chat-v1"
+PREFS_STORAGE_KEY = "sahabat-ai-prefs-v1"
+STORAGE_SECRET = "sahabat-ai-page"  # not a credential; see above
+
+LOADING_REFRESH_S = 2.0
+
+
+def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
+    ui = ChatUI(engine, settings)
+    lang = DEFAULT_LANGUAGE
+    defaults = ui.default_options()
+    cap = settings.max_new_tokens_cap
+    with gr.Blocks(title="Sahabat-AI Chat") as demo:
+        saved_chat = gr.BrowserState([], storage_key=CHAT_STORAGE_KEY, secret=STORAGE_SECRET)
+        saved_prefs = gr.BrowserState({}, storage_key=PREFS_STORAGE_KEY, secret=STORAGE_SECRET)
+        with gr.Row(equal_height=False):
+            banner = gr.Markdown(banner_markdown(engine, lang), elem_id="banner")
+            language = gr.Radio(
+                LANGUAGE_CHOICES,
+                value=lang,
+                label=tr(lang, "language"),
+                elem_id="language",
+                scale=0,
+                min_width=240,
+            )
+        timer = gr.Timer(LOADING_REFRESH_S, active=False)
+        chatbot = gr.Chatbot(
+            label=tr(lang, "chatbot"),
+            elem_id="chatbot",
+            height=520,
+            buttons=["copy", "copy_all"],
+            feedback_options=None,
+            placeholder=tr(lang, "placeholder"),
+            layout="bubble",
+            group_consecutive_messages=False,  # so a reply's copy button copies the reply, not its stats
+        )
+        with gr.Row():
+            message = gr.Textbox(
+                label=tr(lang, "message"),
+                placeholder=tr(lang, "message_placeholder"),
+                elem_id="message",
+                lines=1,
+                max_lines=8,
+                scale=8,
+                autofocus=True,
+                interactive=False,  # until the stored conversation is restored (see `restore`)
+            )
+            send = gr.Button(
+                tr(lang, "send"), variant="primary", elem_id="send", scale=1, min_width=100, interactive=False
+            )
+            stop = gr.Button(tr(lang, "stop"), variant="stop", elem_id="stop", scale=1, min_width=100, visible=False)
+        with gr.Row():
+            retry = gr.Button(tr(lang, "retry"), size="sm", elem_id="retry")
+            undo = gr.Button(tr(lang, "undo"), size="sm", elem_id="undo")
+            clear = gr.Button(tr(lang, "clear"), size="sm", elem_id="clear")
+        examples = gr.Dataset(
+            components=[gr.Textbox(visible=False)],
+            samples=[[text] for _, text in EXAMPLES],  # not translated: they are samples of the languages
+            sample_labels=[f"{text} ({EXAMPLE_LANGUAGE_NAMES[code]})" for code, text in EXAMPLES],
+            label=tr(lang, "examples"),
+            elem_id="examples",
+            samples_per_page=len(EXAMPLES),
+        )
+        with gr.Accordion(tr(lang, "settings"), open=False, elem_id="settings") as settings_panel:
+            system_message = gr.Textbox(
+                defaults.system_message,
+                label=tr(lang, "system"),
+                info=tr(lang, "system_info"),
+                lines=2,
+                elem_id="system-message",
+            )
+            with gr.Row():
+                max_new_tokens = gr.Slider(
+                    1,
+                    cap,
+                    value=defaults.max_new_tokens,
+                    step=1,
+                    label=tr(lang, "max_new_tokens"),
+                    info=tr(lang, "max_new_tokens_info"),
+                    elem_id="max-new-tokens",
+                )
+                temperature = gr.Slider(
+                    0.0,
+                    2.0,
+                    value=defaults.temperature,
+                    step=0.05,
+                    label=tr(lang, "temperature"),
+                    info=tr(lang, "temperature_info"),
+                    elem_id="temperature",
+                )
+            with gr.Row():
+                top_p = gr.Slider(
+                    0.01,
+                    1.0,
+                    value=1.0,
+                    step=0.01,
+                    label=tr(lang, "top_p"),
+                    info=tr(lang, "top_p_info"),
+                    elem_id="top-p",
+                )
+                top_k = gr.Slider(
+                    0, TOP_K_MAX, value=0, step=1, label=tr(lang, "top_k"), info=tr(lang, "top_k_info"), elem_id="top-k"
+                )
+            with gr.Row():
+                repetition_penalty = gr.Slider(
+                    0.5,
+                    2.0,
+                    value=1.0,
+                    step=0.05,
+                    label=tr(lang, "repetition_penalty"),
+                    info=tr(lang, "repetition_penalty_info"),
+                    elem_id="repetition-penalty",
+                )
+                seed = gr.Number(
+                    None,
+                    label=tr(lang, "seed"),
+                    info=tr(lang, "seed_info"),
+                    precision=0,
+                    minimum=0,
+                    maximum=SEED_MAX,
+                    elem_id="seed",
+                )
+        footer = gr.Markdown(tr(lang, "footer"), elem_id="footer")
+
+        option_inputs = [system_message, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
+        quick = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+        respond = {
+            "fn": ui.respond,
+            "inputs": [chatbot, *option_inputs, language],
+            "outputs": [chatbot],
+            "concurrency_limit": None,  # the engine queues; Gradio's default of 1 would serialise users twice
+            "api_visibility": "private",
+            "show_progress": "minimal",
+        }
+
+        # The conversation is saved in the browser (localStorage) at the end of every action, by a
+        # JS-only step: no server round trip. (A JS function's array result is read as one value per
+        # output, hence the brackets.) Not on every chatbot change: the page's first, empty value
+        # would overwrite the stored conversation before it is restored.
+        save_chat = {"fn": None, "inputs": [chatbot], "outputs": [saved_chat], "js": "(history) => [history]", **quick}
+
+        controls = [send, stop, message, retry, undo, clear]  # see ChatUI.busy
+
+        # Send: show the message at once, then stream the reply.
+        sent = gr.on([message.submit, send.click], ui.add_user_message, [message, chatbot], [message, chatbot], **quick)
+        sent_reply = sent.success(**save_chat).then(ui.busy, None, controls, **quick).then(**respond)
+        sent_reply.then(ui.idle, None, controls, **quick).then(**save_chat)
+
+        # Retry: drop the last reply (and its notes) and generate it again.
+        retried = gr.on([retry.click, chatbot.retry], ui.prepare_retry, [chatbot], [chatbot], **quick)
+        retried_reply = retried.then(ui.busy, None, controls, **quick).then(**respond)
+        retried_reply.then(ui.idle, None, controls, **quick).then(**save_chat)
+
+        # Stop cancels the streaming event; closing its generator cancels the generation in the engine.
+        stop.click(None, None, None, cancels=[sent_reply, retried_reply], **quick).then(
+            ui.mark_stopped, [chatbot, language], [chatbot], **quick
+        ).then(ui.idle, None, controls, **quick).then(**save_chat)
+
+        gr.on([undo.click, chatbot.undo], ui.undo, [chatbot, message], [chatbot, message], **quick).then(**save_chat)
+        gr.on([clear.click, chatbot.clear], lambda: [], None, [chatbot], **quick).then(**save_chat)
+        examples.click(lambda sample: sample[0], [examples], [message], **quick)
+
+        # Language and settings: saved when the user changes them (`.input`, not `.change`, for the
+        # same reason as above).
+        gr.on(
+            [language.input, *(component.input for component in option_inputs)],
+            None,
+            [language, *option_inputs],
+            [saved_prefs],
+            js=(
+                "(lang, system_message, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed) => "
+                "[{lang, options: {system_message, max_new_tokens, temperature, top_p, top_k, "
+                "repetition_penalty, seed}}]"
+            ),
+            **quick,
+        )
+
+        relabelled = [
+            banner,
+            chatbot,
+            message,
+            send,
+            stop,
+            retry,
+            undo,
+            clear,
+            examples,
+            settings_panel,
+            system_message,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            seed,
+            footer,
+        ]
+
+        def relabel(lang: str) -> tuple[Any, ...]:
+            def field(key: str) -> Any:
+                return gr.update(label=tr(lang, key), info=tr(lang, f"{key}_info"))
+
+            return (
+                banner_markdown(engine, lang),
+                gr.update(label=tr(lang, "chatbot"), placeholder=tr(lang, "placeholder")),
+                gr.update(label=tr(lang, "message"), placeholder=tr(lang, "message_placeholder")),
+                gr.update(value=tr(lang, "send")),
+                gr.update(value=tr(lang, "stop")),
+                gr.update(value=tr(lang, "retry")),
+                gr.update(value=tr(lang, "undo")),
+                gr.update(value=tr(lang, "clear")),
+                gr.update(label=tr(lang, "examples")),
+                gr.update(label=tr(lang, "settings")),
+                gr.update(label=tr(lang, "system"), info=tr(lang, "system_info")),
+                field("max_new_tokens"),
+                field("temperature"),
+                field("top_p"),
+                field("top_k"),
+                field("repetition_penalty"),
+                field("seed"),
+                tr(lang, "footer"),
+            )
+
+        language.change(relabel, [language], relabelled, **quick)
+        timer.tick(ui.refresh_banner, [language], [banner, timer], **quick)
+        demo.load(
+            ui.restore,
+            [saved_chat, saved_prefs],
+            [chatbot, language, *option_inputs, banner, timer, message, send],
+            **quick,
+        )
+    return demo
+
+
+CSS = """
+#banner h2 { margin-bottom: 0.2em; }
+#banner blockquote { border-left: 4px solid #f59e0b; background: rgba(245, 158, 11, 0.08); padding: 0.4em 0.8em; }
+#footer { font-size: 0.85em; opacity: 0.75; }
+"""
+
+
+# Gradio's queue looks for new events every 1 ms while it is idle (and for progress updates every 10 ms): ~1100
+# wake-ups a second of the event loop, each one preempting a thread of the model's OpenMP team on a small CPU
+# (measured under load: ~1000 involuntary context switches a second of the decode threads; ~200 with these).
+# 20 ms is still instant for a person clicking Send; the page shows no progress bars.
+UI_QUEUE_IDLE_POLL_S = 0.02
+UI_PROGRESS_POLL_S = 0.1
+
+
+def mount_ui(app: FastAPI, engine: Engine, settings: Settings) -> FastAPI:
+    """Mount the chat page at `/` of `app`."""
+    demo = build_ui(engine, settings)
+    queue = getattr(demo, "_queue", None)  # private in Gradio 6; left alone if it ever goes away
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = max(queue.sleep_when_free, UI_QUEUE_IDLE_POLL_S)
+    if queue is not None and hasattr(queue, "progress_update_sleep_when_free"):
+        queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, UI_PROGRESS_POLL_S)
+    return gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        auth=settings.gradio_credentials() or None,
+        footer_links=["gradio", "settings"],
+        css=CSS,
+        theme=gr.themes.Soft(),
+    )
