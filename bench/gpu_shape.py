@@ -240,13 +240,13 @@ def decode_rate(result: Any) -> float | None:
 
 def concurrent_engine(settings: Any, loaded: Any) -> tuple[Any, str]:
     """The batched engine when the service has one, else the sequential engine (and a note saying so)."""
-    from inference.engine import SequentialEngine
+    from inference.sequential import SequentialEngine
 
     try:
-        from inference.batching import BatchedEngine  # type: ignore[import-not-found]
+        from inference.batched import BatchedEngine  # type: ignore[import-not-found]
     except ImportError:
         engine = SequentialEngine(settings, loader=lambda _settings: loaded)
-        return engine, "sequential (inference.batching.BatchedEngine does not exist yet)"
+        return engine, "sequential (inference.batched.BatchedEngine does not exist yet)"
     try:
         engine = BatchedEngine(settings, loader=lambda _settings: loaded)
     except TypeError as error:
@@ -299,8 +299,8 @@ async def measure_engine(engine: Any, plan: Plan, concurrent: bool) -> dict[str,
 
 
 def run_mode(mode: str, plan: Plan, cuda: bool) -> dict[str, Any]:
-    from inference.engine import SequentialEngine
     from inference.loading import load_model
+    from inference.sequential import SequentialEngine
     from inference.settings import Settings
 
     settings = Settings(  # type: ignore[call-arg]

@@ -29,7 +29,8 @@ from sse_starlette import EventSourceResponse
 
 from inference import EngineNotReady, Message, UpstreamError
 from inference.loading import LoadedModel
-from inference.remote import RemoteEngine, fold_system_messages, redact_url
+from inference.prompt import fold_system_messages
+from inference.remote import RemoteEngine, redact_url
 from inference.settings import Settings
 from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, free_port, start_live_server
 from tests.test_streaming import sse_events
