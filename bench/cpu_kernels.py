@@ -141,7 +141,7 @@ def packed_linears(settings: Settings, repeat: int) -> None:
 
 def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
     """`rows` chat prompts of mixed lengths (36-150 tokens), prefilled left-padded as the batched engine does."""
-    from inference.batching import new_cache
+    from inference.kv_cache import new_cache
 
     texts = ["Apa ibu kota Indonesia?", "Jelaskan apa itu fotosintesis dengan bahasa yang mudah dipahami. " * 4]
     texts += ["Write a short story about a cat who lives in Jakarta and loves to eat fish.", "Halo! Apa kabar?"]
@@ -166,8 +166,8 @@ def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
 
 def lean_passes(settings: Settings, repeat: int) -> None:
     """transformers' forward vs the lean decoder (inference/fast_decode.py): a step, and a newcomer joining."""
-    from inference.batching import new_cache
     from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow
+    from inference.kv_cache import new_cache
 
     def run() -> None:
         loaded = load_model(settings)

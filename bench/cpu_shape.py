@@ -348,7 +348,7 @@ def mode_settings(mode: str, plan: Plan) -> Any:
 def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
     import torch
 
-    from inference.batching import BatchedEngine
+    from inference.batched import BatchedEngine
 
     cuda = torch.cuda.is_available()
     settings = mode_settings(mode, plan)

@@ -9,7 +9,7 @@ memory after load and at peak during generation (prompts of 512 and 4096 tokens)
 decode tok/s, and aggregate tok/s at 8 concurrent requests, side by side, as a markdown table.
 
     python bench/gpu_shape.py                      # on a CUDA machine (builds ~18.5 GB of weights once)
-    python bench/gpu_shape.py --fill docs/gpu-memory.md   # also writes the table between the markers there
+    python bench/gpu_shape.py --fill README.md    # also writes the table between the markers there
     python bench/gpu_shape.py --tiny               # the same steps end to end on CPU, tiny config (a test runs it)
 
 Without CUDA the GPU memory figures are skipped with a line saying so (bitsandbytes runs on CPU too; the
@@ -240,13 +240,13 @@ def decode_rate(result: Any) -> float | None:
 
 def concurrent_engine(settings: Any, loaded: Any) -> tuple[Any, str]:
     """The batched engine when the service has one, else the sequential engine (and a note saying so)."""
-    from inference.engine import SequentialEngine
+    from inference.sequential import SequentialEngine
 
     try:
-        from inference.batching import BatchedEngine  # type: ignore[import-not-found]
+        from inference.batched import BatchedEngine  # type: ignore[import-not-found]
     except ImportError:
         engine = SequentialEngine(settings, loader=lambda _settings: loaded)
-        return engine, "sequential (inference.batching.BatchedEngine does not exist yet)"
+        return engine, "sequential (inference.batched.BatchedEngine does not exist yet)"
     try:
         engine = BatchedEngine(settings, loader=lambda _settings: loaded)
     except TypeError as error:
@@ -299,8 +299,8 @@ async def measure_engine(engine: Any, plan: Plan, concurrent: bool) -> dict[str,
 
 
 def run_mode(mode: str, plan: Plan, cuda: bool) -> dict[str, Any]:
-    from inference.engine import SequentialEngine
     from inference.loading import load_model
+    from inference.sequential import SequentialEngine
     from webapp.settings import Settings
 
     settings = Settings(  # type: ignore[call-arg]

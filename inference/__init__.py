@@ -1,12 +1,16 @@
 """Model loading, prompt building and generation engines. Knows nothing of HTTP or UIs."""
 
-from inference.batching import BatchedEngine
-from inference.engine import Engine, SequentialEngine, build_engine
+from inference.batched import BatchedEngine
+from inference.engine import Engine
+from inference.factory import build_engine
+from inference.sequential import SequentialEngine
 from inference.settings import EngineSettings
 from inference.types import (
+    ENGINE_STATES,
     ContextTooLong,
     EngineBusy,
     EngineNotReady,
+    EngineState,
     GenerationFailed,
     GenerationRequest,
     GenerationResult,
@@ -21,12 +25,14 @@ from inference.types import (
 )
 
 __all__ = [
+    "ENGINE_STATES",
     "BatchedEngine",
     "ContextTooLong",
     "Engine",
     "EngineBusy",
     "EngineNotReady",
     "EngineSettings",
+    "EngineState",
     "GenerationFailed",
     "GenerationRequest",
     "GenerationResult",

@@ -59,7 +59,7 @@ class PromptRow:
     """A prompt, unpadded, prefilled into a cache of its own: whole, or a chunk `ids[start:end]` per pass."""
 
     ids: torch.Tensor  # (length,) the whole prompt
-    cache: Any  # a transformers cache (inference.batching.new_cache) holding the prompt's first `start` tokens
+    cache: Any  # a transformers cache (inference.kv_cache.new_cache) holding the prompt's first `start` tokens
     start: int = 0
     end: int | None = None  # None: to the end of the prompt
 

@@ -40,6 +40,28 @@ def resolve_terminators(tokenizer: Any) -> list[int]:
     return ids
 
 
+def fold_system_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """System text merged into the next user turn (or sent as a last user turn), for templates without a system role.
+
+    The one rule for both the local PromptBuilder and the remote engine (REMOTE_SYSTEM_ROLE), so a conversation
+    means the same thing on every engine.
+    """
+    folded: list[dict[str, str]] = []
+    pending_system: list[str] = []
+    for message in messages:
+        if message.role == "system":
+            pending_system.append(message.content)
+            continue
+        content = message.content
+        if pending_system and message.role == "user":
+            content = "\n\n".join([*pending_system, content])
+            pending_system = []
+        folded.append({"role": message.role, "content": content})
+    if pending_system:  # a system message after the last user turn still reaches the model
+        folded.append({"role": "user", "content": "\n\n".join(pending_system)})
+    return folded
+
+
 class PromptBuilder:
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
@@ -64,20 +86,7 @@ class PromptBuilder:
         """The messages as the template will get them: system text folded in where the template has no system role."""
         if self.supports_system_role:
             return [{"role": m.role, "content": m.content} for m in messages]
-        folded: list[dict[str, str]] = []
-        pending_system: list[str] = []
-        for message in messages:
-            if message.role == "system":
-                pending_system.append(message.content)
-                continue
-            content = message.content
-            if pending_system and message.role == "user":
-                content = "\n\n".join([*pending_system, content])
-                pending_system = []
-            folded.append({"role": message.role, "content": content})
-        if pending_system:  # a system message after the last user turn still reaches the model
-            folded.append({"role": "user", "content": "\n\n".join(pending_system)})
-        return folded
+        return fold_system_messages(messages)
 
     def build(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the whole prompt, ending with the template's generation prompt."""

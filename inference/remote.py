@@ -23,7 +23,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,18 +31,17 @@ import openai
 
 from inference.engine import Engine
 from inference.loading import EMBEDDED_SERVED_ID
+from inference.prompt import fold_system_messages
 from inference.settings import EngineSettings
+from inference.text import ReplyAssembler
 from inference.types import (
     ContextTooLong,
     EngineBusy,
     EngineNotReady,
     GenerationRequest,
-    GenerationResult,
     InvalidRequest,
-    Message,
     ModelInfo,
     StreamEvent,
-    TextDelta,
     UpstreamError,
 )
 
@@ -75,24 +74,29 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def fold_system_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    """System text merged into the next user turn (or sent as a last user turn), for templates without a system role.
-
-    The same rule as the local PromptBuilder, so a conversation means the same thing on either engine.
-    """
-    folded: list[dict[str, str]] = []
-    pending: list[str] = []
-    for message in messages:
-        if message.role == "system":
-            pending.append(message.content)
-            continue
-        content = message.content
-        if pending and message.role == "user":
-            content, pending = "\n\n".join([*pending, content]), []
-        folded.append({"role": message.role, "content": content})
-    if pending:
-        folded.append({"role": "user", "content": "\n\n".join(pending)})
-    return folded
+def chat_completion_body(request: GenerationRequest, model: str, fold: bool) -> dict[str, Any]:
+    """The streamed `chat/completions` body for `request`; `fold`: system text folded into user turns."""
+    if fold:
+        messages = fold_system_messages(request.messages)
+    else:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": request.max_new_tokens,
+        "temperature": request.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    optional = {
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "stop": list(request.stop) or None,
+        "top_k": request.top_k,  # an extension vLLM and this service take; sent only when asked for
+        "repetition_penalty": request.repetition_penalty,
+    }
+    body.update({name: value for name, value in optional.items() if value is not None})
+    return body
 
 
 def upstream_message(error: openai.APIError) -> str:
@@ -184,7 +188,6 @@ class RemoteEngine(Engine):
             max_retries=0,  # a refused or failed call is answered at once; the client decides whether to retry
         )
         self.fold_system = settings.remote_system_role == "fold"
-        self.probes = 0
         self._monitor: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._warned_no_usage = False
@@ -212,7 +215,6 @@ class RemoteEngine(Engine):
 
     async def probe(self) -> bool:
         """GET /models once; sets `state`, `state_reason` and `info`. True when the upstream can serve."""
-        self.probes += 1
         timeout = openai.Timeout(
             self.settings.remote_connect_timeout_s + 5, connect=self.settings.remote_connect_timeout_s
         )
@@ -337,11 +339,6 @@ class RemoteEngine(Engine):
     def _stream_closed(self) -> None:
         self._streams -= 1
 
-    def _messages(self, request: GenerationRequest, fold: bool) -> list[dict[str, str]]:
-        if fold:
-            return fold_system_messages(request.messages)
-        return [{"role": m.role, "content": m.content} for m in request.messages]
-
     async def _open(self, request: GenerationRequest, model: str) -> Any:
         fold = self.fold_system
         try:
@@ -361,22 +358,7 @@ class RemoteEngine(Engine):
             return upstream
 
     async def _create(self, request: GenerationRequest, model: str, fold: bool) -> Any:
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": self._messages(request, fold),
-            "max_tokens": request.max_new_tokens,
-            "temperature": request.temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        optional = {
-            "top_p": request.top_p,
-            "seed": request.seed,
-            "stop": list(request.stop) or None,
-            "top_k": request.top_k,  # an extension vLLM and this service take; sent only when asked for
-            "repetition_penalty": request.repetition_penalty,
-        }
-        body.update({name: value for name, value in optional.items() if value is not None})
+        body = chat_completion_body(request, model, fold)
         options: dict[str, Any] = {}
         if request.request_id:
             options["headers"] = {"X-Request-Id": request.request_id}
@@ -425,8 +407,7 @@ class RemoteEngine(Engine):
         return UpstreamError(f"the upstream failed (HTTP {code}): {message}")
 
     async def _events(self, upstream: Any, request: GenerationRequest, started: float) -> AsyncIterator[StreamEvent]:
-        parts: list[str] = []
-        first_token_at: float | None = None
+        reply = ReplyAssembler((), started)  # no stop matching here: the upstream applies `stop`
         finish: str | None = None
         usage: Any = None
         try:
@@ -440,9 +421,9 @@ class RemoteEngine(Engine):
                     choice = choices[0]
                     text = (choice.get("delta") or {}).get("content")
                     if text:
-                        first_token_at = first_token_at or time.perf_counter()
-                        parts.append(text)
-                        yield TextDelta(text)
+                        delta = reply.feed(text)
+                        if delta is not None:
+                            yield delta
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
         except openai.APITimeoutError:
@@ -466,15 +447,8 @@ class RemoteEngine(Engine):
             if not self._warned_no_usage:
                 logger.warning("the upstream sends no usage in streams: output_length counts chunks, input_length is 0")
                 self._warned_no_usage = True
-            input_length, output_length = 0, len(parts)
+            input_length, output_length = 0, len(reply.parts)
         self.generated_tokens_total += output_length
-        result = GenerationResult(
-            text="".join(parts),
-            input_length=input_length,
-            output_length=output_length,
-            finish_reason="length" if finish == "length" else "stop",
-            time_to_first_token_s=None if first_token_at is None else first_token_at - started,
-            duration_s=time.perf_counter() - started,
-        )
+        result = reply.result(input_length, output_length, "length" if finish == "length" else "stop")
         self.report_result(request, result)  # metrics and request logs
         yield result

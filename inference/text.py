@@ -1,8 +1,11 @@
-"""Text helpers shared by every engine: stop-sequence matching on a stream of text pieces."""
+"""Text helpers shared by every engine: stop-sequence matching and the one consumer of a stream of text pieces."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+
+from inference.types import FinishReason, GenerationResult, TextDelta
 
 
 class StopMatcher:
@@ -43,3 +46,53 @@ class StopMatcher:
         """The held-back text, once the stream has ended without a match."""
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
+
+
+class ReplyAssembler:
+    """One generation's reply as its text pieces arrive: the deltas to show, the time to first token, the result.
+
+    Every engine (sequential, batched, remote) feeds it the decoded pieces in order and yields what `feed` returns;
+    stop sequences are applied here (the remote engine passes none: its upstream applies them).
+    """
+
+    def __init__(self, stops: Iterable[str], started: float) -> None:
+        self.matcher = StopMatcher(stops)
+        self.started = started  # perf_counter() when the request was submitted
+        self.parts: list[str] = []
+        self.first_token_at: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """A stop sequence was seen: the caller stops generating (nothing after it is shown)."""
+        return self.matcher.stopped
+
+    def feed(self, piece: str) -> TextDelta | None:
+        """The delta to show for `piece`, or None while the text could still be the start of a stop sequence."""
+        text = self.matcher.feed(piece)
+        if not text:
+            return None
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.parts.append(text)
+        return TextDelta(text)
+
+    def flush(self) -> TextDelta | None:
+        """The held-back text, once the stream has ended without a stop sequence."""
+        text = self.matcher.flush()
+        if not text:
+            return None
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.parts.append(text)
+        return TextDelta(text)
+
+    def result(self, input_length: int, output_length: int, finish_reason: FinishReason) -> GenerationResult:
+        """The totals that end the stream; the duration runs from `started` to now."""
+        return GenerationResult(
+            text="".join(self.parts),
+            input_length=input_length,
+            output_length=output_length,
+            finish_reason=finish_reason,
+            time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
+            duration_s=time.perf_counter() - self.started,
+        )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
+EngineState = Literal["loading", "ready", "failed", "unavailable", "stopping"]  # unavailable: remote upstream down
+ENGINE_STATES: tuple[EngineState, ...] = get_args(EngineState)  # for metrics, the /ready schema and the page
 
 
 @dataclass(frozen=True)

@@ -200,8 +200,8 @@ class ForcedFault:
         if isinstance(engine, SequentialEngine):
             self._patch.setattr(engine.model, "generate", self._faulty_generate(engine.model.generate))
         else:
-            assert isinstance(engine, BatchedEngine) and engine._decoder is not None, "the lean decoder's pass"
-            self._patch.setattr(engine._decoder, "forward", self._faulty_pass(engine._decoder.forward))
+            assert isinstance(engine, BatchedEngine) and engine.decoder is not None, "the lean decoder's pass"
+            self._patch.setattr(engine.decoder, "forward", self._faulty_pass(engine.decoder.forward))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -232,7 +232,7 @@ class ForcedFault:
             if not self.after and any(self._carries(engine.tokenizer.decode(p.ids[p.start :])) for p in prompts):
                 raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
             if self.after and decode is not None:
-                for slot in engine._batch.slots:  # the decoding rows of this pass, in order
+                for slot in engine.runner.batch.slots:  # the decoding rows of this pass, in order
                     text = "".join(message.content for message in slot.request.messages)
                     if self._carries(text) and slot.generated >= self.after:
                         raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")

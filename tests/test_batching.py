@@ -400,7 +400,7 @@ async def test_default_dtype_batched_engine(
     """The served configuration (bf16, lean passes): a lone request is exactly the sequential one; in a batch, each
     token is the greedy pick up to rounding."""
     assert settings.max_batch == "auto" and served.max_batch == 16  # MAX_BATCH=auto on CPU
-    assert served._decoder is not None  # FAST_DECODE's lean passes
+    assert served.decoder is not None  # FAST_DECODE's lean passes
     sequential_bf16 = SequentialEngine(settings, loader=lambda _settings: embedded_model)
     sequential_bf16.load()
     try:
@@ -419,7 +419,7 @@ async def test_default_dtype_batched_engine(
 
 
 def test_prefill_groups_trade_padding_against_passes() -> None:
-    from inference.batching import plan_prefill_groups
+    from inference.scheduling import plan_prefill_groups
 
     lengths = [48, 64, 40, 97, 38, 41, 55]
     groups = plan_prefill_groups(lengths, overhead=100, budget=8192)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine
-from inference.batching import new_cache
 from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow, bucket_rows
+from inference.kv_cache import new_cache
 from inference.loading import LoadedModel
 from inference.types import GenerationFailed, TextDelta
 from webapp.settings import Settings
@@ -127,7 +127,7 @@ async def test_batched_engine_uses_it_unless_turned_off(settings: Settings, embe
         engine = BatchedEngine(chosen, loader=lambda _settings: embedded_model)
         engine.load()
         try:
-            assert (engine._decoder is not None) is fast
+            assert (engine.decoder is not None) is fast
             results[fast] = await texts(engine)
             assert engine.max_rows_seen >= 2
         finally:
@@ -149,7 +149,7 @@ async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
         running = GenerationRequest(messages=(Message("user", PROMPTS[2]),), max_new_tokens=24, temperature=0.0)
         breaking = GenerationRequest(messages=(Message("user", "BOOM please"),), max_new_tokens=4, temperature=0.0)
         breaking_ids = batched.prepare(breaking)
-        real_forward = batched._decoder.forward
+        real_forward = batched.decoder.forward
         failed_passes: list[int] = []
 
         misaligned: list[tuple[int, int]] = []
@@ -167,7 +167,7 @@ async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
                 raise RuntimeError("exploded")
             return result
 
-        batched._decoder.forward = forward
+        batched.decoder.forward = forward
         stream = await batched.submit(running)
         first = await anext(stream)  # the running request has started generating alone
         assert isinstance(first, TextDelta)
@@ -235,7 +235,7 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
             messages=(Message("user", PROMPTS[2] + " " + PROMPTS[1]),), max_new_tokens=6, temperature=0.0
         )
         long_ids = batched.prepare(long_request)
-        real_forward = batched._decoder.forward
+        real_forward = batched.decoder.forward
         chunks_seen: list[tuple[int, int, int]] = []  # (start, end, running rows) of the long prompt's chunks
 
         def forward(decode: DecodeRows | None, prompts: list[PromptRow]) -> Any:
@@ -244,7 +244,7 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
                     chunks_seen.append((*prompt.span(), 0 if decode is None else int(decode.tokens.shape[0])))
             return real_forward(decode, prompts)
 
-        batched._decoder.forward = forward
+        batched.decoder.forward = forward
         running = await batched.submit(greedy_request("Halo!", max_new_tokens=40))
         assert isinstance(await anext(running), TextDelta)
         result = await batched.generate(long_request)
@@ -262,22 +262,22 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
 
 
 def test_passes_take_the_shortest_remaining_prompts_first_up_to_the_budget(settings: Settings) -> None:
-    from inference.batching import _Slot
+    from inference.batch_runner import Slot
 
     engine = BatchedEngine(settings)  # never loaded: only the planning is exercised
     engine.pass_prompt_tokens = 40
-    slots = [_Slot(greedy_request(str(n)), list(range(n)), None, None, 0.0) for n in (30, 10, 50)]  # type: ignore[arg-type]
-    engine._prefilling = list(slots)
-    assert engine._plan_prompt_chunks() == [(slots[1], 10), (slots[0], 30)]
+    slots = [Slot(greedy_request(str(n)), list(range(n)), None, None, 0.0) for n in (30, 10, 50)]  # type: ignore[arg-type]
+    engine.runner.prefilling = list(slots)
+    assert engine.runner.plan_prompt_chunks() == [(slots[1], 10), (slots[0], 30)]
     slots[2].prefilled = 45  # 5 left: now the shortest remaining; 30 no longer fits whole, so it waits
-    assert engine._plan_prompt_chunks() == [(slots[2], 50), (slots[1], 10)]
+    assert engine.runner.plan_prompt_chunks() == [(slots[2], 50), (slots[1], 10)]
     slots[1].cancelled = True  # a cancelled prompt is dropped (and its row freed) before the next pass
     engine._active = 3
-    assert engine._plan_prompt_chunks() == [(slots[2], 50), (slots[0], 30)]
-    assert slots[1] not in engine._prefilling and engine._active == 2
+    assert engine.runner.plan_prompt_chunks() == [(slots[2], 50), (slots[0], 30)]
+    assert slots[1] not in engine.runner.prefilling and engine._active == 2
     engine.pass_prompt_tokens = 20
-    assert engine._plan_prompt_chunks() == [(slots[2], 50)]  # no chunk rides along with a completing prompt
-    engine._prefilling = [slots[0]]
-    assert engine._plan_prompt_chunks() == [(slots[0], 20)]  # alone, a long prompt is split
+    assert engine.runner.plan_prompt_chunks() == [(slots[2], 50)]  # no chunk rides along with a completing prompt
+    engine.runner.prefilling = [slots[0]]
+    assert engine.runner.plan_prompt_chunks() == [(slots[0], 20)]  # alone, a long prompt is split
     slots[0].prefilled = 20
-    assert engine._plan_prompt_chunks() == [(slots[0], 30)]
+    assert engine.runner.plan_prompt_chunks() == [(slots[0], 30)]

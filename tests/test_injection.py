@@ -195,14 +195,14 @@ class PromptSpy:
                 return original(*args, **kwargs)
 
             patch.setattr(engine.model, "generate", generate)
-        elif engine._decoder is not None:
-            original_pass = engine._decoder.forward
+        elif engine.decoder is not None:
+            original_pass = engine.decoder.forward
 
             def lean_pass(decode: Any, prompts: list) -> Any:
                 self.calls += [prompt.ids.tolist() for prompt in prompts if prompt.start == 0]
                 return original_pass(decode, prompts)
 
-            patch.setattr(engine._decoder, "forward", lean_pass)
+            patch.setattr(engine.decoder, "forward", lean_pass)
         else:
             original_forward = engine.model.forward
 

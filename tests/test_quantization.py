@@ -121,7 +121,7 @@ async def test_a_lone_greedy_request_gives_the_same_tokens_on_both_engines(gemma
     sequential = engine_of(SequentialEngine, settings, loaded)
     batched = engine_of(BatchedEngine, settings, loaded)
     try:
-        assert batched._decoder is None  # Gemma2 and bitsandbytes layers take transformers' forward
+        assert batched.decoder is None  # Gemma2 and bitsandbytes layers take transformers' forward
         for question in ("Apa ibu kota Indonesia?", "Sebutkan tiga pulau besar di Indonesia.", "Halo!"):
             request = greedy(("system", "Jawab singkat."), ("user", question), max_new_tokens=20)
             expected = await sequential.generate(request)
@@ -298,7 +298,7 @@ async def test_embedded_model_in_8bit_answers_correctly_on_both_engines(
     for cls in (SequentialEngine, BatchedEngine):
         engine = engine_of(cls, settings, loaded)
         try:
-            assert getattr(engine, "_decoder", None) is None
+            assert getattr(engine, "decoder", None) is None
             texts[cls.name] = (await engine.generate(question)).text
         finally:
             engine.close()

@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from inference import Engine, GenerationRequest, GenerationResult
+from inference import ENGINE_STATES, Engine, GenerationRequest, GenerationResult
 
 PREFIX = "sahabat"
 
@@ -51,7 +51,7 @@ class EngineCollector(Collector):
         decoded.add_metric([], engine.generated_tokens_total)
         yield decoded
         state = GaugeMetricFamily(f"{PREFIX}_engine_state", "1 for the engine's current state.", labels=["state"])
-        for name in ("loading", "ready", "failed", "unavailable", "stopping"):
+        for name in ENGINE_STATES:
             state.add_metric([name], 1.0 if engine.state == name else 0.0)
         yield state
         load = GaugeMetricFamily(f"{PREFIX}_model_load_seconds", "Seconds the model took to load (NaN before).")

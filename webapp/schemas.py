@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from inference import EngineState
+
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.7
 
@@ -318,6 +320,6 @@ class OpenAIErrorResponse(BaseModel):
 class ReadyResponse(BaseModel):
     """`GET /ready`: 200 once the model is loaded and the engine admits work, else 503 with the reason."""
 
-    status: Literal["ready", "loading", "failed", "unavailable", "stopping"]
+    status: EngineState
     reason: str
     model: str | None = None
