@@ -9,7 +9,7 @@ memory after load and at peak during generation (prompts of 512 and 4096 tokens)
 decode tok/s, and aggregate tok/s at 8 concurrent requests, side by side, as a markdown table.
 
     python bench/gpu_shape.py                      # on a CUDA machine (builds ~18.5 GB of weights once)
-    python bench/gpu_shape.py --fill README.md    # also writes the table between the markers there
+    python bench/gpu_shape.py --fill docs/gpu-memory.md   # also writes the table between the markers there
     python bench/gpu_shape.py --tiny               # the same steps end to end on CPU, tiny config (a test runs it)
 
 Without CUDA the GPU memory figures are skipped with a line saying so (bitsandbytes runs on CPU too; the

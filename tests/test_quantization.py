@@ -4,10 +4,10 @@ A tiny random Gemma2 (sahabat-ai's architecture, bench.gemma_shape) is loaded in
 `load_model`'s local-directory path and served over the documented routes and /v1; the embedded model is loaded
 in 8-bit once (through the model cache's safetensors) and must still answer a factual question correctly.
 
-What greedy equality holds with quantized layers (README, "sahabat-ai without a GPU"): a request alone gives the
-same tokens on both engines (both run transformers' forward on one row). Requests sharing the batched engine's
-passes may differ from their lone run: LLM.int8 picks its fp16 outlier columns from every row of a pass, and
-batched matmuls round differently, so that is not asserted.
+What greedy equality holds with quantized layers (docs/cpu-quantization.md, "Greedy equality between the
+engines"): a request alone gives the same tokens on both engines (both run transformers' forward on one row).
+Requests sharing the batched engine's passes may differ from their lone run: LLM.int8 picks its fp16 outlier
+columns from every row of a pass, and batched matmuls round differently, so that is not asserted.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from inference.remote import RemoteEngine, redact_url
 from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, free_port, start_live_server
 from tests.test_streaming import sse_events
 from webapp.settings import Settings
-from webapp.ui import ChatUI, banner_markdown, error_note
+from webapp.ui.chat import ChatUI, banner_markdown, error_note
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_CAP = 1500  # the upstream's MAX_NEW_TOKENS_CAP; the front's is the default 2048
@@ -458,7 +458,8 @@ def test_upstream_dies_mid_stream_then_recovers(upstream_settings: Settings, emb
 
 
 def fake_upstream_app(requests_seen: list[dict]) -> FastAPI:
-    """An OpenAI-shaped server whose behaviour is chosen by the last user message."""
+    """An OpenAI-shaped server whose behaviour is chosen by the last user message. `requests_seen` gets each
+    completion request's body, with the `X-Request-Id` header it came with under "x-request-id"."""
     app = FastAPI()
 
     @app.get("/v1/models")
@@ -468,7 +469,7 @@ def fake_upstream_app(requests_seen: list[dict]) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
         body = await request.json()
-        requests_seen.append(body)
+        requests_seen.append({**body, "x-request-id": request.headers.get("x-request-id")})
         last = body["messages"][-1]["content"]
         if any(m["role"] == "system" for m in body["messages"]):
             return JSONResponse({"error": {"message": "System role not supported", "type": "x"}}, 400)
@@ -617,6 +618,28 @@ def test_5xx_is_a_502_json_error_on_both_apis(fake_upstream: tuple[str, list[dic
             payloads = [data for _, data in sse_events(response)]
         assert json.loads(payloads[-1])["error"]["type"] == "upstream_error"
         assert "[DONE]" not in payloads
+    finally:
+        front.server.should_exit = True
+
+
+def test_the_request_id_is_forwarded_to_the_upstream(fake_upstream: tuple[str, list[dict]]) -> None:
+    """Both API families hand the client's `X-Request-ID` to the upstream, so one id finds a request in both logs."""
+    url, seen = fake_upstream
+    settings = remote_settings(url)
+    engine = RemoteEngine(settings)
+    front = start_live_server(settings, engine)
+    try:
+        wait_for(lambda: engine.ready, 30, "front ready")
+        for path, body in (
+            ("/api/v1/generate-text", {"text": "hello", "max_new_tokens": 5}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}),
+        ):
+            request_id = f"forwarded-{path.strip('/').replace('/', '-')}"
+            response = httpx.post(
+                f"{front.base_url}{path}", headers={**AUTH, "X-Request-ID": request_id}, json=body, timeout=30
+            )
+            assert response.status_code == 200, response.text
+            assert seen[-1]["x-request-id"] == request_id, path
     finally:
         front.server.should_exit = True
 
