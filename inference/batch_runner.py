@@ -285,13 +285,14 @@ class BatchRunner:
             self._fail_running(error, extra=extra)
 
     def _fail_prefill(self, slots: list[Slot], error: Exception) -> None:
-        logger.error("prefill failed for %d request(s)", len(slots), exc_info=error)
+        logger.error("generation failed (request %s)", request_ids(slots), exc_info=error)
         self._release(slots)
         self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
 
     def _fail_running(self, error: Exception, extra: Iterable[Slot] = ()) -> None:
-        logger.exception("batched generation failed; failing the running requests")
         slots = list(dict.fromkeys([*self.batch.slots, *extra]))
+        # One shared pass failed: every row in it fails (nobody can tell whose fault it was); the log names them all.
+        logger.error("generation failed (request %s)", request_ids(slots), exc_info=error)
         self.batch.clear()
         self._release(slots)
         self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
@@ -329,3 +330,8 @@ class BatchRunner:
                 self._release(ended)
         finally:
             self._post_many(events)
+
+
+def request_ids(slots: Iterable[Slot]) -> str:
+    """The failure log's names for these rows: the request ids the clients saw, `-` where a request has none."""
+    return ", ".join(slot.request.request_id or "-" for slot in slots)

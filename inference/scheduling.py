@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 # Prefill batching (see plan_prefill_groups): a forward pass's fixed cost in prompt-token equivalents, measured
 # on the 2-core CPU with the embedded model (~55 ms per pass, ~0.5 ms per prompt token), and a guess for GPUs,
 # where a pass's fixed cost dwarfs the per-token one. The budget caps the padded tokens of one prefill pass.
-# MAX_BATCH=auto. On the 2-core CPU 16 rows gave ~1.5-1.7x the tok/s of 8 at 16 streams (README, Throughput);
+# MAX_BATCH=auto. On the 2-core CPU 16 rows gave ~1.5-1.7x the tok/s of 8 at 16 streams (docs/throughput.md);
 # on a GPU each row's KV cache takes GPU memory (~0.34 MB per token for Gemma2-9B), so stay at 8 there.
 AUTO_MAX_BATCH_CPU = 16
 AUTO_MAX_BATCH_ACCELERATOR = 8

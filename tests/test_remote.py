@@ -144,7 +144,7 @@ def assert_cancelled_upstream(spent: int) -> None:
 # --- unit pieces -----------------------------------------------------------------------------------------------
 
 
-def test_fold_system_messages_matches_the_local_rule() -> None:
+def test_fold_system_messages_merges_each_system_turn_into_the_next_user_turn() -> None:
     messages = [
         Message("system", "Be brief."),
         Message("user", "Hi"),

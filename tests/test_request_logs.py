@@ -82,17 +82,19 @@ def test_the_request_id_reaches_the_engine(client: TestClient, engine: LocalEngi
 FAULT = "GAGAL-DENGAN-ID"
 
 
+@pytest.mark.parametrize("kind", ["batched", "sequential"])
 @pytest.mark.parametrize("path", API_PATHS)
 def test_a_failed_generation_is_logged_with_its_request_id(
     shared_clients: dict[str, TestClient],
     shared_engines: dict[str, LocalEngine],
     caplog: pytest.LogCaptureFixture,
     path: str,
+    kind: str,
 ) -> None:
     """The operator finds a failed generation's traceback by the id the client saw (`X-Request-ID`), on every API
-    family. The sequential engine's failure log names the request (the batched engine's names no request: a
-    shared pass fails every row in it)."""
-    client, engine = shared_clients["sequential"], shared_engines["sequential"]
+    family and both local engines (a failing prompt fails alone on the batched engine too: its pass is rerun
+    without it, so the log names that one request)."""
+    client, engine = shared_clients[kind], shared_engines[kind]
     request_id = f"failed-{path.strip('/').replace('/', '-')}"
     with caplog.at_level(logging.ERROR), ForcedFault(engine, FAULT):
         response = client.post(path, headers={**AUTH, "X-Request-ID": request_id}, json=body_for(path, FAULT))
