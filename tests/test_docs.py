@@ -68,3 +68,18 @@ def test_every_docs_page_is_linked_from_the_readme_and_links_back() -> None:
         first, _, _ = page.read_text(encoding="utf-8").partition("\n")
         assert first.startswith("# "), f"docs/{page.name} does not start with a title line"
         assert "../README.md" in links(page), f"docs/{page.name} has no link back to the README"
+
+
+README_MAX_LINES = 250
+
+
+def test_the_readme_is_a_short_front_door_with_a_code_map() -> None:
+    """What it is, the two commands, the examples, a code map naming every module, the settings table, links."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= README_MAX_LINES, "README.md grew past its limit: move the long read to docs/"
+    code_map = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    modules = sorted((ROOT / "inference").glob("*.py")) + sorted((ROOT / "webapp").rglob("*.py"))
+    missing = [
+        str(path.relative_to(ROOT)) for path in modules if path.name != "__init__.py" and path.name not in code_map
+    ]
+    assert not missing, f"the README's code map does not name: {', '.join(missing)}"
