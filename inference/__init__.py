@@ -19,8 +19,10 @@ from inference.types import (
     Message,
     ModelInfo,
     ModelLoadError,
+    ResponseFormat,
     StreamEvent,
     TextDelta,
+    TokenLogprob,
     UpstreamError,
 )
 
@@ -41,9 +43,11 @@ __all__ = [
     "Message",
     "ModelInfo",
     "ModelLoadError",
+    "ResponseFormat",
     "SequentialEngine",
     "StreamEvent",
     "TextDelta",
+    "TokenLogprob",
     "UpstreamError",
     "build_engine",
 ]

@@ -18,8 +18,23 @@ class Message:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """Constrained decoding: every token is masked so the reply parses as JSON (`json_object`) or validates against
+    `schema` (`json_schema`, the JSON Schema as JSON text: hashable, the compiled grammar's cache key)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+    strict: bool = True
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: the full conversation (system, history, new user turn) and its sampling knobs."""
+    """One generation: the full conversation (system, history, new user turn) and its sampling knobs.
+
+    `prompt` set (and `messages` empty) is a raw completion: the text is the model's input as it is, no chat
+    template (`/v1/completions`). Per-row knobs (penalties, `min_p`, `logprobs`, `response_format`) live with that
+    request's row inside a batched pass; the rows that do not use them take the plain path.
+    """
 
     messages: tuple[Message, ...]
     max_new_tokens: int = 256
@@ -30,13 +45,30 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     request_id: str = ""
+    prompt: str | None = None  # raw completion text instead of messages
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence of the token in the output so far
+    min_p: float | None = None  # drop tokens below min_p x the top token's probability
+    logprobs: int | None = None  # None: off; k (0-20): each token's logprob and the k most likely alternatives
+    response_format: ResponseFormat | None = None
+    tools: str | None = None  # the OpenAI `tools` list as JSON text, for chat templates that render tools themselves
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (natural log) and the most likely alternatives at that step."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A piece of newly generated text, ready to show."""
+    """A piece of newly generated text, ready to show; with `logprobs` requested, the tokens it covers."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
