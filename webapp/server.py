@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from inference import Engine
 from webapp import openai_routes, ops, spec_routes
+from webapp.cors import ApiCORSMiddleware
 from webapp.errors import install_error_handlers
 from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.metrics import ServiceMetrics
@@ -67,8 +68,10 @@ def create_app(
     app.include_router(spec_routes.router)
     app.include_router(openai_routes.router)
     install_openapi(app, settings)
-    # Outermost of the app's own middleware: covers the API, the docs and the Gradio page alike.
+    # Covers the API, the docs and the Gradio page alike.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outside that: the API's CORS headers reach its error responses too (a 413 included).
+    app.add_middleware(ApiCORSMiddleware, allow_origins=settings.cors_origins())
     if with_ui:
         app = mount_ui(app, engine, settings)
     return app

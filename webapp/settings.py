@@ -3,6 +3,7 @@ HTTP server, request-limit, page and operations ones below. It drives `--help`, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +29,25 @@ def parse_credentials(text: str) -> list[tuple[str, str]]:
     if not pairs:
         raise ValueError("no `user:password` pair given")
     return pairs
+
+
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
+
+
+def parse_origins(text: str) -> list[str]:
+    """`https://a.example, http://localhost:3000` -> origins, or `*`; an entry with a path (or a trailing `/`,
+    which no browser sends) is refused, since it would never match."""
+    origins = [item.strip() for item in text.split(",") if item.strip()]
+    if "*" in origins:
+        if len(origins) > 1:
+            raise ValueError("`*` allows every origin; give it alone or list the origins")
+        return origins
+    for position, origin in enumerate(origins, start=1):
+        if not ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f"entry {position} ({origin!r}) is not an origin: scheme://host[:port], no path or trailing `/`"
+            )
+    return origins
 
 
 class Settings(EngineSettings):
@@ -59,6 +79,12 @@ class Settings(EngineSettings):
     gradio_auth: SecretStr | None = Field(
         None, description="Protect the chat page at `/` with a login: comma-separated `user:password` pairs."
     )
+    cors_allow_origins: str = Field(
+        "*",
+        description="Browser origins (`https://app.example`, comma-separated) allowed to call /v1 and /api/v1 "
+        "from another site; `*` allows any origin, empty allows none. The API keys are Bearer headers, not cookies, "
+        "so no credentials mode is offered.",
+    )
     chat_system_message: str = Field(
         DEFAULT_CHAT_SYSTEM_MESSAGE, description="The automatic system message of `/api/v1/chat` and the UI."
     )
@@ -84,6 +110,16 @@ class Settings(EngineSettings):
         if value is not None:
             parse_credentials(value.get_secret_value())
         return value
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _cors_origins(cls, value: str) -> str:
+        parse_origins(value)
+        return value
+
+    def cors_origins(self) -> list[str]:
+        """CORS_ALLOW_ORIGINS as a list: `["*"]`, the given origins, or empty (no cross-origin browser calls)."""
+        return parse_origins(self.cors_allow_origins)
 
     def gradio_credentials(self) -> list[tuple[str, str]]:
         """GRADIO_AUTH as (user, password) pairs; empty if unset."""
