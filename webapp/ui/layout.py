@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from inference import Engine
 from webapp.settings import Settings
 from webapp.ui.chat import SEED_MAX, TOP_K_MAX, ChatUI, banner_markdown
+from webapp.ui.chat_api import API_NAME, chat_endpoint
 from webapp.ui.texts import DEFAULT_LANGUAGE, EXAMPLE_LANGUAGE_NAMES, EXAMPLES, LANGUAGE_CHOICES, tr
 
 # The conversation and the preferences are kept in the browser's localStorage under fixed keys, so
@@ -236,6 +237,10 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                 field("seed"),
                 tr(lang, "footer"),
             )
+
+        # The one documented API endpoint (gradio_client: api_name="/chat"); every handler above is "private",
+        # hidden from the API list (Gradio's queue still runs them for the page: see docs/security.md).
+        gr.api(chat_endpoint(engine, settings), api_name=API_NAME, concurrency_limit=None)
 
         language.change(relabel, [language], relabelled, **quick)
         timer.tick(ui.refresh_banner, [language], [banner, timer], **quick)
