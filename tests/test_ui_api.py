@@ -71,6 +71,7 @@ def test_the_message_alone_is_enough(client: Client, open_server: LiveServer) ->
     """The call the README shows, defaults for the rest (max_new_tokens capped at 16 on this server); and the raw
     HTTP form of it (Gradio's /gradio_api/call/chat, two requests: the call, then its result as SSE)."""
     assert client.predict("Halo!", api_name="/chat").strip()
+    assert client.predict("Halo!", "", 2, 0).strip()  # the only endpoint: gradio_client finds it without its name
     call = httpx.post(f"{open_server.base_url}/gradio_api/call/chat", json={"data": ["Halo!", "", 4, 0]}, timeout=30)
     assert call.status_code == 200, call.text
     result = httpx.get(f"{open_server.base_url}/gradio_api/call/chat/{call.json()['event_id']}", timeout=120).text
