@@ -11,6 +11,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from inference import GenerationRequest
 from inference.loading import LoadedModel
 from tests.conftest import AUTH, LiveServer, engine_for, start_live_server
 from webapp.settings import DEFAULT_CHAT_SYSTEM_MESSAGE, Settings
@@ -69,13 +70,26 @@ def test_predict_returns_the_reply_of_the_embedded_model(client: Client, open_se
 
 def test_the_message_alone_is_enough(client: Client, open_server: LiveServer) -> None:
     """The call the README shows, defaults for the rest (max_new_tokens capped at 16 on this server); and the raw
-    HTTP form of it (Gradio's /gradio_api/call/chat, two requests: the call, then its result as SSE)."""
-    assert client.predict("Halo!", api_name="/chat").strip()
-    assert client.predict("Halo!", "", 2, 0).strip()  # the only endpoint: gradio_client finds it without its name
-    call = httpx.post(f"{open_server.base_url}/gradio_api/call/chat", json={"data": ["Halo!", "", 4, 0]}, timeout=30)
-    assert call.status_code == 200, call.text
-    result = httpx.get(f"{open_server.base_url}/gradio_api/call/chat/{call.json()['event_id']}", timeout=120).text
-    assert "event: complete" in result, result
+    HTTP form of it (Gradio's /gradio_api/call/chat, two requests: the call, then its result as SSE). Each call is
+    one request of the engine with its own request id (the engine's logs and a remote upstream carry it)."""
+    seen: list[str] = []
+
+    def listener(request: GenerationRequest, _result: object) -> None:
+        seen.append(request.request_id)
+
+    open_server.engine.add_result_listener(listener)
+    try:
+        assert client.predict("Halo!", api_name="/chat").strip()
+        assert client.predict("Halo!", "", 2, 0).strip()  # the only endpoint: gradio_client finds it without its name
+        call = httpx.post(
+            f"{open_server.base_url}/gradio_api/call/chat", json={"data": ["Halo!", "", 4, 0]}, timeout=30
+        )
+        assert call.status_code == 200, call.text
+        result = httpx.get(f"{open_server.base_url}/gradio_api/call/chat/{call.json()['event_id']}", timeout=120).text
+        assert "event: complete" in result, result
+    finally:
+        open_server.engine.remove_result_listener(listener)
+    assert len(seen) == 3 and all(seen) and len(set(seen)) == 3, seen
 
 
 def test_bad_inputs_are_clear_errors(client: Client) -> None:
