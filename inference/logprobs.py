@@ -39,15 +39,19 @@ def uses_penalties(request: GenerationRequest) -> bool:
     return bool(request.presence_penalty) or bool(request.frequency_penalty)
 
 
-def apply_penalties(scores: Any, counts: Any, request: GenerationRequest) -> Any:
-    """OpenAI's penalties on one row (in place): `- frequency * count - presence * (count > 0)` per token.
+def apply_penalties(scores: Any, counts: dict[int, int], request: GenerationRequest) -> Any:
+    """OpenAI's penalties on one row (in place): `- (frequency * count + presence)` for each token generated so far.
 
-    `counts`: float32, one entry per vocabulary id, how often each id was generated so far (the prompt excluded).
+    `counts`: how often each id was generated so far (the prompt excluded). Only those entries are touched, so the
+    cost grows with the reply's distinct tokens, not with the vocabulary.
     """
-    if request.frequency_penalty:
-        scores.sub_(counts * request.frequency_penalty)
-    if request.presence_penalty:
-        scores.sub_((counts > 0).to(scores.dtype) * request.presence_penalty)
+    if not counts:
+        return scores
+    import torch
+
+    ids = torch.tensor(list(counts), dtype=torch.long, device=scores.device)
+    times = torch.tensor(list(counts.values()), dtype=scores.dtype, device=scores.device)
+    scores.index_add_(0, ids, times * -request.frequency_penalty - request.presence_penalty)
     return scores
 
 
@@ -96,15 +100,12 @@ class PenaltyProcessor:
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
 
-        generated = input_ids[0, self.prompt_length :]
-        if not len(generated):
+        generated = input_ids[0, self.prompt_length :].tolist()
+        if not generated:
             return scores
-        counts = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
-        counts.scatter_add_(0, generated, torch.ones_like(generated, dtype=scores.dtype))
         scores = scores.clone()
-        apply_penalties(scores[0], counts, self.request)
+        apply_penalties(scores[0], dict(collections.Counter(generated)), self.request)
         return scores
 
 

@@ -28,7 +28,7 @@ class SampledRow(Protocol):
     request: GenerationRequest
     history: list[int]  # prompt + output ids, kept for repetition_penalty only (else empty)
     generator: Any  # torch.Generator, made here at the row's first sample
-    counts: Any  # float32 counts of the generated ids, for presence/frequency penalties only (else None)
+    counts: Any  # {id: times generated}, for presence/frequency penalties only (else None)
     scored: Any  # inference.logprobs.ScoredToken of the last choice, for rows with logprobs only
 
     @property
@@ -49,7 +49,7 @@ def choose(slots: Sequence[SampledRow], logits: Any) -> Any:
             scores[row].scatter_(0, seen, picked)
         if uses_penalties(slot.request):
             if slot.counts is None:  # the row's first choice: nothing generated yet
-                slot.counts = scores.new_zeros(scores.shape[-1])
+                slot.counts = {}
             apply_penalties(scores[row], slot.counts, slot.request)
     tokens = scores.argmax(dim=-1)
     for row, slot in enumerate(slots):
