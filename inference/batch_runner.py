@@ -58,6 +58,8 @@ class Slot:
     admitted_at: float | None = None
     generator: Any = None  # torch.Generator, made on the logits' device at the first sample
     history: list[int] = field(default_factory=list)  # prompt + output ids, kept for repetition_penalty only
+    counts: dict[int, int] | None = None  # output ids' counts, for presence/frequency_penalty only (sampling.choose)
+    scored: Any = None  # the last token's inference.logprobs.ScoredToken, for rows with logprobs only
     prompt: Any = None  # inference.fast_decode.PromptRow while the lean decoder prefills it, chunk by chunk
     prefilled: int = 0  # prompt tokens in `prompt.cache` so far
 
@@ -315,9 +317,14 @@ class BatchRunner:
                 continue
             slot.generated += 1
             emitted += 1
-            events.append((slot, token))
+            if slot.scored is not None:
+                events.append((slot, slot.scored))
+            else:
+                events.append((slot, token))
             if slot.history:
                 slot.history.append(token)
+            if slot.counts is not None:
+                slot.counts[token] = slot.counts.get(token, 0) + 1
             if slot.generated >= slot.request.max_new_tokens:
                 events.append((slot, Done("length")))
                 ended.append(slot)

@@ -31,6 +31,7 @@ from typing import Any
 from inference.batch_runner import BatchRunner, Done, Slot
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel, load_model
+from inference.logprobs import ScoredToken, token_logprob
 from inference.scheduling import AUTO_MAX_BATCH_ACCELERATOR, AUTO_MAX_BATCH_CPU
 from inference.settings import EngineSettings
 from inference.text import ReplyAssembler
@@ -217,6 +218,10 @@ class BatchedEngine(LocalEngine):
                 if isinstance(event, int):
                     consumed += 1
                     pieces = collector.feed(event)
+                elif isinstance(event, ScoredToken):  # a row with logprobs
+                    consumed += 1
+                    reply.add_tokens([token_logprob(self.tokenizer, event)])
+                    pieces = collector.feed(event.token)
                 elif isinstance(event, Done):
                     finish = event.finish_reason
                     pieces = collector.finish()

@@ -200,6 +200,7 @@ class LocalEngine(Engine, ABC):
             top_p=1.0 if greedy or request.top_p is None else request.top_p,
             top_k=None if greedy or request.top_k is None else request.top_k,
             repetition_penalty=request.repetition_penalty or 1.0,
+            min_p=None if greedy or not request.min_p else request.min_p,
             eos_token_id=self.terminators,
             pad_token_id=self._pad_token_id(),
         )

@@ -42,6 +42,7 @@ from inference.types import (
     InvalidRequest,
     ModelInfo,
     StreamEvent,
+    TokenLogprob,
     UpstreamError,
 )
 
@@ -94,9 +95,30 @@ def chat_completion_body(request: GenerationRequest, model: str, fold: bool) -> 
         "stop": list(request.stop) or None,
         "top_k": request.top_k,  # an extension vLLM and this service take; sent only when asked for
         "repetition_penalty": request.repetition_penalty,
+        "presence_penalty": request.presence_penalty or None,
+        "frequency_penalty": request.frequency_penalty or None,
+        "min_p": request.min_p,  # an extension, as top_k
     }
+    if request.logprobs is not None:
+        optional.update(logprobs=True, top_logprobs=request.logprobs)
     body.update({name: value for name, value in optional.items() if value is not None})
     return body
+
+
+def upstream_logprobs(choice: dict[str, Any]) -> list[TokenLogprob]:
+    """The tokens of an upstream chunk's `choices[0].logprobs.content` (OpenAI's shape), as TokenLogprobs."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    tokens = []
+    for item in content:
+        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+            continue
+        top = tuple(
+            (alt["token"], float(alt.get("logprob", 0.0)))
+            for alt in item.get("top_logprobs") or []
+            if isinstance(alt, dict) and isinstance(alt.get("token"), str)
+        )
+        tokens.append(TokenLogprob(item["token"], float(item.get("logprob", 0.0)), top))
+    return tokens
 
 
 def upstream_message(error: openai.APIError) -> str:
@@ -419,6 +441,8 @@ class RemoteEngine(Engine):
                 choices = chunk.get("choices") or []
                 if choices:
                     choice = choices[0]
+                    if request.logprobs is not None:
+                        reply.add_tokens(upstream_logprobs(choice))
                     text = (choice.get("delta") or {}).get("content")
                     if text:
                         delta = reply.feed(text)

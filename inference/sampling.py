@@ -1,8 +1,10 @@
 """Choosing each row's next token from its logits, for both local engines.
 
 The sequential engine hands `GREEDY_BELOW_TEMPERATURE` to transformers' `generate`; the batched engine samples
-per row here, on the float32 logits, in the order `generate` uses: repetition penalty, temperature, top-k, top-p.
-Greedy rows take the argmax. Each request has its own `torch.Generator`, so a seeded request samples the same
+per row here, on the float32 logits, in the order `generate` uses: repetition penalty, (presence and frequency
+penalties, `inference.logprobs`), temperature, top-k, top-p, min_p. Greedy rows take the argmax. Rows with logprobs
+are scored after the penalties (`inference.logprobs.score`); rows without any of these take the plain path.
+Each request has its own `torch.Generator`, so a seeded request samples the same
 tokens whatever else is in the batch.
 """
 
@@ -12,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from inference.logprobs import apply_penalties, score, uses_penalties
 from inference.types import GenerationRequest
 
 # Temperatures below this decode greedily: dividing logits by a subnormal temperature (5e-324 is valid
@@ -25,6 +28,8 @@ class SampledRow(Protocol):
     request: GenerationRequest
     history: list[int]  # prompt + output ids, kept for repetition_penalty only (else empty)
     generator: Any  # torch.Generator, made here at the row's first sample
+    counts: Any  # {id: times generated}, for presence/frequency penalties only (else None)
+    scored: Any  # inference.logprobs.ScoredToken of the last choice, for rows with logprobs only
 
     @property
     def greedy(self) -> bool: ...
@@ -42,6 +47,10 @@ def choose(slots: Sequence[SampledRow], logits: Any) -> Any:
             picked = scores[row].gather(0, seen)
             picked = torch.where(picked < 0, picked * penalty, picked / penalty)
             scores[row].scatter_(0, seen, picked)
+        if uses_penalties(slot.request):
+            if slot.counts is None:  # the row's first choice: nothing generated yet
+                slot.counts = {}
+            apply_penalties(scores[row], slot.counts, slot.request)
     tokens = scores.argmax(dim=-1)
     for row, slot in enumerate(slots):
         if slot.greedy:
@@ -53,11 +62,14 @@ def choose(slots: Sequence[SampledRow], logits: Any) -> Any:
             else:
                 slot.generator.seed()
         tokens[row] = sample(scores[row], slot.request, slot.generator)
+    for row, slot in enumerate(slots):
+        if slot.request.logprobs is not None:
+            slot.scored = score(scores[row], int(tokens[row]), slot.request.logprobs)
     return tokens
 
 
 def sample(scores: Any, request: GenerationRequest, generator: Any) -> Any:
-    """One token from one row of logits: temperature, top-k, top-p (as transformers' warpers), then a draw."""
+    """One token from one row of logits: temperature, top-k, top-p, min_p (as transformers' warpers), then a draw."""
     import torch
 
     if request.temperature != 1.0:
@@ -72,5 +84,8 @@ def sample(scores: Any, request: GenerationRequest, generator: Any) -> Any:
         remove = cumulative <= (1 - request.top_p)
         remove[-1] = False
         scores = scores.masked_fill(remove.scatter(0, sorted_index, remove), -math.inf)
+    if request.min_p:
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(probs < request.min_p * probs.max(), -math.inf)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[0]

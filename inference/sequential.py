@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from inference.engine import Engine, LocalEngine
 from inference.loading import LoadedModel, load_model
+from inference.logprobs import LogprobRecorder, PenaltyProcessor, logprob_streamer, uses_penalties
 from inference.settings import EngineSettings
 from inference.text import ReplyAssembler
 from inference.types import EngineBusy, GenerationFailed, GenerationRequest, GenerationResult, StreamEvent
@@ -33,6 +34,7 @@ class _Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
     output_ids: list[int] = field(default_factory=list)
+    processors: list[Any] = field(default_factory=list)  # penalties and logprobs (inference.logprobs), when asked
     phase: Literal["queued", "running", "done"] = "queued"
 
 
@@ -144,20 +146,34 @@ class SequentialEngine(LocalEngine):
     ) -> AsyncIterator[StreamEvent]:
         from transformers import AsyncTextIteratorStreamer
 
-        streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        processors: list[Any] = []
+        if uses_penalties(request):
+            processors.append(PenaltyProcessor(request, len(prompt_ids)))
+        if request.logprobs is not None:
+            recorder = LogprobRecorder(request.logprobs)
+            processors.append(recorder)  # after the penalties: it records what `choose` scores in the batched engine
+            streamer = logprob_streamer(self.tokenizer, recorder, self.terminators)
+        else:
+            streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         job = _Job(prompt_ids=prompt_ids, request=request, streamer=streamer, submitted_at=started)
+        job.processors = processors
+        take_tokens = getattr(streamer, "take", None)  # logprobs of the tokens generated so far
         with self._counts_lock:
             self._queued += 1
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._generate_blocking, job)
         reply = ReplyAssembler(request.stop, started)
         try:
             async for piece in streamer:
+                if take_tokens is not None:
+                    reply.add_tokens(take_tokens())
                 delta = reply.feed(piece)
                 if delta is not None:
                     yield delta
                 if reply.stopped:
                     job.cancel.set()
                     break
+            if take_tokens is not None and not reply.stopped:
+                reply.add_tokens(take_tokens())
             tail = reply.flush()
             if tail is not None:
                 yield tail
@@ -177,7 +193,7 @@ class SequentialEngine(LocalEngine):
 
     def _generate_blocking(self, job: _Job) -> None:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if job.cancel.is_set() or not self._move(job, "queued", "running"):  # the client left while queued
             self._move(job, "queued", "done")
@@ -201,6 +217,7 @@ class SequentialEngine(LocalEngine):
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=self.sampling_config(job.request),
                 streamer=job.streamer,
+                logits_processor=LogitsProcessorList(job.processors) if job.processors else None,
                 stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancel, self)]),
             )
             job.output_ids = output[0, len(job.prompt_ids) :].tolist()

@@ -166,6 +166,8 @@ def test_fuzz_every_route_against_the_openapi_schema(embedded_model: LoadedModel
         {"temperature": 2.0, "top_p": 5e-324},
         {"temperature": 2.0, "top_k": 1000, "top_p": 1.0, "repetition_penalty": 0.5},
         {"temperature": 2.0, "top_k": 1, "repetition_penalty": 2.0, "seed": 2**32 - 1},
+        {"temperature": 2.0, "min_p": 1.0, "presence_penalty": -2.0, "frequency_penalty": 2.0},
+        {"temperature": 2.0, "min_p": 5e-324, "top_p": 5e-324, "presence_penalty": 2, "frequency_penalty": -2},
     ],
 )
 def test_sampling_knobs_at_their_documented_extremes_generate(client: Any, sampling: dict) -> None:

@@ -246,6 +246,33 @@ def test_sampling_parameters_reach_the_upstream(front: LiveServer, upstream: Liv
     assert cut == full[: full.find(stop)]
 
 
+def test_penalties_min_p_and_logprobs_go_through_the_upstream(front: LiveServer, upstream: LiveServer) -> None:
+    fields: dict = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write the word 'hello' ten times."}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "frequency_penalty": 1.0,
+        "presence_penalty": 0.5,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "extra_body": {"min_p": 0.1},
+    }
+    direct = client_for(upstream).chat.completions.create(**fields)
+    through = client_for(front).chat.completions.create(**fields)
+    assert through.choices[0].message.content == direct.choices[0].message.content
+    plain = client_for(front).chat.completions.create(**{**fields, "frequency_penalty": 0, "presence_penalty": 0})
+    assert plain.choices[0].message.content != through.choices[0].message.content  # the penalties reached it
+    got, want = through.choices[0].logprobs, direct.choices[0].logprobs
+    assert got is not None and want is not None and got.content and want.content
+    assert [(t.token, t.logprob, len(t.top_logprobs)) for t in got.content] == [
+        (t.token, t.logprob, len(t.top_logprobs)) for t in want.content
+    ]
+    chunks = list(client_for(front).chat.completions.create(**fields, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    assert [t.token for t in streamed] == [t.token for t in got.content]
+
+
 def test_what_the_upstream_refuses_is_our_400_with_its_message(front: LiveServer) -> None:
     body = {"text": "Halo", "max_new_tokens": UPSTREAM_CAP + 100}  # under the front's cap, over the upstream's
     response = post(front, "/api/v1/generate-text", body)

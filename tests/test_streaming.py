@@ -115,9 +115,9 @@ def test_openai_models(oai: openai.OpenAI) -> None:
     ("extra", "param"),
     [
         ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"temperature": 3}, "temperature"),
     ],

@@ -13,6 +13,7 @@ from sse_starlette import ServerSentEvent
 from inference import Engine, GenerationResult, InferenceError, TextDelta
 from webapp.auth import authenticate
 from webapp.errors import error_status, openai_error_body
+from webapp.logprobs import chat_logprobs
 from webapp.observability import current_request_id
 from webapp.request_builders import openai_request
 from webapp.schemas import (
@@ -68,16 +69,23 @@ async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chunks(closing(stream), completion_id, created, info.model_id, include_usage)
+        chunks = _chunks(closing(stream), completion_id, created, info.model_id, include_usage, body.logprobs)
         return sse_response(chunks)
+    tokens = []
     async for event in closing(stream):
-        if isinstance(event, GenerationResult):
+        if isinstance(event, TextDelta):
+            tokens += event.logprobs
+        elif isinstance(event, GenerationResult):
             return OpenAIChatCompletion(
                 id=completion_id,
                 created=created,
                 model=info.model_id,
                 choices=[
-                    OpenAIChoice(message=OpenAIResponseMessage(content=event.text), finish_reason=event.finish_reason)
+                    OpenAIChoice(
+                        message=OpenAIResponseMessage(content=event.text),
+                        finish_reason=event.finish_reason,
+                        logprobs=chat_logprobs(tokens) if body.logprobs else None,
+                    )
                 ],
                 usage=_usage(event),
             )
@@ -93,22 +101,25 @@ def _usage(result: GenerationResult) -> OpenAIUsage:
 
 
 async def _chunks(
-    stream: AsyncIterator[object], completion_id: str, created: int, model: str, include_usage: bool
+    stream: AsyncIterator[object],
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    logprobs: bool = False,
 ) -> AsyncIterator[ServerSentEvent]:
-    def chunk(delta: OpenAIDelta, finish: str | None = None) -> ServerSentEvent:
-        payload = OpenAIChatCompletionChunk(
-            id=completion_id,
-            created=created,
-            model=model,
-            choices=[OpenAIChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-        )
+    def chunk(delta: OpenAIDelta, finish: str | None = None, scored: TextDelta | None = None) -> ServerSentEvent:
+        choice = OpenAIChunkChoice(delta=delta, finish_reason=finish)  # type: ignore[arg-type]
+        if scored is not None:  # logprobs asked: the tokens of this chunk's text
+            choice.logprobs = chat_logprobs(scored.logprobs)
+        payload = OpenAIChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice])
         return ServerSentEvent(sse_json(payload.model_dump_json(exclude={"usage"} if not include_usage else set())))
 
     yield chunk(OpenAIDelta(role="assistant", content=""))
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
-                yield chunk(OpenAIDelta(content=event.text))
+                yield chunk(OpenAIDelta(content=event.text), scored=event if logprobs else None)
             elif isinstance(event, GenerationResult):
                 yield chunk(OpenAIDelta(), event.finish_reason)
                 if include_usage:

@@ -62,6 +62,9 @@ def spec_request(
         seed=body.seed,
         stop=tuple(body.stop or ()),
         request_id=request_id,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        min_p=body.min_p,
     )
 
 
@@ -99,6 +102,10 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         seed=body.seed,
         stop=tuple(body.stop_list()),
         request_id=request_id,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        min_p=body.min_p,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
 
 

@@ -84,6 +84,15 @@ class SamplingParams(RequestModel):
     top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k most likely tokens.")
     repetition_penalty: float | None = Field(None, ge=0.5, le=2.0, description="Above 1 discourages repeats.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Same seed and input give the same text.")
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Extension (OpenAI's): lowers the logit of every token already generated."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Extension (OpenAI's): lowers a token's logit per time it was generated."
+    )
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="Extension: drop tokens below min_p x the most likely token's probability."
+    )
     stop: list[str] | None = Field(
         None,
         max_length=4,
@@ -199,10 +208,13 @@ class OpenAIChatCompletionRequest(RequestModel):
     # Accepted only at the value that means "off": anything else is refused (400, naming the field) rather
     # than ignored. The schema documents the accepted value; `unsupported()` gives the message.
     n: int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})
-    logprobs: bool = Field(False, json_schema_extra={"const": False})
-    top_logprobs: int | None = Field(None, json_schema_extra={"type": "null"})
-    presence_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
-    frequency_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    logprobs: bool = Field(False, description="Return each output token's logprob (see docs/api.md).")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: the most likely alternatives per token."
+    )
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    min_p: float | None = Field(None, ge=0, le=1, description="Extension (as in vLLM).")
     tools: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
     tool_choice: str | dict | None = Field(None, description="Only `none`.")
     functions: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
@@ -222,10 +234,7 @@ class OpenAIChatCompletionRequest(RequestModel):
         """(field, reason) of the first field set to something this server does not do."""
         checks: list[tuple[str, bool, str]] = [
             ("n", self.n != 1, "only n=1 is supported"),
-            ("logprobs", self.logprobs, "logprobs are not supported"),
-            ("top_logprobs", self.top_logprobs is not None, "logprobs are not supported"),
-            ("presence_penalty", self.presence_penalty != 0, "use repetition_penalty instead"),
-            ("frequency_penalty", self.frequency_penalty != 0, "use repetition_penalty instead"),
+            ("top_logprobs", self.top_logprobs is not None and not self.logprobs, "logprobs must be true to use it"),
             ("tools", bool(self.tools), "tool calling is not supported"),
             ("tool_choice", self.tool_choice not in (None, "none"), "tool calling is not supported"),
             ("functions", bool(self.functions), "function calling is not supported"),
@@ -251,11 +260,26 @@ class OpenAIResponseMessage(BaseModel):
     content: str
 
 
+class OpenAITopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class OpenAITokenLogprob(OpenAITopLogprob):
+    top_logprobs: list[OpenAITopLogprob]
+
+
+class OpenAIChoiceLogprobs(BaseModel):
+    content: list[OpenAITokenLogprob] | None
+    refusal: list[OpenAITokenLogprob] | None = None
+
+
 class OpenAIChoice(BaseModel):
     index: int = 0
     message: OpenAIResponseMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: OpenAIChoiceLogprobs | None = None
 
 
 class OpenAIUsage(BaseModel):
@@ -282,7 +306,7 @@ class OpenAIChunkChoice(BaseModel):
     index: int = 0
     delta: OpenAIDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: OpenAIChoiceLogprobs | None = None
 
 
 class OpenAIChatCompletionChunk(BaseModel):
