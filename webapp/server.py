@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from inference import Engine
-from webapp import openai_routes, ops, spec_routes
-from webapp.errors import install_error_handlers
+from webapp import completions_routes, openai_routes, ops, spec_routes
+from webapp.errors import install_error_handlers, install_unmatched_routes
 from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.metrics import ServiceMetrics
 from webapp.observability import RequestObserver, RequestObserverMiddleware
@@ -66,6 +66,8 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(spec_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(completions_routes.router)
+    install_unmatched_routes(app)  # after every API route, before the page's mount at /
     install_openapi(app, settings)
     # Outermost of the app's own middleware: covers the API, the docs and the Gradio page alike.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
