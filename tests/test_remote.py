@@ -203,9 +203,9 @@ def test_spec_routes_json_and_sse_match_the_upstream(front: LiveServer, upstream
 
 def test_openai_route_streamed_and_not(front: LiveServer, upstream: LiveServer) -> None:
     messages = [{"role": "system", "content": "Jawab singkat."}, {"role": "user", "content": "Apa ibu kota Indonesia?"}]
-    direct = client_for(upstream).chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    direct = client_for(upstream).chat.completions.create(model="sahabat-ai", messages=messages, max_tokens=8, temperature=0)
     oai = client_for(front)
-    whole = oai.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    whole = oai.chat.completions.create(model="sahabat-ai", messages=messages, max_tokens=8, temperature=0)
     assert whole.model == EMBEDDED_ID
     assert whole.choices[0].message.content == direct.choices[0].message.content
     assert whole.choices[0].finish_reason == direct.choices[0].finish_reason
@@ -216,7 +216,7 @@ def test_openai_route_streamed_and_not(front: LiveServer, upstream: LiveServer) 
     )
     chunks = list(
         oai.chat.completions.create(
-            model="m",
+            model="sahabat-ai",
             messages=messages,
             max_tokens=8,
             temperature=0,
@@ -253,7 +253,7 @@ def test_what_the_upstream_refuses_is_our_400_with_its_message(front: LiveServer
     assert "MAX_NEW_TOKENS_CAP" in response.json()["detail"] and str(UPSTREAM_CAP) in response.json()["detail"]
     with pytest.raises(openai.BadRequestError) as raised:
         client_for(front).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=UPSTREAM_CAP + 100
+            model="sahabat-ai", messages=[{"role": "user", "content": "hi"}], max_tokens=UPSTREAM_CAP + 100
         )
     assert "MAX_NEW_TOKENS_CAP" in raised.value.body["message"]
 
@@ -286,7 +286,7 @@ def test_openai_stream_disconnect_cancels_upstream(front: LiveServer, upstream: 
     before = upstream.engine.generated_tokens_total
     oai = client_for(front)
     stream = oai.chat.completions.create(
-        model="m",
+        model="sahabat-ai",
         messages=[{"role": "user", "content": "Write a very long story."}],
         max_tokens=LONG_TOKENS,
         temperature=0,
@@ -298,7 +298,7 @@ def test_openai_stream_disconnect_cancels_upstream(front: LiveServer, upstream: 
     stream.close()
     assert_cancelled_upstream(upstream_spent(upstream, before))
     completion = oai.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+        model="sahabat-ai", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
     )
     assert completion.choices[0].message.content
 

@@ -109,8 +109,10 @@ async def _admit_all(engine: Engine, generations: list[GenerationRequest]) -> li
         for generation in generations:
             streams.append(await engine.submit(generation))
     except BaseException:
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+        # Not iterated yet, a stream's own cleanup has not started: dropping the last reference releases its place
+        # (the engines' finalizers), at once rather than when the traceback that holds this frame goes.
+        while streams:
+            await streams.pop().aclose()  # type: ignore[attr-defined]
         raise
     return streams
 
