@@ -166,14 +166,24 @@ def test_models_lists_exactly_the_names_accepted_and_retrieves_each(oai: openai.
     assert raised.value.code == "model_not_found" and "gpt-4o" in raised.value.message
 
 
-def test_a_stream_of_a_list_sends_done_once_at_the_end(live_server: LiveServer) -> None:
-    body = {"model": "sahabat-ai", "prompt": PROMPTS, "max_tokens": 3, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{live_server.base_url}/v1/completions", headers=AUTH, json=body, timeout=600) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        data = [d for _, d in sse_events_from_lines(r.iter_lines())]
+def test_a_stream_of_a_list_carries_every_choice_to_its_end_then_done_once(
+    oai: openai.OpenAI, live_server: LiveServer
+) -> None:
+    """The second prompt meets the stop sequence at once, the first runs to max_tokens: the stream goes on until
+    both have ended, each with its own finish_reason, and sends `[DONE]` once, last."""
+    body = {"model": "sahabat-ai", "prompt": PROMPTS, "max_tokens": 6, "temperature": 0, "stop": [" 5"]}
+    whole = complete(oai, PROMPTS, max_tokens=6, stop=[" 5"])
+    assert [c.finish_reason for c in whole.choices] == ["length", "stop"]
+    url = f"{live_server.base_url}/v1/completions"
+    with httpx.stream("POST", url, headers=AUTH, json={**body, "stream": True}, timeout=600) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        data = [d for _, d in sse_events_from_lines(response.iter_lines())]
     assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
-    indexes = [json.loads(d)["choices"][0]["index"] for d in data[:-1]]
-    assert sorted(set(indexes)) == [0, 1]
+    choices = [json.loads(d)["choices"][0] for d in data[:-1]]
+    for index, expected in enumerate(whole.choices):
+        mine = [c for c in choices if c["index"] == index]
+        assert "".join(c["text"] for c in mine) == expected.text
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [expected.finish_reason]
 
 
 def test_legacy_logprobs_shape(engine_kind: str) -> None:
