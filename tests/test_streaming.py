@@ -197,7 +197,10 @@ def test_openai_stream_disconnect_cancels(live_server: LiveServer, oai: openai.O
     engine = live_server.engine
     before = engine.generated_tokens_total
     stream = oai.chat.completions.create(
-        model="sahabat-ai", messages=[{"role": "user", "content": "Write a very long story."}], max_tokens=1500, stream=True
+        model="sahabat-ai",
+        messages=[{"role": "user", "content": "Write a very long story."}],
+        max_tokens=1500,
+        stream=True,
     )
     for index, _chunk in enumerate(stream):
         if index == 3:
