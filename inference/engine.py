@@ -179,7 +179,10 @@ class LocalEngine(Engine, ABC):
         info = self.ensure_ready()
         assert self.prompt_builder is not None
         try:
-            prompt_ids = self.prompt_builder.build(request.messages)
+            if request.prompt is not None:
+                prompt_ids = self.raw_prompt_ids(request.prompt)
+            else:
+                prompt_ids = self.prompt_builder.build(request.messages)
         except InvalidRequest:
             raise
         except Exception as error:  # a tokenizer fault is this request's problem, not the service's
@@ -188,6 +191,17 @@ class LocalEngine(Engine, ABC):
         if len(prompt_ids) + request.max_new_tokens > info.context_length:
             raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
         return prompt_ids
+
+    def raw_prompt_ids(self, prompt: str) -> list[int]:
+        """A raw completion's ids: the text as it is, no chat template; the BOS token where the tokenizer adds one.
+
+        Special tokens written in the text are parsed as such: the client writes the model's whole input here (a
+        chat template by hand, say), so there is no turn to forge, unlike message text (see inference.prompt).
+        """
+        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not ids:
+            raise InvalidRequest("prompt: the prompt is empty (it gives no tokens)")
+        return ids
 
     def sampling_config(self, request: GenerationRequest) -> Any:
         """A GenerationConfig for `request`, starting from the model's own defaults."""

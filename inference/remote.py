@@ -2,8 +2,8 @@
 
 The upstream is vLLM's OpenAI server, TGI's Messages API, llama.cpp's server or another instance of this
 service. This process loads no model and imports neither torch nor transformers: it validates and admits
-a request, opens one streamed `chat/completions` call with the official `openai` client, and turns its
-chunks into the same `TextDelta`... `GenerationResult` stream the local engines produce.
+a request, opens one streamed `chat/completions` call (`completions` for a raw prompt) with the official `openai`
+client, and turns its chunks into the same `TextDelta`... `GenerationResult` stream the local engines produce.
 
 - The chat template is the upstream's: messages go as messages. Templates without a system role
   (Gemma2's raises on one) get system text folded into the next user turn (REMOTE_SYSTEM_ROLE).
@@ -76,14 +76,17 @@ def redact_url(url: str) -> str:
 
 
 def chat_completion_body(request: GenerationRequest, model: str, fold: bool) -> dict[str, Any]:
-    """The streamed `chat/completions` body for `request`; `fold`: system text folded into user turns."""
-    if fold:
-        messages = fold_system_messages(request.messages)
+    """The streamed `chat/completions` body for `request` (`completions` for a raw prompt); `fold`: system text
+    folded into user turns."""
+    if request.prompt is not None:
+        source: dict[str, Any] = {"prompt": request.prompt}
+    elif fold:
+        source = {"messages": fold_system_messages(request.messages)}
     else:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        source = {"messages": [{"role": m.role, "content": m.content} for m in request.messages]}
     body: dict[str, Any] = {
         "model": model,
-        "messages": messages,
+        **source,
         "max_tokens": request.max_new_tokens,
         "temperature": request.temperature,
         "stream": True,
@@ -351,7 +354,7 @@ class RemoteEngine(Engine):
 
     async def submit(self, request: GenerationRequest) -> RemoteStream:
         info = self.ensure_ready()
-        if not request.messages or request.messages[-1].role != "user":
+        if request.prompt is None and (not request.messages or request.messages[-1].role != "user"):
             raise InvalidRequest("the conversation must end with a user message")
         started = time.perf_counter()
         upstream = await self._open(request, info.model_id)
@@ -389,7 +392,7 @@ class RemoteEngine(Engine):
             # left as dicts (cast_to=object). Building typed chunk models cost about a fifth of this process's
             # CPU per streamed token under load.
             return await self.client.post(
-                "/chat/completions",
+                "/chat/completions" if request.prompt is None else "/completions",
                 cast_to=object,
                 body=body,
                 options=options,
@@ -441,9 +444,12 @@ class RemoteEngine(Engine):
                 choices = chunk.get("choices") or []
                 if choices:
                     choice = choices[0]
-                    if request.logprobs is not None:
+                    if request.logprobs is not None and request.prompt is None:  # chat chunks' logprobs only
                         reply.add_tokens(upstream_logprobs(choice))
-                    text = (choice.get("delta") or {}).get("content")
+                    # chat chunks carry `delta.content`; completions chunks (a raw prompt) carry `text`
+                    text = (
+                        choice.get("text") if request.prompt is not None else (choice.get("delta") or {}).get("content")
+                    )
                     if text:
                         delta = reply.feed(text)
                         if delta is not None:

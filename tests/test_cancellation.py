@@ -176,7 +176,7 @@ def test_openai_stream_disconnect_frees_the_row(server: LiveServer) -> None:
     engine = server.engine
     before = engine.generated_tokens_total
     body = {
-        "model": "m",
+        "model": "sahabat-ai",
         "messages": [{"role": "user", "content": LONG_PROMPT}],
         "max_tokens": LONG_TOKENS,
         "temperature": 0,

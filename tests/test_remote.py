@@ -178,7 +178,7 @@ def test_front_reports_the_upstream_model(front: LiveServer) -> None:
     assert engine.info is not None and engine.info.engine == "remote"
     assert engine.info.model_id == EMBEDDED_ID and engine.info.is_embedded_demo
     models = client_for(front).models.list()
-    assert [m.id for m in models.data] == [EMBEDDED_ID]
+    assert [m.id for m in models.data] == [EMBEDDED_ID, "sahabat-ai"]  # the served id first, then the alias
 
 
 @pytest.mark.parametrize("path", ["/api/v1/generate-text", "/api/v1/chat"])
@@ -203,9 +203,11 @@ def test_spec_routes_json_and_sse_match_the_upstream(front: LiveServer, upstream
 
 def test_openai_route_streamed_and_not(front: LiveServer, upstream: LiveServer) -> None:
     messages = [{"role": "system", "content": "Jawab singkat."}, {"role": "user", "content": "Apa ibu kota Indonesia?"}]
-    direct = client_for(upstream).chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    direct = client_for(upstream).chat.completions.create(
+        model="sahabat-ai", messages=messages, max_tokens=8, temperature=0
+    )
     oai = client_for(front)
-    whole = oai.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    whole = oai.chat.completions.create(model="sahabat-ai", messages=messages, max_tokens=8, temperature=0)
     assert whole.model == EMBEDDED_ID
     assert whole.choices[0].message.content == direct.choices[0].message.content
     assert whole.choices[0].finish_reason == direct.choices[0].finish_reason
@@ -216,7 +218,7 @@ def test_openai_route_streamed_and_not(front: LiveServer, upstream: LiveServer) 
     )
     chunks = list(
         oai.chat.completions.create(
-            model="m",
+            model="sahabat-ai",
             messages=messages,
             max_tokens=8,
             temperature=0,
@@ -227,6 +229,23 @@ def test_openai_route_streamed_and_not(front: LiveServer, upstream: LiveServer) 
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_raw_completions_go_to_the_upstreams_completions_route(front: LiveServer, upstream: LiveServer) -> None:
+    """/v1/completions through the remote engine: each prompt is one upstream `completions` call (no chat
+    template on either side), so the text, the finish and the usage are the upstream's, stream and not."""
+    prompts = ["The capital of France is", "1, 2, 3, 4,"]
+    direct = client_for(upstream).completions.create(model="sahabat-ai", prompt=prompts, max_tokens=6, temperature=0)
+    oai = client_for(front)
+    through = oai.completions.create(model="sahabat-ai", prompt=prompts, max_tokens=6, temperature=0, echo=True)
+    assert through.model == EMBEDDED_ID
+    assert [c.text for c in through.choices] == [p + c.text for p, c in zip(prompts, direct.choices, strict=True)]
+    assert [c.finish_reason for c in through.choices] == [c.finish_reason for c in direct.choices]
+    assert through.usage == direct.usage
+    chunks = list(
+        oai.completions.create(model="sahabat-ai", prompt=prompts[1], max_tokens=6, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.choices[1].text
 
 
 def test_sampling_parameters_reach_the_upstream(front: LiveServer, upstream: LiveServer) -> None:
@@ -248,7 +267,7 @@ def test_sampling_parameters_reach_the_upstream(front: LiveServer, upstream: Liv
 
 def test_penalties_min_p_and_logprobs_go_through_the_upstream(front: LiveServer, upstream: LiveServer) -> None:
     fields: dict = {
-        "model": "m",
+        "model": "sahabat-ai",
         "messages": [{"role": "user", "content": "Write the word 'hello' ten times."}],
         "max_tokens": 12,
         "temperature": 0,
@@ -280,7 +299,7 @@ def test_what_the_upstream_refuses_is_our_400_with_its_message(front: LiveServer
     assert "MAX_NEW_TOKENS_CAP" in response.json()["detail"] and str(UPSTREAM_CAP) in response.json()["detail"]
     with pytest.raises(openai.BadRequestError) as raised:
         client_for(front).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=UPSTREAM_CAP + 100
+            model="sahabat-ai", messages=[{"role": "user", "content": "hi"}], max_tokens=UPSTREAM_CAP + 100
         )
     assert "MAX_NEW_TOKENS_CAP" in raised.value.body["message"]
 
@@ -313,7 +332,7 @@ def test_openai_stream_disconnect_cancels_upstream(front: LiveServer, upstream: 
     before = upstream.engine.generated_tokens_total
     oai = client_for(front)
     stream = oai.chat.completions.create(
-        model="m",
+        model="sahabat-ai",
         messages=[{"role": "user", "content": "Write a very long story."}],
         max_tokens=LONG_TOKENS,
         temperature=0,
@@ -325,7 +344,7 @@ def test_openai_stream_disconnect_cancels_upstream(front: LiveServer, upstream: 
     stream.close()
     assert_cancelled_upstream(upstream_spent(upstream, before))
     completion = oai.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+        model="sahabat-ai", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
     )
     assert completion.choices[0].message.content
 

@@ -212,7 +212,7 @@ def oai(live_server: LiveServer) -> openai.OpenAI:
 
 def test_openai_sdk_parses_logprobs_stream_and_not(oai: openai.OpenAI) -> None:
     fields: dict[str, Any] = {
-        "model": "m",
+        "model": "sahabat-ai",
         "messages": [{"role": "user", "content": DAYS}],
         "max_tokens": 20,
         "temperature": 0,
@@ -253,7 +253,9 @@ def test_spec_routes_take_the_sampling_fields(live_server: LiveServer, oai: open
     penalised = httpx.post(url, headers=AUTH, json={**body, **knobs}, timeout=120).json()["generated_text"]
     assert penalised != plain
     messages = [{"role": "user", "content": REPETITIVE}]
-    same = oai.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0, extra_body=knobs)
+    same = oai.chat.completions.create(
+        model="sahabat-ai", messages=messages, max_tokens=24, temperature=0, extra_body=knobs
+    )
     assert same.choices[0].message.content == penalised
 
 
@@ -271,7 +273,9 @@ def test_spec_routes_take_the_sampling_fields(live_server: LiveServer, oai: open
 )
 def test_bad_values_are_400_naming_the_field(oai: openai.OpenAI, extra: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
-        oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, **extra)
+        oai.chat.completions.create(
+            model="sahabat-ai", messages=[{"role": "user", "content": "hi"}], max_tokens=2, **extra
+        )
     error = raised.value.body
     assert isinstance(error, dict) and param in error["message"] and error["param"] == param, error
 

@@ -55,7 +55,7 @@ def test_the_official_client_reads_a_pinged_stream(live_server: LiveServer, ping
         assert any(line.startswith(": ping") for line in response.iter_lines())
     chunks = list(
         oai.chat.completions.create(
-            model="m",
+            model="sahabat-ai",
             messages=messages,  # type: ignore[arg-type]
             max_tokens=8,
             temperature=0,
@@ -64,7 +64,7 @@ def test_the_official_client_reads_a_pinged_stream(live_server: LiveServer, ping
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    whole = oai.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    whole = oai.chat.completions.create(model="sahabat-ai", messages=messages, max_tokens=8, temperature=0)  # type: ignore[arg-type]
     assert text and text == whole.choices[0].message.content
     assert chunks[-1].usage is not None and whole.usage is not None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens

@@ -67,7 +67,7 @@ def test_streaming_request_errors_are_plain_json_before_the_stream(live_server: 
 
 def test_openai_client_chats(oai: openai.OpenAI) -> None:
     completion = oai.chat.completions.create(
-        model="anything",
+        model="sahabat-ai",
         messages=[
             {"role": "system", "content": "Jawab singkat."},
             {"role": "user", "content": "Apa ibu kota Indonesia?"},
@@ -87,9 +87,9 @@ def test_openai_client_chats(oai: openai.OpenAI) -> None:
 
 def test_openai_client_streams_with_usage(oai: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Sebutkan tiga pulau di Indonesia."}]
-    whole = oai.chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0)
+    whole = oai.chat.completions.create(model="sahabat-ai", messages=messages, max_tokens=10, temperature=0)
     stream = oai.chat.completions.create(
-        model="m",
+        model="sahabat-ai",
         messages=messages,
         max_tokens=10,
         temperature=0,
@@ -108,7 +108,7 @@ def test_openai_client_streams_with_usage(oai: openai.OpenAI) -> None:
 
 def test_openai_models(oai: openai.OpenAI) -> None:
     models = oai.models.list()
-    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct-Q4_1"]
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct-Q4_1", "sahabat-ai"]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_openai_models(oai: openai.OpenAI) -> None:
 )
 def test_openai_unsupported_or_invalid_fields_are_400(oai: openai.OpenAI, extra: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
-        oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], **extra)
+        oai.chat.completions.create(model="sahabat-ai", messages=[{"role": "user", "content": "hi"}], **extra)
     error = raised.value.body
     assert isinstance(error, dict) and param in error["message"]
     assert error["type"] == "invalid_request_error"
@@ -163,7 +163,7 @@ def test_stop_sequences_on_every_route(live_server: LiveServer, oai: openai.Open
     deltas, final, _ = spec_stream(live_server, "/api/v1/generate-text", {**base, "stop": [stop], "stream": True})
     assert "".join(deltas) == final["generated_text"] == expected
     completion = oai.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0, stop=stop
+        model="sahabat-ai", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0, stop=stop
     )
     assert completion.choices[0].message.content == expected
     assert completion.choices[0].finish_reason == "stop"
@@ -197,14 +197,17 @@ def test_openai_stream_disconnect_cancels(live_server: LiveServer, oai: openai.O
     engine = live_server.engine
     before = engine.generated_tokens_total
     stream = oai.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Write a very long story."}], max_tokens=1500, stream=True
+        model="sahabat-ai",
+        messages=[{"role": "user", "content": "Write a very long story."}],
+        max_tokens=1500,
+        stream=True,
     )
     for index, _chunk in enumerate(stream):
         if index == 3:
             break
     stream.close()
     completion = oai.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+        model="sahabat-ai", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
     )
     assert completion.choices[0].message.content
     assert engine.running == 0

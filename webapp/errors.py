@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from inference import EngineBusy, EngineNotReady, GenerationFailed, InferenceError, InvalidRequest, UpstreamError
 
@@ -21,6 +22,17 @@ class BadRequest(Exception):
     def __init__(self, detail: str, param: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.param = param
+
+
+class ModelNotFound(Exception):
+    """A `model` name this server does not serve (404, OpenAI's `code: "model_not_found"`)."""
+
+    code = "model_not_found"
+
+    def __init__(self, name: str, served: list[str], param: str | None = "model") -> None:
+        self.detail = f"The model `{name}` does not exist: this server serves {', '.join(served)}"
+        super().__init__(self.detail)
         self.param = param
 
 
@@ -60,6 +72,8 @@ def error_status(error: Exception) -> tuple[int, str, dict[str, str]]:
     """(status code, message, headers) for an error raised by an engine or a route."""
     if isinstance(error, BadRequest):
         return status.HTTP_400_BAD_REQUEST, error.detail, {}
+    if isinstance(error, ModelNotFound):
+        return status.HTTP_404_NOT_FOUND, error.detail, {}
     if isinstance(error, InvalidRequest):
         return status.HTTP_400_BAD_REQUEST, str(error), {}
     if isinstance(error, EngineBusy):
@@ -91,39 +105,96 @@ def is_openai_path(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
-def openai_error_body(code: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": OPENAI_ERROR_TYPES.get(code, "invalid_request_error" if code < 500 else "server_error"),
-            "param": param,
-            "code": None,
-        }
-    }
+def openai_error_body(
+    code: int, message: str, param: str | None = None, error_code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object; `error_code` is its machine-readable `code` (e.g. `model_not_found`), else null."""
+    kind = OPENAI_ERROR_TYPES.get(code, "invalid_request_error" if code < 500 else "server_error")
+    if error_code == ModelNotFound.code:
+        kind = "invalid_request_error"  # what OpenAI answers for an unknown model
+    return {"error": {"message": message, "type": kind, "param": param, "code": error_code}}
 
 
 def error_response(
-    request: Request, code: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    request: Request,
+    code: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    error_code: str | None = None,
 ) -> JSONResponse:
     """The error body in the shape of the API the request came in by: `{"detail"}` or OpenAI's `{"error"}`."""
     message = safe_text(message)
     param = None if param is None else safe_text(param, MAX_FIELD_NAME_CHARS * 4)
-    body = openai_error_body(code, message, param) if is_openai_path(request) else {"detail": message}
+    body = openai_error_body(code, message, param, error_code) if is_openai_path(request) else {"detail": message}
     return JSONResponse(body, code, headers=headers)
+
+
+def _validation_param(errors: list[dict[str, Any]]) -> str | None:
+    """The first offending field's dotted name; null for a body that is not JSON (its location is a character
+    offset, not a field) or is missing."""
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return None
+        path = ".".join(_field_path(error.get("loc", ())))
+        if path:
+            return path
+    return None
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(app: Any, scope: dict[str, Any]) -> list[str]:
+    """The methods for which one of the app's own routes (not a mount, not these fallbacks) takes this path."""
+    allowed: list[str] = []
+    for route in app.router.routes:
+        if isinstance(route, Mount) or getattr(route, "name", "") == _UNMATCHED:
+            continue
+        for method in _METHODS:
+            if method not in allowed and route.matches({**scope, "method": method})[0] is Match.FULL:
+                allowed.append(method)
+    return [method for method in _METHODS if method in allowed]
+
+
+_UNMATCHED = "unmatched_api_path"
+
+
+def install_unmatched_routes(app: FastAPI, prefixes: tuple[str, ...] = ("/v1", "/api/v1")) -> None:
+    """404 and 405 (with `Allow`) for unknown paths and methods under the API prefixes, in each API's error shape.
+
+    Without them a path no API route matches falls through to the page mounted at `/`, whose answer is Gradio's
+    `{"detail": "Not Found"}` (and a wrong method a 404 too). Call it after the API routers, before the page's mount.
+    """
+
+    async def unmatched(request: Request) -> None:
+        allowed = _allowed_methods(request.app, request.scope)
+        where = f"{request.method} {request.url.path}"
+        if allowed:
+            raise HTTPException(
+                status.HTTP_405_METHOD_NOT_ALLOWED,
+                f"method not allowed: {where}; this route allows {', '.join(allowed)}",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no such route: {where} (the API is documented at /docs)")
+
+    for prefix in prefixes:
+        for path in (prefix, f"{prefix}/{{rest:path}}"):
+            app.add_api_route(path, unmatched, methods=list(_METHODS), include_in_schema=False, name=_UNMATCHED)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = list(error.errors())
-        param = next((".".join(_field_path(e.get("loc", ()))) for e in errors), None)
-        return error_response(request, 400, describe_validation_errors(errors), param=param or None)
+        return error_response(request, 400, describe_validation_errors(errors), param=_validation_param(errors))
 
     async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
         return error_response(request, error.status_code, str(error.detail), dict(error.headers or {}))
 
     async def on_known_error(request: Request, error: Exception) -> JSONResponse:
         code, message, headers = error_status(error)
-        return error_response(request, code, message, headers, param=getattr(error, "param", None))
+        param, error_code = getattr(error, "param", None), getattr(error, "code", None)
+        return error_response(request, code, message, headers, param=param, error_code=error_code)
 
     async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -132,5 +203,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(BadRequest, on_known_error)
+    app.add_exception_handler(ModelNotFound, on_known_error)
     app.add_exception_handler(InferenceError, on_known_error)
     app.add_exception_handler(Exception, on_unexpected_error)

@@ -61,8 +61,9 @@ class RequestRecord:
         if result.time_to_first_token_s is not None and self.ttft_s is None:
             self.ttft_s = result.time_to_first_token_s
         self.finish_reason = result.finish_reason
-        if log_prompt and request.messages:
-            self.prompt = request.messages[-1].content[:LOGGED_PROMPT_CHARS]
+        if log_prompt and (request.messages or request.prompt is not None):
+            text = request.messages[-1].content if request.messages else request.prompt or ""
+            self.prompt = text[:LOGGED_PROMPT_CHARS]
 
     def fields(self, duration_s: float) -> dict[str, Any]:
         out: dict[str, Any] = {

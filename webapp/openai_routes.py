@@ -14,6 +14,7 @@ from inference import Engine, GenerationResult, InferenceError, TextDelta
 from webapp.auth import authenticate
 from webapp.errors import error_status, openai_error_body
 from webapp.logprobs import chat_logprobs
+from webapp.model_names import check_model, served_names
 from webapp.observability import current_request_id
 from webapp.request_builders import openai_request
 from webapp.schemas import (
@@ -44,6 +45,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
         (503, "Model loading or service busy; retry after Retry-After seconds"),
     ]
 }
+NOT_FOUND: dict[str, object] = {"model": OpenAIErrorResponse, "description": "Unknown model (`model_not_found`)"}
 COMPLETION_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "description": 'The completion; with `"stream": true` a `text/event-stream` of `chat.completion.chunk` '
@@ -51,13 +53,22 @@ COMPLETION_RESPONSES: dict[int | str, dict[str, object]] = {
         "content": {"text/event-stream": {}},
     },
     **ERRORS,
+    404: NOT_FOUND,
 }
 
 
 @router.get("/models", response_model=OpenAIModelList, responses=ERRORS)
 async def list_models(request: Request) -> OpenAIModelList:
     info = request.app.state.engine.ensure_ready()
-    return OpenAIModelList(data=[OpenAIModel(id=info.model_id, created=request.app.state.started_at)])
+    created = request.app.state.started_at
+    return OpenAIModelList(data=[OpenAIModel(id=name, created=created) for name in served_names(info)])
+
+
+@router.get("/models/{model_id:path}", response_model=OpenAIModel, responses={**ERRORS, 404: NOT_FOUND})
+async def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
+    info = request.app.state.engine.ensure_ready()
+    check_model(model_id, info, param=None)
+    return OpenAIModel(id=model_id, created=request.app.state.started_at)
 
 
 @router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=COMPLETION_RESPONSES)
@@ -65,6 +76,7 @@ async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
     generation = openai_request(body, request.app.state.settings, request_id=current_request_id())
     info = engine.ensure_ready()
+    check_model(body.model, info)
     stream = await engine.submit(generation)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

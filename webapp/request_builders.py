@@ -2,6 +2,7 @@
 
 - `spec_request`: the documented `/api/v1` routes (generate-text and chat);
 - `openai_request`: the OpenAI-compatible `/v1/chat/completions`;
+- `completion_request`: the OpenAI-compatible legacy `/v1/completions` (raw prompts, one request per prompt);
 - `page_request`: the chat page (its settings panel's values, already clamped by `ui.chat.ChatOptions`).
 
 The request id is the HTTP request's (`observability.current_request_id()`) for the API routes, and a fresh one
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from inference import GenerationRequest, Message
+from webapp.completions_schemas import CompletionRequest
 from webapp.errors import BadRequest
 from webapp.limits import check_conversation_limits
 from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, ChatMessage, OpenAIChatCompletionRequest, TextGenerationRequest
@@ -107,6 +109,47 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         min_p=body.min_p,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
+
+
+def completion_request(body: CompletionRequest, settings: Settings, *, request_id: str) -> list[GenerationRequest]:
+    """One raw-prompt request per prompt of the list (the batched engine runs them together)."""
+    refused = body.unsupported()
+    if refused is not None:
+        field, reason = refused
+        raise BadRequest(f"{field}: {reason}", param=field)
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
+    prompts = body.prompts()
+    total_chars = sum(len(p) for p in prompts)
+    if total_chars > settings.max_total_chars:
+        raise BadRequest(
+            f"prompt: the prompts hold {total_chars} characters together, above the limit of "
+            f"{settings.max_total_chars} (MAX_TOTAL_CHARS)",
+            param="prompt",
+        )
+    cap = settings.max_new_tokens_cap
+    if "max_tokens" in body.model_fields_set:
+        check_max_new_tokens(body.max_tokens, cap, "max_tokens")
+    max_new_tokens = min(body.max_tokens, cap)  # the default is lowered to a cap below it
+    return [
+        GenerationRequest(
+            messages=(),
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=body.seed,
+            stop=tuple(body.stop_list()),
+            logprobs=body.logprobs,
+            request_id=request_id,
+        )
+        for prompt in prompts
+    ]
 
 
 class PageOptions(Protocol):

@@ -191,7 +191,9 @@ class StreamOptions(RequestModel):
 class OpenAIChatCompletionRequest(RequestModel):
     """`POST /v1/chat/completions`. Fields OpenAI defines that this server cannot honour are a 400."""
 
-    model: str | None = Field(None, description="Ignored beyond echoing: this server serves one model.")
+    model: str | None = Field(
+        None, description="A name `GET /v1/models` lists (the served id or `sahabat-ai`); another is a 404."
+    )
     messages: list[OpenAIChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from inference import Engine
-from webapp import openai_routes, ops, spec_routes
+from webapp import completions_routes, openai_routes, ops, spec_routes
 from webapp.cors import ApiCORSMiddleware
-from webapp.errors import install_error_handlers
+from webapp.errors import install_error_handlers, install_unmatched_routes
 from webapp.limits import BodySizeLimitMiddleware, install_openapi
 from webapp.metrics import ServiceMetrics
 from webapp.observability import RequestObserver, RequestObserverMiddleware
@@ -67,6 +67,8 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(spec_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(completions_routes.router)
+    install_unmatched_routes(app)  # after every API route, before the page's mount at /
     install_openapi(app, settings)
     # Covers the API, the docs and the Gradio page alike.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
