@@ -5,6 +5,7 @@ stream and not, echo, stop, usage, the refusals, and the model-name policy."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -125,16 +126,29 @@ def test_what_the_route_cannot_do_is_a_400_naming_the_field(
     assert error["type"] == "invalid_request_error"
 
 
+# Runs to its limit uncancelled, greedy (tests/test_cancellation.py measures 450 of 450 tokens).
+LONG_PROMPT = "Hitung dari 1 sampai 400, satu angka per baris."
+
+
 def test_a_list_is_admitted_whole_or_not_at_all(embedded_model: LoadedModel, engine_kind: str) -> None:
     """A list longer than the queue's room is a 503 and leaves nothing behind: the prompts admitted before the
-    refusal are released at once, so a list that fits is served right after."""
+    refusal are cancelled (a waiting one leaves the queue at once, a running row at the engine's next step), so the
+    engine is idle again without generating them, and a list that fits is served."""
     settings = Settings(model_id="embedded", max_batch=1, max_queue=1, _env_file=None)  # type: ignore[call-arg]
     engine = engine_for(settings, embedded_model, engine_kind)
     with TestClient(create_app(settings, engine, [API_KEY], with_ui=False)) as client:
         body = {"model": "sahabat-ai", "max_tokens": 1, "temperature": 0}
-        refused = client.post("/v1/completions", headers=AUTH, json={**body, "prompt": ["Halo"] * 3})
+        before = engine.generated_tokens_total
+        refused = client.post(
+            "/v1/completions", headers=AUTH, json={**body, "max_tokens": 200, "prompt": [LONG_PROMPT] * 3}
+        )
         assert refused.status_code == 503 and "busy" in refused.json()["error"]["message"]
         assert "Retry-After" in refused.headers
+        deadline = time.monotonic() + 60  # a hang guard only: the cancelled rows leave within a step or two
+        while engine.running or engine.queue_depth:
+            assert time.monotonic() < deadline, "the refused list's prompts were never released"
+            time.sleep(0.01)
+        assert engine.generated_tokens_total - before <= 4  # not the 200 each of them asked for
         served = client.post("/v1/completions", headers=AUTH, json={**body, "prompt": ["Halo"] * 2})
         assert served.status_code == 200, served.text
         assert [c["index"] for c in served.json()["choices"]] == [0, 1]
