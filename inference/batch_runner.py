@@ -60,6 +60,7 @@ class Slot:
     history: list[int] = field(default_factory=list)  # prompt + output ids, kept for repetition_penalty only
     prompt: Any = None  # inference.fast_decode.PromptRow while the lean decoder prefills it, chunk by chunk
     prefilled: int = 0  # prompt tokens in `prompt.cache` so far
+    grammar: Any = None  # inference.grammar.RowGrammar of a constrained request (response_format), else None
 
     @property
     def greedy(self) -> bool:
@@ -318,6 +319,10 @@ class BatchRunner:
             events.append((slot, token))
             if slot.history:
                 slot.history.append(token)
+            if slot.grammar is not None and slot.grammar.advance(token):  # the JSON is complete
+                events.append((slot, Done("stop")))
+                ended.append(slot)
+                continue
             if slot.generated >= slot.request.max_new_tokens:
                 events.append((slot, Done("length")))
                 ended.append(slot)

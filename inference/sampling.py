@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from inference.grammar import apply_masks
 from inference.types import GenerationRequest
 
 # Temperatures below this decode greedily: dividing logits by a subnormal temperature (5e-324 is valid
@@ -25,6 +26,7 @@ class SampledRow(Protocol):
     request: GenerationRequest
     history: list[int]  # prompt + output ids, kept for repetition_penalty only (else empty)
     generator: Any  # torch.Generator, made here at the row's first sample
+    grammar: Any  # inference.grammar.RowGrammar for a constrained row (response_format), else None
 
     @property
     def greedy(self) -> bool: ...
@@ -35,6 +37,9 @@ def choose(slots: Sequence[SampledRow], logits: Any) -> Any:
     import torch
 
     scores = logits.float()
+    constrained = [(row, slot.grammar) for row, slot in enumerate(slots) if slot.grammar is not None]
+    if constrained:  # response_format: the grammar's mask first, so the sampling knobs see only allowed tokens
+        apply_masks(scores, constrained)
     for row, slot in enumerate(slots):
         penalty = slot.request.repetition_penalty
         if penalty is not None and penalty != 1.0 and slot.history:
