@@ -54,6 +54,12 @@ _SUBSCHEMAS = (
 )
 
 
+class InvalidResponseFormat(InvalidRequest):
+    """A `response_format` the engine cannot enforce (a 400 naming the field)."""
+
+    param = "response_format"
+
+
 def _close_objects(schema: Any) -> None:
     """OpenAI's strict mode: an object schema that lists properties and says nothing of others allows no others."""
     if isinstance(schema, list):
@@ -98,18 +104,19 @@ def grammar_text(response_format: ResponseFormat) -> str:
         try:
             schema = json.loads(response_format.schema or "")
         except ValueError as error:
-            raise InvalidRequest(f"response_format: json_schema.schema is not valid JSON ({error})") from None
+            raise InvalidResponseFormat(f"response_format: json_schema.schema is not valid JSON ({error})") from None
         if not isinstance(schema, dict):
-            raise InvalidRequest("response_format: json_schema.schema must be a JSON object")
+            raise InvalidResponseFormat("response_format: json_schema.schema must be a JSON object")
         if response_format.strict:
             _close_objects(schema)
+        schema = json.dumps(schema)  # as text: llguidance's own JSON parser refuses what is not valid text
         options = {"lenient": not response_format.strict}
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(
             schema, defaults={"whitespace_flexible": False}, overrides=options or None
         )
     except ValueError as error:
-        raise InvalidRequest(f"response_format: json_schema.schema is not usable: {error}") from None
+        raise InvalidResponseFormat(f"response_format: json_schema.schema is not usable: {error}") from None
 
 
 class RowGrammar:
@@ -166,7 +173,7 @@ class GrammarCompiler:
                     self._hf_tokenizer, n_vocab=n_vocab, eos_token=self._terminators
                 )
             except Exception as error:  # e.g. a slow (Python) tokenizer: llguidance takes fast ones only
-                raise InvalidRequest(
+                raise InvalidResponseFormat(
                     f"response_format is not available for this model's tokenizer ({type(error).__name__}: {error})"
                 ) from None
         return self._ll_tokenizer
@@ -193,10 +200,12 @@ class GrammarCompiler:
             grammar = grammar_text(response_format)
             error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
             if error:
-                raise InvalidRequest(f"response_format: the JSON schema cannot be enforced: {error.strip()}")
+                raise InvalidResponseFormat(f"response_format: the JSON schema cannot be enforced: {error.strip()}")
             template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
             if template.is_error():
-                raise InvalidRequest(f"response_format: the JSON schema cannot be enforced: {template.get_error()}")
+                raise InvalidResponseFormat(
+                    f"response_format: the JSON schema cannot be enforced: {template.get_error()}"
+                )
             self.last_compile_s = time.perf_counter() - started
             self.compiled += 1
             self._cache[key] = template

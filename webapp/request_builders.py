@@ -17,6 +17,7 @@ from typing import Protocol
 from inference import GenerationRequest, Message
 from webapp.errors import BadRequest
 from webapp.limits import check_conversation_limits
+from webapp.response_format import parse_response_format
 from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, ChatMessage, OpenAIChatCompletionRequest, TextGenerationRequest
 from webapp.settings import Settings
 
@@ -99,6 +100,7 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         seed=body.seed,
         stop=tuple(body.stop_list()),
         request_id=request_id,
+        response_format=parse_response_format(body.response_format),
     )
 
 
