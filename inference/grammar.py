@@ -214,15 +214,15 @@ class GrammarCompiler:
             return RowGrammar(template.deep_copy(), self)
 
 
-_SHIFTS: dict[Any, Any] = {}  # device -> tensor([0..31]), to unpack the bitmask
-
-
 def apply_masks(scores: Any, rows: Iterable[tuple[int, RowGrammar]]) -> None:
     """Mask, in place, the disallowed tokens of the constrained `rows` (row index, grammar) of `scores` to -inf.
 
-    One CPU bitmask (int32, a bit per token) for those rows only, filled by llguidance, unpacked on the scores'
-    device. Unconstrained rows are not touched.
+    One bitmask (int32, a bit per token) for those rows only, filled by llguidance, then unpacked. On CPU the
+    unpacking and the masking run in numpy, on the scores' own memory: torch would run each of these 50k-element
+    operations as an OpenMP parallel region, which on a loaded 2-core machine cost ~70 ms each (measured) instead of
+    ~0.03 ms single-threaded. Unconstrained rows are not touched.
     """
+    import numpy as np
     import torch
 
     rows = list(rows)
@@ -233,21 +233,17 @@ def apply_masks(scores: Any, rows: Iterable[tuple[int, RowGrammar]]) -> None:
     bitmask = torch.empty((len(rows), (vocab + 31) // 32), dtype=torch.int32)
     for index, (_row, grammar) in enumerate(rows):
         grammar.fill(bitmask, index)
-    device = scores.device
-    shifts = _SHIFTS.get(device)
-    if shifts is None:
-        shifts = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    bits = (bitmask.to(device, non_blocking=True).unsqueeze(-1) >> shifts) & 1
-    refused = (bits == 0).view(len(rows), -1)
+    # Bit j of int32 word i is token 32 * i + j (little-endian words and bits).
+    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little").view(bool)
     width = scores.shape[-1]
-    refused = refused[:, :width] if refused.shape[1] >= width else _pad_refused(refused, width)
+    if allowed.shape[1] < width:  # logits wider than the tokenizer's vocabulary: the extra ids are never allowed
+        allowed = np.pad(allowed, ((0, 0), (0, width - allowed.shape[1])))
+    allowed = allowed[:, :width]
+    if scores.device.type == "cpu":
+        for index, (row, _grammar) in enumerate(rows):
+            values = scores[row].numpy()  # shares the tensor's memory
+            values[~allowed[index]] = -np.inf
+        return
+    refused = torch.from_numpy(~allowed).to(scores.device, non_blocking=True)
     for index, (row, _grammar) in enumerate(rows):
         scores[row].masked_fill_(refused[index], float("-inf"))
-
-
-def _pad_refused(refused: Any, width: int) -> Any:
-    """Logits wider than the tokenizer's vocabulary (padded heads): the extra ids are never allowed."""
-    import torch
-
-    pad = torch.ones((refused.shape[0], width - refused.shape[1]), dtype=torch.bool, device=refused.device)
-    return torch.cat([refused, pad], dim=1)
