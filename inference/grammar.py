@@ -142,7 +142,8 @@ class RowGrammar:
             return True
         if not self.matcher.consume_token(token):
             # Never expected (the token was masked): the matcher now allows only EOS; end the row.
-            logger.warning("constrained decoding: token %d refused: %s", token, self.matcher.get_error())
+            reason = (self.matcher.get_error().splitlines() or ["?"])[0]  # the rest is parser state and grammar
+            logger.warning("constrained decoding: token %d refused: %s", token, reason)
         self.done = self.matcher.is_stopped()
         return self.done
 
