@@ -60,6 +60,7 @@ class Run:
     valid_json: int
     constrained_replies: int
     mask_ms_per_row_step: float | None
+    grammar_share_of_wall: float  # the decode thread's time in mask + consume, as a share of the run's wall time
 
 
 class MaskTimer:
@@ -148,6 +149,7 @@ async def run(engine: BatchedEngine, clients: int, constrained: int, rounds: int
         valid_json=valid,
         constrained_replies=len(replies),
         mask_ms_per_row_step=round(1000 * timer.seconds / timer.row_steps, 3) if timer.row_steps else None,
+        grammar_share_of_wall=round(timer.seconds / wall, 4),
     )
 
 
