@@ -106,7 +106,7 @@ def test_every_reply_parses_and_validates(live_server: LiveServer, case: str) ->
 
 @both_engines
 def test_json_object_and_sampled_replies(live_server: LiveServer) -> None:
-    completion = ask(live_server, "What is 2+2? Answer in JSON with the key \"answer\".", {"type": "json_object"})
+    completion = ask(live_server, 'What is 2+2? Answer in JSON with the key "answer".', {"type": "json_object"})
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content), dict)
     for seed in (1, 2):  # sampled rows are masked before temperature and top_p: still valid
