@@ -62,6 +62,7 @@ class Slot:
     scored: Any = None  # the last token's inference.logprobs.ScoredToken, for rows with logprobs only
     prompt: Any = None  # inference.fast_decode.PromptRow while the lean decoder prefills it, chunk by chunk
     prefilled: int = 0  # prompt tokens in `prompt.cache` so far
+    grammar: Any = None  # inference.grammar.RowGrammar of a constrained request (response_format), else None
 
     @property
     def greedy(self) -> bool:
@@ -325,6 +326,10 @@ class BatchRunner:
                 slot.history.append(token)
             if slot.counts is not None:
                 slot.counts[token] = slot.counts.get(token, 0) + 1
+            if slot.grammar is not None and slot.grammar.advance(token):  # the JSON is complete
+                events.append((slot, Done("stop")))
+                ended.append(slot)
+                continue
             if slot.generated >= slot.request.max_new_tokens:
                 events.append((slot, Done("length")))
                 ended.append(slot)

@@ -180,6 +180,7 @@ class BatchedEngine(LocalEngine):
             loop=loop,
             queue=asyncio.Queue(),
             submitted_at=time.perf_counter(),
+            grammar=self.grammar_for(request),
         )
         if request.repetition_penalty not in (None, 1.0):
             slot.history = list(prompt_ids)

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from inference.grammar import GrammarCompiler, RowGrammar
 from inference.loading import LoadedModel, load_model
 from inference.prompt import PromptBuilder, resolve_terminators
 from inference.sampling import GREEDY_BELOW_TEMPERATURE
@@ -138,6 +139,7 @@ class LocalEngine(Engine, ABC):
         self.tokenizer: Any = None
         self.prompt_builder: PromptBuilder | None = None
         self.terminators: list[int] = []
+        self.grammars: GrammarCompiler | None = None  # response_format's compiled grammars (set at load)
 
     def load(self) -> None:
         """Blocking load, on the thread that will run the model (see `run_on_model_thread`)."""
@@ -162,6 +164,7 @@ class LocalEngine(Engine, ABC):
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.prompt_builder = PromptBuilder(self.tokenizer)
             self.terminators = resolve_terminators(self.tokenizer)
+            self.grammars = GrammarCompiler(self.tokenizer, self.terminators, self.model.config.vocab_size)
             self.info = dataclasses.replace(loaded.info, engine=self.name)
             self.on_loaded()
         except Exception as error:
@@ -202,6 +205,13 @@ class LocalEngine(Engine, ABC):
         if not ids:
             raise InvalidRequest("prompt: the prompt is empty (it gives no tokens)")
         return ids
+
+    def grammar_for(self, request: GenerationRequest) -> RowGrammar | None:
+        """The request's own grammar matcher if it asks for structured output (InvalidRequest for a bad schema)."""
+        if request.response_format is None:
+            return None
+        assert self.grammars is not None
+        return self.grammars.compile(request.response_format)
 
     def sampling_config(self, request: GenerationRequest) -> Any:
         """A GenerationConfig for `request`, starting from the model's own defaults."""

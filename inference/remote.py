@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 
 from inference.engine import Engine
+from inference.grammar import openai_response_format
 from inference.loading import EMBEDDED_SERVED_ID
 from inference.prompt import fold_system_messages
 from inference.settings import EngineSettings
@@ -105,6 +106,8 @@ def chat_completion_body(request: GenerationRequest, model: str, fold: bool) -> 
     if request.logprobs is not None:
         optional.update(logprobs=True, top_logprobs=request.logprobs)
     body.update({name: value for name, value in optional.items() if value is not None})
+    if request.response_format is not None:  # vLLM and llama.cpp's server enforce it themselves
+        body["response_format"] = openai_response_format(request.response_format)
     return body
 
 

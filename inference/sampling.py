@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from inference.grammar import apply_masks
 from inference.logprobs import apply_penalties, score, uses_penalties
 from inference.types import GenerationRequest
 
@@ -30,6 +31,7 @@ class SampledRow(Protocol):
     generator: Any  # torch.Generator, made here at the row's first sample
     counts: Any  # {id: times generated}, for presence/frequency penalties only (else None)
     scored: Any  # inference.logprobs.ScoredToken of the last choice, for rows with logprobs only
+    grammar: Any  # inference.grammar.RowGrammar for a constrained row (response_format), else None
 
     @property
     def greedy(self) -> bool: ...
@@ -40,6 +42,9 @@ def choose(slots: Sequence[SampledRow], logits: Any) -> Any:
     import torch
 
     scores = logits.float()
+    constrained = [(row, slot.grammar) for row, slot in enumerate(slots) if slot.grammar is not None]
+    if constrained:  # response_format: the grammar's mask first, so the sampling knobs see only allowed tokens
+        apply_masks(scores, constrained)
     for row, slot in enumerate(slots):
         penalty = slot.request.repetition_penalty
         if penalty is not None and penalty != 1.0 and slot.history:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from inference.engine import Engine, LocalEngine
 from inference.loading import LoadedModel, load_model
 from inference.logprobs import LogprobRecorder, PenaltyProcessor, logprob_streamer, uses_penalties
+from inference.sampling import GREEDY_BELOW_TEMPERATURE, choose
 from inference.settings import EngineSettings
 from inference.text import ReplyAssembler
 from inference.types import EngineBusy, GenerationFailed, GenerationRequest, GenerationResult, StreamEvent
@@ -36,6 +37,7 @@ class _Job:
     output_ids: list[int] = field(default_factory=list)
     processors: list[Any] = field(default_factory=list)  # penalties and logprobs (inference.logprobs), when asked
     phase: Literal["queued", "running", "done"] = "queued"
+    grammar: Any = None  # inference.grammar.RowGrammar of a constrained request (response_format)
 
 
 class _Ticket:
@@ -65,6 +67,44 @@ class _CancelCriteria:
 
         self.engine.generated_tokens_total += 1
         return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _GrammarSampler:
+    """A constrained request's token choice inside `generate` (its logits processor), and its stop (`stopped`).
+
+    The processor chooses the token exactly as the batched engine does (`sampling.choose`: the grammar's mask first,
+    then penalty, temperature, top-k, top-p, with the request's own generator) and hands `generate` a one-hot score
+    that `generate`, run greedy, takes: transformers applies its own warpers before a custom processor, so a mask
+    applied there could leave no token at all. `stopped`, a stopping criterion, consumes the emitted token and ends
+    the generation once the grammar is complete.
+    """
+
+    def __init__(self, request: GenerationRequest, grammar: Any) -> None:
+        self.request, self.grammar = request, grammar
+        self.generator: Any = None
+        self.history: list[int] = []
+        self.counts: Any = None  # presence/frequency penalties: PenaltyProcessor, ahead of this sampler, applies them
+        self.scored: Any = None  # set by `choose` for a request with logprobs (its recorder streams them)
+
+    @property
+    def greedy(self) -> bool:
+        return self.request.temperature < GREEDY_BELOW_TEMPERATURE
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.request.repetition_penalty not in (None, 1.0):
+            self.history = input_ids[0].tolist()
+        token = int(choose([self], scores)[0])
+        one_hot = torch.full_like(scores, float("-inf"))
+        one_hot[0, token] = 0.0
+        return one_hot
+
+    def stopped(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = self.grammar.advance(int(input_ids[0, -1]))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class SequentialEngine(LocalEngine):
@@ -113,6 +153,7 @@ class SequentialEngine(LocalEngine):
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         prompt_ids = self.prepare(request)
+        grammar = self.grammar_for(request)
         with self._admission_lock:
             if self._admitted >= 1 + self.max_queue:
                 retry_after = max(1, min(60, math.ceil(self._mean_duration_s * self._admitted)))
@@ -122,7 +163,7 @@ class SequentialEngine(LocalEngine):
                 )
             self._admitted += 1
         ticket = _Ticket(self._leave)
-        stream = self._stream(request, prompt_ids, ticket, time.perf_counter())
+        stream = self._stream(request, prompt_ids, ticket, time.perf_counter(), grammar)
         weakref.finalize(stream, ticket.release)  # a stream dropped before it is iterated gives its place back
         return stream
 
@@ -131,10 +172,10 @@ class SequentialEngine(LocalEngine):
             self._admitted -= 1
 
     async def _stream(
-        self, request: GenerationRequest, prompt_ids: list[int], ticket: _Ticket, submitted_at: float
+        self, request: GenerationRequest, prompt_ids: list[int], ticket: _Ticket, submitted_at: float, grammar: Any
     ) -> AsyncIterator[StreamEvent]:
         try:
-            async for event in self._generate_stream(request, prompt_ids, submitted_at):
+            async for event in self._generate_stream(request, prompt_ids, submitted_at, grammar):
                 if isinstance(event, GenerationResult):
                     ticket.release()  # done: the caller may keep the finished stream around
                 yield event
@@ -142,7 +183,7 @@ class SequentialEngine(LocalEngine):
             ticket.release()
 
     async def _generate_stream(
-        self, request: GenerationRequest, prompt_ids: list[int], started: float
+        self, request: GenerationRequest, prompt_ids: list[int], started: float, grammar: Any = None
     ) -> AsyncIterator[StreamEvent]:
         from transformers import AsyncTextIteratorStreamer
 
@@ -155,7 +196,7 @@ class SequentialEngine(LocalEngine):
             streamer = logprob_streamer(self.tokenizer, recorder, self.terminators)
         else:
             streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        job = _Job(prompt_ids=prompt_ids, request=request, streamer=streamer, submitted_at=started)
+        job = _Job(prompt_ids=prompt_ids, request=request, streamer=streamer, submitted_at=started, grammar=grammar)
         job.processors = processors
         take_tokens = getattr(streamer, "take", None)  # logprobs of the tokens generated so far
         with self._counts_lock:
@@ -185,7 +226,8 @@ class SequentialEngine(LocalEngine):
         ended_on_terminator = bool(output) and output[-1] in self.terminators
         if ended_on_terminator:
             output = output[:-1]
-        finish = "length" if len(output) >= request.max_new_tokens and not reply.stopped else "stop"
+        complete = grammar is not None and grammar.done  # the JSON closed on the last token allowed
+        finish = "length" if len(output) >= request.max_new_tokens and not reply.stopped and not complete else "stop"
         result = reply.result(len(prompt_ids), len(output), finish)
         self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * result.duration_s
         self.report_result(request, result)
@@ -212,13 +254,24 @@ class SequentialEngine(LocalEngine):
             if job.request.seed is not None:
                 torch.manual_seed(job.request.seed)
             input_ids = torch.tensor([job.prompt_ids], device=self.model.device)
+            config = self.sampling_config(job.request)
+            # The penalties and the logprob recorder first; a constrained request's sampler last (it masks and chooses).
+            processors = LogitsProcessorList(job.processors)
+            criteria = StoppingCriteriaList([_CancelCriteria(job.cancel, self)])
+            if job.grammar is not None:  # response_format: the sampler chooses every token, generate goes greedy
+                sampler = _GrammarSampler(job.request, job.grammar)
+                config.update(
+                    do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None, repetition_penalty=1.0
+                )
+                processors.append(sampler)
+                criteria.append(sampler.stopped)
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                generation_config=self.sampling_config(job.request),
+                generation_config=config,
                 streamer=job.streamer,
-                logits_processor=LogitsProcessorList(job.processors) if job.processors else None,
-                stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancel, self)]),
+                logits_processor=processors,
+                stopping_criteria=criteria,
             )
             job.output_ids = output[0, len(job.prompt_ids) :].tolist()
         except Exception as error:

@@ -25,6 +25,7 @@ class ResponseFormat:
     kind: Literal["json_object", "json_schema"]
     schema: str | None = None
     strict: bool = True
+    name: str = field(default="response", compare=False)  # json_schema.name: forwarded upstream, not a cache key
 
 
 @dataclass(frozen=True)

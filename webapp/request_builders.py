@@ -19,6 +19,7 @@ from inference import GenerationRequest, Message
 from webapp.completions_schemas import CompletionRequest
 from webapp.errors import BadRequest
 from webapp.limits import check_conversation_limits
+from webapp.response_format import parse_response_format
 from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, ChatMessage, OpenAIChatCompletionRequest, TextGenerationRequest
 from webapp.settings import Settings
 
@@ -108,6 +109,7 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         frequency_penalty=body.frequency_penalty,
         min_p=body.min_p,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        response_format=parse_response_format(body.response_format),
     )
 
 

@@ -221,7 +221,11 @@ class OpenAIChatCompletionRequest(RequestModel):
     tool_choice: str | dict | None = Field(None, description="Only `none`.")
     functions: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
     function_call: str | dict | None = Field(None, description="Only `none`.")
-    response_format: dict | None = Field(None, description='Only `{"type": "text"}`.')
+    response_format: dict | None = Field(
+        None,
+        description='`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": '
+        '{"name": ..., "schema": {...}, "strict": true}}`: constrained decoding (see docs/api.md).',
+    )
     logit_bias: dict | None = Field(None, json_schema_extra={"maxProperties": 0})
     parallel_tool_calls: bool | None = None
     # Harmless metadata, accepted and ignored.
@@ -242,11 +246,6 @@ class OpenAIChatCompletionRequest(RequestModel):
             ("functions", bool(self.functions), "function calling is not supported"),
             ("function_call", self.function_call not in (None, "none"), "function calling is not supported"),
             ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
-            (
-                "response_format",
-                self.response_format is not None and self.response_format.get("type") != "text",
-                "only response_format type 'text' is supported",
-            ),
         ]
         for name, refused, reason in checks:
             if refused:
