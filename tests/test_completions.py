@@ -218,3 +218,21 @@ def test_logprobs_come_back_in_the_legacy_shape(oai: openai.OpenAI) -> None:
     assert all(lp <= 0 for lp in logprobs.token_logprobs or [])
     assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs or [])
     assert (logprobs.text_offset or [None])[0] == 0
+
+
+def test_response_format_constrains_a_completion_to_the_schema(oai: openai.OpenAI) -> None:
+    """The same `response_format` as the chat route (webapp/response_format.py), on a raw prompt."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Jakarta", "Bandung", "Surabaya"]}, "capital": {"type": "boolean"}},
+        "required": ["city", "capital"],
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    completion = complete(oai, "A city as JSON:", max_tokens=60, extra_body={"response_format": response_format})
+    assert completion.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.choices[0].text), schema)
+    with pytest.raises(openai.BadRequestError) as raised:
+        complete(oai, "Halo", max_tokens=2, extra_body={"response_format": {"type": "xml"}})
+    assert isinstance(raised.value.body, dict) and raised.value.body["param"] == "response_format"

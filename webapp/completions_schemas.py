@@ -42,6 +42,9 @@ class CompletionRequest(RequestModel):
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LEGACY_LOGPROBS, description="Each token's logprob and the k most likely alternatives."
     )
+    response_format: dict | None = Field(
+        None, description="`json_object` or `json_schema`: the completion is constrained to JSON (docs/api.md)."
+    )
     # Accepted only at the value that means "off": anything else is refused (400, naming the field).
     suffix: str | None = Field(None, description="Not supported (insertion): only null or empty.")
     n: int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})

@@ -148,6 +148,7 @@ def completion_request(body: CompletionRequest, settings: Settings, *, request_i
             seed=body.seed,
             stop=tuple(body.stop_list()),
             logprobs=body.logprobs,
+            response_format=parse_response_format(body.response_format),
             request_id=request_id,
         )
         for prompt in prompts
