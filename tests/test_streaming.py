@@ -116,7 +116,7 @@ def test_openai_models(oai: openai.OpenAI) -> None:
     [
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),  # the legacy field; tools are supported
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"temperature": 3}, "temperature"),

@@ -19,6 +19,7 @@ from webapp.errors import BadRequest
 from webapp.limits import check_conversation_limits
 from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, ChatMessage, OpenAIChatCompletionRequest, TextGenerationRequest
 from webapp.settings import Settings
+from webapp.tool_calls import ToolUse
 
 
 def conversation_of(body: TextGenerationRequest, system_message: str | None) -> list[ChatMessage]:
@@ -72,13 +73,14 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         raise BadRequest(f"{field}: {reason}", param=field)
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
-    messages = tuple(
-        Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
-    )
+    tools = ToolUse(body)  # tools, tool_choice and the history's tool turns (webapp.tool_calls)
+    messages = tools.messages()
     check_conversation_limits(
         settings,
-        history_messages=len(messages) - 1,
-        total_chars=sum(len(m.content) for m in messages),
+        history_messages=len(body.messages) - 1,
+        total_chars=sum(
+            len(m.text()) + sum(len(c.function.arguments) for c in m.tool_calls or []) for m in body.messages
+        ),
         history_field="messages",
         text_field="messages",
     )
@@ -99,6 +101,7 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         seed=body.seed,
         stop=tuple(body.stop_list()),
         request_id=request_id,
+        response_format=tools.response_format(),
     )
 
 
