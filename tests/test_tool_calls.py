@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import httpx
 import jsonschema
@@ -91,6 +92,19 @@ def assert_valid_call(call: object, names: set[str]) -> dict:
     arguments = json.loads(call.function.arguments)  # type: ignore[attr-defined]
     jsonschema.validate(arguments, SCHEMAS[name])
     return arguments
+
+
+def streamed_calls(chunks: list) -> list[SimpleNamespace]:
+    """The calls a stream's tool_calls pieces add up to, as a client assembles them (by index)."""
+    calls: dict[int, SimpleNamespace] = {}
+    for piece in (tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []):
+        call = calls.setdefault(
+            piece.index, SimpleNamespace(id=None, type=None, function=SimpleNamespace(name=None, arguments=""))
+        )
+        call.id, call.type = call.id or piece.id, call.type or piece.type
+        call.function.name = call.function.name or piece.function.name
+        call.function.arguments += piece.function.arguments or ""
+    return list(calls.values())
 
 
 # --- The parser (auto's decision) and the constraint's schema, no model -------------------------------
@@ -297,13 +311,18 @@ def test_round_trip_call_then_tool_result_then_answer(oai: openai.OpenAI) -> Non
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_auto_answers_either_a_valid_call_or_text(oai: openai.OpenAI, stream: bool) -> None:
-    """Whatever the model chooses: a call is well formed and ends with tool_calls, text is never the call format."""
-    request = dict(model="m", messages=CALL_HISTORY, tools=TOOLS, temperature=0, max_tokens=40)
+@pytest.mark.parametrize("conversation", ["question", "after_a_call"])
+def test_auto_answers_either_a_valid_call_or_text(oai: openai.OpenAI, conversation: str, stream: bool) -> None:
+    """Whatever the model chooses: a call is well formed and ends with tool_calls, text is never the call format.
+
+    Unconstrained, so the model decides; greedily, today, it answers the bare question in text and repeats the call
+    after a call and its result (the history shows it the format), so both branches run on a real generation."""
+    messages = QUESTION if conversation == "question" else CALL_HISTORY
+    request = dict(model="m", messages=messages, tools=TOOLS, temperature=0, max_tokens=40)
     if stream:
         chunks = list(oai.chat.completions.create(stream=True, **request))  # type: ignore[call-overload]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        calls = streamed_calls(chunks)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     else:
         reply = oai.chat.completions.create(**request)  # type: ignore[call-overload]
@@ -311,6 +330,7 @@ def test_auto_answers_either_a_valid_call_or_text(oai: openai.OpenAI, stream: bo
         finish = [reply.choices[0].finish_reason]
     if calls:
         assert finish == ["tool_calls"] and not text
+        assert all(assert_valid_call(call, set(SCHEMAS)) is not None for call in calls)
     else:
         assert finish[0] in ("stop", "length") and text
         assert use().parse(text) is None
