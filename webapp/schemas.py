@@ -164,7 +164,11 @@ class OpenAIFunction(RequestModel):
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: Text | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description='The JSON Schema of the arguments, of "type": "object" (none: no arguments).',
+        json_schema_extra={"properties": {"type": {"const": "object"}}, "required": ["type"]},
+    )
     strict: bool | None = None
 
 
@@ -195,7 +199,29 @@ class OpenAIToolCallIn(RequestModel):
     function: OpenAIFunctionCall
 
 
+def _message_schema(schema: dict[str, Any]) -> None:
+    """Document the per-role rules the validator below checks, as `anyOf` one shape per role (clients, fuzzers)."""
+    props = schema["properties"]
+    text = {"anyOf": [b for b in props["content"]["anyOf"] if b.get("type") != "null"]}
+
+    def shape(roles: list[str], required: list[str], **extra: Any) -> dict[str, Any]:
+        fields = {"role": {"enum": roles}, "content": text, "name": props["name"], **extra}
+        return {"type": "object", "properties": fields, "required": ["role", *required], "additionalProperties": False}
+
+    calls = {**props["tool_calls"]["anyOf"][0], "minItems": 1}
+    schema["anyOf"] = [
+        shape(["system", "developer", "user"], ["content"]),
+        shape(["assistant"], ["content"], tool_calls=props["tool_calls"]),
+        shape(["assistant"], ["tool_calls"], content=props["content"], tool_calls=calls),
+        shape(["tool"], ["content", "tool_call_id"], tool_call_id={"type": "string"}),
+    ]
+    for key in ("properties", "required", "additionalProperties"):
+        schema.pop(key, None)
+
+
 class OpenAIChatMessage(RequestModel):
+    model_config = ConfigDict(json_schema_extra=_message_schema)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[OpenAITextPart] | None = Field(None, description="Null only on an assistant tool call.")
     name: str | None = None
