@@ -116,7 +116,7 @@ def test_openai_models(oai: openai.OpenAI) -> None:
     [
         ({"n": 2}, "n"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),  # the legacy field; tools are supported
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"temperature": 3}, "temperature"),
@@ -134,7 +134,7 @@ def test_openai_tool_role_is_400_in_openai_error_shape(live_server: LiveServer) 
     response = httpx.post(
         f"{live_server.base_url}/v1/chat/completions",
         headers=AUTH,
-        json={"model": "m", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+        json={"model": "sahabat-ai", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
         timeout=10,
     )
     assert response.status_code == 400

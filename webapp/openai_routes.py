@@ -31,6 +31,7 @@ from webapp.schemas import (
     OpenAIUsage,
 )
 from webapp.sse import closing, sse_json, sse_response
+from webapp.tool_calls import ToolCalls, ToolUse, finish_reason, tool_call_deltas
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 
@@ -79,23 +80,28 @@ async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     check_model(body.model, info)
     stream = await engine.submit(generation)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    tools = ToolUse(body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chunks(closing(stream), completion_id, created, info.model_id, include_usage, body.logprobs)
+        chunks = _chunks(
+            tools.events(closing(stream)), completion_id, created, info.model_id, include_usage, body.logprobs
+        )
         return sse_response(chunks)
     tokens = []
     async for event in closing(stream):
         if isinstance(event, TextDelta):
             tokens += event.logprobs
         elif isinstance(event, GenerationResult):
+            calls = tools.parse(event.text)
+            message = OpenAIResponseMessage(content=None, tool_calls=list(calls)) if calls else None
             return OpenAIChatCompletion(
                 id=completion_id,
                 created=created,
                 model=info.model_id,
                 choices=[
                     OpenAIChoice(
-                        message=OpenAIResponseMessage(content=event.text),
-                        finish_reason=event.finish_reason,
+                        message=message or OpenAIResponseMessage(content=event.text),
+                        finish_reason=finish_reason(event, calls),  # type: ignore[arg-type]
                         logprobs=chat_logprobs(tokens) if body.logprobs else None,
                     )
                 ],
@@ -128,12 +134,17 @@ async def _chunks(
         return ServerSentEvent(sse_json(payload.model_dump_json(exclude={"usage"} if not include_usage else set())))
 
     yield chunk(OpenAIDelta(role="assistant", content=""))
+    calls: tuple = ()
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
                 yield chunk(OpenAIDelta(content=event.text), scored=event if logprobs else None)
+            elif isinstance(event, ToolCalls):
+                calls = event.calls
+                for delta in tool_call_deltas(calls):
+                    yield chunk(delta)
             elif isinstance(event, GenerationResult):
-                yield chunk(OpenAIDelta(), event.finish_reason)
+                yield chunk(OpenAIDelta(), finish_reason(event, calls))
                 if include_usage:
                     usage_chunk = OpenAIChatCompletionChunk(
                         id=completion_id, created=created, model=model, choices=[], usage=_usage(event)

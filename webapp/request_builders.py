@@ -22,6 +22,7 @@ from webapp.limits import check_conversation_limits
 from webapp.response_format import parse_response_format
 from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, ChatMessage, OpenAIChatCompletionRequest, TextGenerationRequest
 from webapp.settings import Settings
+from webapp.tool_calls import ToolUse
 
 
 def conversation_of(body: TextGenerationRequest, system_message: str | None) -> list[ChatMessage]:
@@ -78,13 +79,14 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         raise BadRequest(f"{field}: {reason}", param=field)
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
-    messages = tuple(
-        Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
-    )
+    tools = ToolUse(body)  # tools, tool_choice and the history's tool turns (webapp.tool_calls)
+    messages = tools.messages()
     check_conversation_limits(
         settings,
-        history_messages=len(messages) - 1,
-        total_chars=sum(len(m.content) for m in messages),
+        history_messages=len(body.messages) - 1,
+        total_chars=sum(
+            len(m.text()) + sum(len(c.function.arguments) for c in m.tool_calls or []) for m in body.messages
+        ),
         history_field="messages",
         text_field="messages",
     )
@@ -95,6 +97,14 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
             check_max_new_tokens(value, cap, field)
     # max_completion_tokens wins over the older max_tokens; the default is lowered to a cap below it.
     max_new_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_NEW_TOKENS, cap)
+    response_format = parse_response_format(body.response_format)
+    forced_call = tools.response_format()  # tool_choice `required` or a named function: the reply is the call
+    if forced_call is not None and response_format is not None:
+        raise BadRequest(
+            "response_format: a JSON response_format cannot be combined with a tool_choice that forces a call "
+            "(the reply is the call)",
+            param="response_format",
+        )
     return GenerationRequest(
         messages=messages,
         max_new_tokens=max_new_tokens,
@@ -109,7 +119,7 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
         frequency_penalty=body.frequency_penalty,
         min_p=body.min_p,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        response_format=parse_response_format(body.response_format),
+        response_format=forced_call or response_format,
     )
 
 

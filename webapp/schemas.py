@@ -168,17 +168,93 @@ class OpenAITextPart(RequestModel):
     text: Text
 
 
+class OpenAIFunction(RequestModel):
+    """A tool's function: `parameters` is the JSON Schema of its arguments (checked in webapp.tool_calls)."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description='The JSON Schema of the arguments, of "type": "object" (none: no arguments).',
+        json_schema_extra={"properties": {"type": {"const": "object"}}, "required": ["type"]},
+    )
+    strict: bool | None = None
+
+
+class OpenAITool(RequestModel):
+    type: Literal["function"]
+    function: OpenAIFunction
+
+
+class OpenAIFunctionName(RequestModel):
+    name: str
+
+
+class OpenAINamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: OpenAIFunctionName
+
+
+class OpenAIFunctionCall(RequestModel):
+    name: str
+    arguments: Text = Field(description="The arguments as JSON text.")
+
+
+class OpenAIToolCallIn(RequestModel):
+    """A call an earlier assistant message made (history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: OpenAIFunctionCall
+
+
+def _message_schema(schema: dict[str, Any]) -> None:
+    """Document the per-role rules the validator below checks, as `anyOf` one shape per role (clients, fuzzers)."""
+    props = schema["properties"]
+    text = {"anyOf": [b for b in props["content"]["anyOf"] if b.get("type") != "null"]}
+
+    def shape(roles: list[str], required: list[str], **extra: Any) -> dict[str, Any]:
+        fields = {"role": {"enum": roles}, "content": text, "name": props["name"], **extra}
+        return {"type": "object", "properties": fields, "required": ["role", *required], "additionalProperties": False}
+
+    calls = {**props["tool_calls"]["anyOf"][0], "minItems": 1}
+    schema["anyOf"] = [
+        shape(["system", "developer", "user"], ["content"]),
+        shape(["assistant"], ["content"], tool_calls=props["tool_calls"]),
+        shape(["assistant"], ["tool_calls"], content=props["content"], tool_calls=calls),
+        shape(["tool"], ["content", "tool_call_id"], tool_call_id={"type": "string"}),
+    ]
+    for key in ("properties", "required", "additionalProperties"):
+        schema.pop(key, None)
+
+
 class OpenAIChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[OpenAITextPart]
+    model_config = ConfigDict(json_schema_extra=_message_schema)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[OpenAITextPart] | None = Field(None, description="Null only on an assistant tool call.")
     name: str | None = None
+    tool_calls: list[OpenAIToolCallIn] | None = Field(None, description="Assistant messages only.")
+    tool_call_id: str | None = Field(None, description="Tool messages only: the call this is the result of.")
 
     @field_validator("content")
     @classmethod
-    def _content_is_text(cls, value: str | list[OpenAITextPart]) -> str | list[OpenAITextPart]:
+    def _content_is_text(cls, value: str | list[OpenAITextPart] | None) -> str | list[OpenAITextPart] | None:
         return _valid_unicode(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _tool_fields(self) -> OpenAIChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool_calls")
+        if (self.tool_call_id is None) != (self.role != "tool"):
+            raise ValueError("tool_call_id: required on tool messages, and only there")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (null only on an assistant message with tool_calls)")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -217,8 +293,10 @@ class OpenAIChatCompletionRequest(RequestModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     min_p: float | None = Field(None, ge=0, le=1, description="Extension (as in vLLM).")
-    tools: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
-    tool_choice: str | dict | None = Field(None, description="Only `none`.")
+    tools: list[OpenAITool] | None = Field(None, description="Functions the model may call (webapp.tool_calls).")
+    tool_choice: Literal["none", "auto", "required"] | OpenAINamedToolChoice | None = Field(
+        None, description="`auto` (the default with tools), `none`, `required` or a named function."
+    )
     functions: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
     function_call: str | dict | None = Field(None, description="Only `none`.")
     response_format: dict | None = Field(
@@ -236,15 +314,30 @@ class OpenAIChatCompletionRequest(RequestModel):
 
     _stops = field_validator("stop")(_check_stops)
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _one_tool_choice(cls, value: Any) -> Any:
+        """One message naming `tool_choice` (not a union branch), whichever form is wrong."""
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        if isinstance(value, dict):
+            try:
+                return OpenAINamedToolChoice.model_validate(value)
+            except ValueError:
+                pass
+        raise ValueError("""must be "none", "auto", "required" or {"type": "function", "function": {"name": "..."}}""")
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) of the first field set to something this server does not do."""
         checks: list[tuple[str, bool, str]] = [
             ("n", self.n != 1, "only n=1 is supported"),
             ("top_logprobs", self.top_logprobs is not None and not self.logprobs, "logprobs must be true to use it"),
-            ("tools", bool(self.tools), "tool calling is not supported"),
-            ("tool_choice", self.tool_choice not in (None, "none"), "tool calling is not supported"),
-            ("functions", bool(self.functions), "function calling is not supported"),
-            ("function_call", self.function_call not in (None, "none"), "function calling is not supported"),
+            ("functions", bool(self.functions), "the legacy functions field is not supported: use tools"),
+            (
+                "function_call",
+                self.function_call not in (None, "none"),
+                "function_call is not supported: use tool_choice",
+            ),
             ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
         ]
         for name, refused, reason in checks:
@@ -256,9 +349,21 @@ class OpenAIChatCompletionRequest(RequestModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class OpenAIFunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class OpenAIToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: OpenAIFunctionCallOut
+
+
 class OpenAIResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[OpenAIToolCall] | None = None
 
 
 class OpenAITopLogprob(BaseModel):
@@ -279,7 +384,7 @@ class OpenAIChoiceLogprobs(BaseModel):
 class OpenAIChoice(BaseModel):
     index: int = 0
     message: OpenAIResponseMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: OpenAIChoiceLogprobs | None = None
 
 
@@ -298,15 +403,30 @@ class OpenAIChatCompletion(BaseModel):
     usage: OpenAIUsage
 
 
+class OpenAIFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class OpenAIToolCallDelta(BaseModel):
+    """A streamed tool call: the first piece has id, type and name; later ones add `arguments` text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: OpenAIFunctionDelta
+
+
 class OpenAIDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[OpenAIToolCallDelta] | None = None
 
 
 class OpenAIChunkChoice(BaseModel):
     index: int = 0
     delta: OpenAIDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: OpenAIChoiceLogprobs | None = None
 
 
