@@ -484,13 +484,13 @@ async def run_load(
     return summarise(label, concurrency, final, wall, sampler.peak_mb, sampler.cpu_s)
 
 
-async def discover_model(client: httpx.AsyncClient, target: Target) -> str:
-    """The first model id the server lists at GET /models, or "default"."""
+async def discover_model(client: httpx.AsyncClient, target: Target) -> str | None:
+    """The first model id the server lists at GET /models; None while it lists none (e.g. 503 while loading)."""
     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
         response = await client.get(f"{target.base_url.rstrip('/')}/models", headers=target.headers())
         if response.status_code == 200:
             return str(response.json()["data"][0]["id"])
-    return "default"
+    return None
 
 
 async def wait_ready(target: Target, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
