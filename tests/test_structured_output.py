@@ -285,3 +285,32 @@ async def test_a_constrained_row_leaves_the_plain_rows_unchanged(
     jsonschema.validate(json.loads(structured.text), schema)
     assert structured.finish_reason == "stop"
     assert len(masked_rows) == structured.output_length  # one masked row per step of the constrained request only
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_langchain_with_structured_output(live_server: LiveServer, method: str) -> None:
+    """LangChain's `with_structured_output`, unmodified: its default (`json_schema`, a pydantic model), `json_mode`."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        """A city and whether it is its country's capital."""
+
+        name: str = Field(max_length=20)
+        capital: bool
+
+    llm = ChatOpenAI(
+        base_url=f"{live_server.base_url}/v1",
+        api_key=API_KEY,
+        model="sahabat-ai",
+        temperature=0,
+        max_tokens=60,
+        max_retries=0,
+    )
+    prompt = "Name the capital of Indonesia as JSON with the keys name and capital."
+    if method == "json_schema":
+        city = llm.with_structured_output(City).invoke(prompt)
+        assert isinstance(city, City)
+    else:
+        reply = llm.with_structured_output(City.model_json_schema(), method="json_mode").invoke(prompt)
+        assert isinstance(reply, dict)  # json_mode promises a JSON object, not the schema

@@ -13,7 +13,7 @@ The request id is the HTTP request's (`observability.current_request_id()`) for 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from inference import GenerationRequest, Message
 from webapp.completions_schemas import CompletionRequest
@@ -72,13 +72,33 @@ def spec_request(
     )
 
 
-def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, request_id: str) -> GenerationRequest:
+def _check_openai_body(body: OpenAIChatCompletionRequest | CompletionRequest) -> None:
+    """What both OpenAI routes refuse before any work: fields set to what this server does not do."""
     refused = body.unsupported()
     if refused is not None:
         field, reason = refused
         raise BadRequest(f"{field}: {reason}", param=field)
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
+
+
+def _openai_sampling(body: OpenAIChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """The sampling knobs both OpenAI routes take, as GenerationRequest fields."""
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "seed": body.seed,
+        "stop": tuple(body.stop_list()),
+    }
+
+
+def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, request_id: str) -> GenerationRequest:
+    _check_openai_body(body)
     tools = ToolUse(body)  # tools, tool_choice and the history's tool turns (webapp.tool_calls)
     messages = tools.messages()
     check_conversation_limits(
@@ -108,29 +128,16 @@ def openai_request(body: OpenAIChatCompletionRequest, settings: Settings, *, req
     return GenerationRequest(
         messages=messages,
         max_new_tokens=max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=tuple(body.stop_list()),
         request_id=request_id,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        min_p=body.min_p,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         response_format=forced_call or response_format,
+        **_openai_sampling(body),
     )
 
 
 def completion_request(body: CompletionRequest, settings: Settings, *, request_id: str) -> list[GenerationRequest]:
     """One raw-prompt request per prompt of the list (the batched engine runs them together)."""
-    refused = body.unsupported()
-    if refused is not None:
-        field, reason = refused
-        raise BadRequest(f"{field}: {reason}", param=field)
-    if body.stream_options is not None and not body.stream:
-        raise BadRequest("stream_options: only allowed with stream=true", param="stream_options")
+    _check_openai_body(body)
     prompts = body.prompts()
     total_chars = sum(len(p) for p in prompts)
     if total_chars > settings.max_total_chars:
@@ -143,23 +150,16 @@ def completion_request(body: CompletionRequest, settings: Settings, *, request_i
     if "max_tokens" in body.model_fields_set:
         check_max_new_tokens(body.max_tokens, cap, "max_tokens")
     max_new_tokens = min(body.max_tokens, cap)  # the default is lowered to a cap below it
+    response_format = parse_response_format(body.response_format)
     return [
         GenerationRequest(
             messages=(),
             prompt=prompt,
             max_new_tokens=max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            seed=body.seed,
-            stop=tuple(body.stop_list()),
             logprobs=body.logprobs,
-            response_format=parse_response_format(body.response_format),
+            response_format=response_format,
             request_id=request_id,
+            **_openai_sampling(body),
         )
         for prompt in prompts
     ]
