@@ -158,6 +158,8 @@ class Target:
     model: str | None = None  # OpenAI `model`; None = the first id of GET /models, else "default"
     spec_path: str = "/api/v1/generate-text"
     stream: bool = True  # False: plain JSON requests (TTFT is then the whole latency)
+    # False: the end of the response ends an OpenAI stream (`transformers serve` sends no `data: [DONE]`)
+    done_marker: bool = True
 
     def headers(self) -> dict[str, str]:
         headers = {"Accept": "text/event-stream"}
@@ -201,8 +203,10 @@ async def send_request(client: httpx.AsyncClient, target: Target, prompt: str, m
             if response.status_code != 200:
                 result.error = _error_text(response.status_code, await response.aread())
             elif response.headers.get("content-type", "").startswith("text/event-stream"):
-                parse = _parse_openai_stream if target.api == "openai" else _parse_spec_stream
-                await parse(iter_sse(response.aiter_lines()), result, start)
+                if target.api == "openai":
+                    await _parse_openai_stream(iter_sse(response.aiter_lines()), result, start, target.done_marker)
+                else:
+                    await _parse_spec_stream(iter_sse(response.aiter_lines()), result, start)
             else:  # a server without streaming answers with one JSON body: TTFT is then the whole latency
                 _parse_json_body(target.api, json.loads(await response.aread()), result, start)
     except httpx.TimeoutException as error:
@@ -223,10 +227,12 @@ def _first_token(result: RequestResult, start: float) -> None:
         result.ttft_s = time.perf_counter() - start
 
 
-async def _parse_openai_stream(events: AsyncIterator[SseEvent], result: RequestResult, start: float) -> None:
+async def _parse_openai_stream(
+    events: AsyncIterator[SseEvent], result: RequestResult, start: float, done_marker: bool = True
+) -> None:
     parts: list[str] = []
     usage_tokens: int | None = None
-    done = False
+    done = finished = False
     async for event in events:
         if event.data.strip() == "[DONE]":
             done = True
@@ -236,6 +242,7 @@ async def _parse_openai_stream(events: AsyncIterator[SseEvent], result: RequestR
             result.error = f"stream error: {json.dumps(chunk.get('error', chunk))[:200]}"
             return
         for choice in chunk.get("choices") or []:
+            finished = finished or bool(choice.get("finish_reason"))
             content = (choice.get("delta") or {}).get("content")
             if content:
                 _first_token(result, start)
@@ -245,8 +252,10 @@ async def _parse_openai_stream(events: AsyncIterator[SseEvent], result: RequestR
         if usage and usage.get("completion_tokens") is not None:
             usage_tokens = int(usage["completion_tokens"])
     result.text = "".join(parts)
-    if not done:
+    if done_marker and not done:
         result.error = "stream ended without [DONE]"
+    elif not done_marker and not (done or finished):  # without the marker, only a finish_reason ends a stream
+        result.error = "stream ended without a finish_reason"
     if usage_tokens is not None:
         result.output_tokens, result.token_source = usage_tokens, "usage"
     else:
@@ -538,6 +547,7 @@ class ManagedServer:
     log_path: Path
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    stop_grace_s: float = 20.0  # after SIGINT, before SIGKILL to the process group
 
     def start(self) -> None:
         log = self.log_path.open("wb")
@@ -562,14 +572,14 @@ class ManagedServer:
         except OSError:
             return ""
 
-    def stop(self, grace_s: float = 20.0) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
         process = self.process
         if process is None or process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGINT)
         try:
-            process.wait(grace_s)
+            process.wait(self.stop_grace_s if grace_s is None else grace_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
