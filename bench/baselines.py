@@ -233,6 +233,7 @@ def run_ours(
     server, key = loadgen.ours_server(args.ours_engine, log_dir, extra_env=ours_env(args, bf16))
     target = loadgen.target_for_ours(server.port, args.ours_api, key)
     label = server.name = ours_label(args, bf16)
+    server.log_path = log_dir / f"{label}-{server.port}.log"
     print(f"[{label}] starting on 127.0.0.1:{server.port} (log {server.log_path})", file=sys.stderr, flush=True)
     with loadgen.running(server, target, args.ready_timeout):
         return loadgen.run_series(target, prompts, args, label, server.pid)
