@@ -1,4 +1,4 @@
-"""Three CPU effects behind the engine's speed, each measured in one run against its own baseline.
+"""Four CPU effects behind the engine's speed, each measured in one run against its own baseline.
 
 1. OpenMP teams (`--omp`). torch's CPU kernels run on libgomp, and every thread that ever ran a parallel
    region keeps a team of worker threads. With more OpenMP threads in the process than CPUs, libgomp
@@ -16,7 +16,12 @@
    transformers' forward and with the lean decoder, and a newcomer joining 8 running rows: a step plus a prefill
    pass (transformers', then lean) vs one lean pass that carries both.
 
-    .venv/bin/python bench/cpu_kernels.py            # all three
+4. int4 copies (`--int4`, inference/gguf_int4.py). Each linear shape of the model at 1-16 rows, oneDNN's
+   prepacked bf16 kernel vs torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 as the
+   GGUF's Q4_1 blocks), and a lean decoding step of 1-16 rows with bf16 weights everywhere vs the served rule
+   (int4 below INT4_BELOW_ROWS rows): where the threshold comes from.
+
+    .venv/bin/python bench/cpu_kernels.py            # all four
     .venv/bin/python bench/cpu_kernels.py --packed   # only the second
 
 Numbers depend on the machine and on what else runs on it: compare the ratios, within one run.
@@ -228,22 +233,95 @@ def lean_passes(settings: Settings, repeat: int) -> None:
     on_thread(run)
 
 
+def time_int4(out_features: int, in_features: int, rows: int, repeat: int) -> tuple[float, float]:
+    """Median ms of the prepacked bf16 kernel and of the int4 kernel for one weight shape, cycling through copies."""
+    from inference.cpu_kernels import INT4_GROUP, Int4Weight
+
+    copies = 3 if out_features * in_features > 10_000_000 else 24
+    bf16 = [
+        torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, in_features).to(torch.bfloat16))
+        for _ in range(copies)
+    ]
+    int4 = [
+        Int4Weight(
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (out_features, in_features), dtype=torch.int32), 1
+            ),
+            torch.randn(in_features // INT4_GROUP, out_features, 2).to(torch.bfloat16),
+        )
+        for _ in range(copies)
+    ]
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    index = iter(range(10**9))
+    with torch.inference_mode():
+        dense = median_ms(lambda: linear_pointwise(x, bf16[next(index) % copies]), repeat)
+        small = median_ms(lambda: int4[next(index) % copies].mm(x), repeat)
+    return dense, small
+
+
+def decoding_step(decoder: Any, cache: Any, tokens: Any, positions: Any, mask: Any) -> Callable[[], None]:
+    """One lean decoding step over `cache`, rewound after each call so steps repeat."""
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+
+    def once() -> None:
+        with torch.inference_mode():
+            decoder.step(tokens, positions, mask, cache)
+        for layer, length in zip(cache.layers, lengths, strict=True):  # drop the token just added
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+    return once
+
+
+def int4_copies(settings: Settings, repeat: int) -> None:
+    from inference.cpu_kernels import INT4_BELOW_ROWS, int4_available
+    from inference.fast_decode import LlamaDecoder
+
+    if not int4_available():
+        print("this torch build has no CPU int4 kernel")
+        return
+
+    def run() -> None:
+        loaded = load_model(settings)
+        shapes = sorted({tuple(m.weight.shape) for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)})
+        counts = (1, 2, 4, 6, 8, 12, 16)
+        print("us per matmul, bf16 prepacked / int4, by rows")
+        print(f"{'linear (out x in)':>20}" + "".join(f"{rows:>13}" for rows in counts))
+        for out_features, in_features in shapes:
+            cells = [time_int4(out_features, in_features, rows, repeat * 4) for rows in counts]
+            line = "".join(f"{dense * 1000:>7.0f} /{small * 1000:>4.0f}" for dense, small in cells)
+            print(f"{f'{out_features} x {in_features}':>20}{line}")
+        if not LlamaDecoder.supports(loaded.model):
+            return
+        bf16, served = LlamaDecoder(loaded.model, int4=False), LlamaDecoder(loaded.model)
+        print(f"lean decoding step (int4 below {INT4_BELOW_ROWS} rows): ms bf16 everywhere / served")
+        for rows in (1, 2, 4, 6, 8):
+            batch = padded_batch(loaded, rows)
+            dense = median_ms(decoding_step(bf16, *batch), repeat)
+            small = median_ms(decoding_step(served, *batch), repeat)
+            print(f"{rows:>3} rows: {dense:6.1f} / {small:6.1f} ms ({dense / small:.2f}x)")
+
+    on_thread(run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--omp", action="store_true", help="only the OpenMP-teams measurement")
     parser.add_argument("--packed", action="store_true", help="only the packed-linear measurement")
     parser.add_argument("--lean", action="store_true", help="only the lean-decoder measurement")
+    parser.add_argument("--int4", action="store_true", help="only the int4-copies measurement")
     parser.add_argument("--model-id", default="embedded")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args(argv)
     settings = Settings(model_id=args.model_id, _env_file=None)  # type: ignore[call-arg]
-    every = not (args.omp or args.packed or args.lean)
+    every = not (args.omp or args.packed or args.lean or args.int4)
     if args.omp or every:
         omp_teams(settings, args.repeat)
     if args.packed or every:
         packed_linears(settings, args.repeat)
     if args.lean or every:
         lean_passes(settings, args.repeat)
+    if args.int4 or every:
+        int4_copies(settings, args.repeat)
     return 0
 
 

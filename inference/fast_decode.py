@@ -28,7 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from inference.cpu_kernels import PackedLinear, linear_pointwise, packed_weight, packing_available
+from inference.cpu_kernels import (
+    INT4_BELOW_ROWS,
+    Int4Weight,
+    PackedLinear,
+    int4_weight,
+    linear_pointwise,
+    packed_weight,
+    packing_available,
+)
 
 
 def bucket_rows(count: int) -> int:
@@ -70,6 +78,23 @@ class PromptRow:
         return self.start, end
 
 
+@dataclass(frozen=True)
+class _Linear:
+    """A (possibly concatenated) linear: its oneDNN-prepacked bf16 weight, and the int4 copy passes of few rows take.
+
+    The same choice as `PackedLinear` makes for transformers' forward (the sequential engine), so a lone request
+    multiplies by the same kernels on both engines.
+    """
+
+    packed: torch.Tensor
+    int4: Int4Weight | None
+
+    def __call__(self, input: torch.Tensor, few_rows: bool) -> torch.Tensor:
+        if few_rows and self.int4 is not None:
+            return self.int4.mm(input)
+        return linear_pointwise(input, self.packed)
+
+
 class LlamaDecoder:
     """One decoding step (one new token per row) over a transformers cache, for a bf16 Llama model on CPU."""
 
@@ -102,7 +127,8 @@ class LlamaDecoder:
             weights += [linear.weight for linear in linears]
         return all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights)
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, int4: bool = True) -> None:
+        """`int4=False`: bf16 weights for every pass, even where the model's linears have int4 copies."""
         if not self.supports(model):
             raise ValueError("LlamaDecoder needs a bf16 Llama model on CPU with plain linear layers")
         config = model.config
@@ -122,21 +148,29 @@ class LlamaDecoder:
         with torch.no_grad():
             for layer in decoder.layers:
                 attention, mlp = layer.self_attn, layer.mlp
-                qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
-                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+                qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
+                gate_up = [mlp.gate_proj, mlp.up_proj]
                 self.layers.append(
                     (
                         layer.input_layernorm.weight,
                         float(layer.input_layernorm.variance_epsilon),
-                        self._pack(qkv),
-                        self._packed(attention.o_proj),
+                        self._linear(qkv, int4),
+                        self._linear([attention.o_proj], int4),
                         layer.post_attention_layernorm.weight,
                         float(layer.post_attention_layernorm.variance_epsilon),
-                        self._pack(gate_up),
+                        self._linear(gate_up, int4),
                         int(mlp.gate_proj.weight.shape[0]),
-                        self._packed(mlp.down_proj),
+                        self._linear([mlp.down_proj], int4),
                     )
                 )
+
+    @classmethod
+    def _linear(cls, linears: list[torch.nn.Linear], int4: bool) -> _Linear:
+        """The linears' weights concatenated along their outputs (one matmul for all), bf16 and int4 if all have it."""
+        packed = cls._packed(linears[0]) if len(linears) == 1 else cls._pack(torch.cat([m.weight for m in linears]))
+        copies = [int4_weight(linear) for linear in linears] if int4 else []
+        found = [copy for copy in copies if copy is not None]
+        return _Linear(packed, Int4Weight.concat(found) if len(found) == len(linears) else None)
 
     @classmethod
     def _packed(cls, linear: torch.nn.Linear) -> torch.Tensor:
@@ -221,11 +255,12 @@ class LlamaDecoder:
             attend = torch.zeros(padding.shape, dtype=hidden.dtype).masked_fill_(padding, float("-inf"))[:, None, None]
 
         head_dim, query_heads, kv_heads, groups = self.head_dim, self.query_heads, self.kv_heads, self.groups
+        few = padded < INT4_BELOW_ROWS  # PackedLinear's rule: int4 copies for passes of few rows
         rotated_heads = query_heads + kv_heads
         for index, layer in enumerate(self.layers):
             norm1, eps1, qkv_weight, o_weight, norm2, eps2, gate_up_weight, intermediate, down_weight = layer
             normed = self._rms_norm(hidden, norm1, eps1)
-            qkv = linear_pointwise(normed, qkv_weight).view(padded, rotated_heads + kv_heads, head_dim)
+            qkv = qkv_weight(normed, few).view(padded, rotated_heads + kv_heads, head_dim)
             query_key = qkv[:, :rotated_heads]
             query_key = query_key * cos + query_key.roll(head_dim // 2, dims=-1) * sin
             outputs = []
@@ -259,11 +294,11 @@ class LlamaDecoder:
             if padded > count:
                 outputs.append(hidden.new_zeros((padded - count, query_heads * head_dim)))
             attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            hidden = hidden + linear_pointwise(attention, o_weight)
+            hidden = hidden + o_weight(attention, few)
             normed = self._rms_norm(hidden, norm2, eps2)
-            gate_up = linear_pointwise(normed, gate_up_weight)
+            gate_up = gate_up_weight(normed, few)
             activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            hidden = hidden + linear_pointwise(activated, down_weight)
+            hidden = hidden + down_weight(activated, few)
         if lengths:  # only the decoding rows and each prompt's last token need logits
             last = list(range(decoding)) + [decoding + end - 1 for end in itertools.accumulate(lengths)]
             hidden = hidden[torch.tensor(last, device=hidden.device)]

@@ -259,6 +259,14 @@ def load_model(settings: EngineSettings) -> LoadedModel:
 
         packed = pack_linears(model)
         logger.debug("prepacked %d bf16 linear layers for oneDNN", packed)
+        if settings.gguf_int4 and choice.source == EMBEDDED_MODEL_ID and packed:
+            from inference.cpu_kernels import INT4_BELOW_ROWS
+            from inference.gguf_int4 import attach_gguf_int4
+
+            int4 = attach_gguf_int4(model, embedded_gguf_path())
+            logger.debug("%d linear layers take the GGUF's Q4_1 blocks (int4) for passes of few rows", int4)
+            if int4:
+                quantization = f"Q4_1 GGUF (int4 for passes under {INT4_BELOW_ROWS} rows, else dequantised to bf16)"
     info = ModelInfo(
         model_id=model_id,
         quantization=quantization,

@@ -67,11 +67,15 @@ def test_decoder_steps_equal_transformers_forward_bit_for_bit(embedded_model: Lo
 def test_a_mixed_pass_gives_each_part_what_it_gets_alone(embedded_model: LoadedModel, long_prompt: bool) -> None:
     """Three decoding rows and two prompts in one pass vs each part in a pass of its own.
 
-    oneDNN runs matmuls of up to 32 rows with one kernel and larger ones with another, which rounds differently
-    in bf16: up to 32 rows the parts must match bit for bit; above (3 + 8 + 39 rows, bucketed to 52 with filler
-    rows) up to bf16 rounding, with the same greedy choices.
+    Parts in passes that take the same kernels match bit for bit: oneDNN runs matmuls of up to 32 rows with one
+    kernel and larger ones with another, which rounds differently in bf16, and passes of fewer than
+    INT4_BELOW_ROWS rows (here the three decoding rows alone) multiply by the GGUF's int4 blocks. So with bf16
+    weights everywhere (`int4=False`) and up to 32 rows the parts must match bit for bit; above (3 + 8 + 39 rows,
+    bucketed to 52 with filler rows), or with the served decoder's int4 passes, up to rounding, with the same
+    greedy choices.
     """
-    decoder = LlamaDecoder(embedded_model.model)
+    served = LlamaDecoder(embedded_model.model)
+    decoder = LlamaDecoder(embedded_model.model, int4=False)
     config, tokenizer = embedded_model.model.config, embedded_model.tokenizer
     second = PROMPTS[2] + " " + PROMPTS[1] if long_prompt else "Sebutkan tiga pulau besar di Indonesia."
     newcomers = [torch.tensor(tokenizer.encode(text)) for text in ("Halo! Apa kabar?", second)]
@@ -85,6 +89,10 @@ def test_a_mixed_pass_gives_each_part_what_it_gets_alone(embedded_model: LoadedM
         prompts_alone = torch.cat([decoder.forward(None, [PromptRow(ids, new_cache(config))])[1] for ids in newcomers])
         parts = [PromptRow(ids, new_cache(config)) for ids in newcomers]
         mixed, mixed_prompts = decoder.forward(DecodeRows(tokens, positions, mask, mixed_cache), parts)
+        served_alone = served.step(tokens, positions, mask, copy.deepcopy(cache))
+    assert served_alone is not None and mixed is not None
+    torch.testing.assert_close(served_alone, alone, atol=1.0, rtol=0.05)  # int4 alone vs bf16: rounding apart
+    assert torch.equal(served_alone.argmax(-1), alone.argmax(-1))
     assert mixed is not None and mixed_prompts is not None and mixed_prompts.shape[0] == 2
     if long_prompt:
         torch.testing.assert_close(mixed, alone, atol=1.0, rtol=0.05)

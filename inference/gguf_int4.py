@@ -1,0 +1,193 @@
+"""The embedded GGUF's own Q4_1 blocks as int4 copies of the model's linear layers (inference.cpu_kernels).
+
+The embedded model is published as a Q4_1 GGUF: every linear weight of its 30 layers is stored in blocks of 32
+inputs, each a 4-bit code per weight with an fp16 scale `d` and minimum `m` (`w = d * q + m`). transformers
+dequantises them to bf16 when it loads the file. Here the same blocks are repacked, not re-quantised, into torch's
+CPU int4 layout, whose groups compute `(q - 8) * scale + zero`: scale = d, zero = m + 8 d (both rounded to bf16,
+the activations' dtype). A token then reads ~66 MB of layer weights instead of ~212 MB.
+
+Each copy is checked against the weight transformers loaded (the dequantised blocks, rounded to bf16, must be that
+weight exactly), which also checks the name mapping and llama.cpp's row order for the query and key projections.
+The token embedding and the tied output head are Q8_0 in this file, not Q4_1: they stay bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.cpu_kernels import Int4Weight, PackedLinear, attach_int4, int4_available
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = 32
+_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of 4-bit codes
+# GGUF tensor name (in blk.N.) -> the Llama module under model.layers.N
+_MODULES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    kind: int  # ggml type id (gguf.GGMLQuantizationType)
+    shape: tuple[int, ...]  # innermost dimension first, as GGUF lists them
+    data: np.ndarray  # the raw bytes, (rows, bytes per row), memory-mapped
+
+
+def gguf_tensors(path: Path) -> list[GGUFTensor]:
+    """The tensors of a GGUF file, without decoding its metadata.
+
+    `gguf.GGUFReader` decodes every metadata field into numpy views, ~100k of them for this file's 49k-token
+    vocabulary: 3-5 s here, longer than loading the model from the weight cache. This walks past the metadata and
+    reads only the tensor index (GGUF v2/v3 layout, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    buffer = memoryview(raw)
+    offset = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal offset
+        values = struct.unpack_from("<" + fmt, buffer, offset)
+        offset += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        nonlocal offset
+        length = take("Q")
+        offset += length
+        return bytes(buffer[offset - length : offset]).decode("utf-8", errors="replace")
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def skip_value(kind: int) -> Any:
+        nonlocal offset
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item, count = take("IQ")
+            if item in scalar:
+                offset += count * struct.calcsize(scalar[item])
+            else:
+                for _ in range(count):
+                    skip_value(item)
+            return None
+        return take(scalar[kind])
+
+    magic, version, tensor_count, field_count = take("4sIQQ")
+    if magic != b"GGUF" or version < 2:
+        raise ValueError(f"{path} is not a GGUF v2+ file")
+    alignment = 32
+    for _ in range(field_count):
+        key = string()
+        value = skip_value(take("I"))
+        if key == "general.alignment":
+            alignment = int(value)
+    index = []
+    for _ in range(tensor_count):
+        name = string()
+        dims = take("I")
+        shape = tuple(int(take("Q")) for _ in range(dims))
+        index.append((name, take("I"), shape, take("Q")))
+    start = -(-offset // alignment) * alignment
+    tensors = []
+    for name, kind, shape, at in index:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        rows = int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = shape[0] // block * block_bytes
+        data = raw[start + at : start + at + rows * row_bytes].reshape(rows, row_bytes)
+        tensors.append(GGUFTensor(name, kind, shape, data))
+    return tensors
+
+
+def q4_1_codes(raw: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (rows, columns) uint8 0-15, d (rows, blocks) float32, m (rows, blocks) float32) of a Q4_1 tensor.
+
+    A block's 16 code bytes hold weight j in the low nibble of byte j and weight j + 16 in its high nibble (ggml's
+    `dequantize_row_q4_1`).
+    """
+    blocks = columns // _BLOCK
+    data = np.ascontiguousarray(raw).reshape(raw.shape[0], blocks, _BLOCK_BYTES)
+    d = data[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = data[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = data[:, :, 4:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)  # (rows, blocks, 32)
+    return codes.reshape(raw.shape[0], columns), d, m
+
+
+def llama_rows(rows: int, heads: int) -> np.ndarray:
+    """The GGUF row of each of transformers' rows for a query or key projection.
+
+    llama.cpp's converter interleaves each head's two rotary halves; transformers' loader undoes it
+    (`LlamaTensorProcessor._reverse_permute_weights`). The same permutation, applied to row indices.
+    """
+    dim = rows // heads // 2
+    return np.arange(rows).reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows)
+
+
+def int4_weight(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> Int4Weight:
+    """Pack Q4_1 codes and their block scales and minimums into torch's CPU int4 layout (bf16 scales and zeros)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 1)
+    scales_zeros = np.stack([d, m + 8 * d], axis=-1).transpose(1, 0, 2)  # (blocks, rows, 2)
+    return Int4Weight(packed, torch.from_numpy(np.ascontiguousarray(scales_zeros)).to(torch.bfloat16))
+
+
+def matches(codes: np.ndarray, d: np.ndarray, m: np.ndarray, weight: torch.Tensor) -> bool:
+    """True when the blocks, dequantised as transformers does (float32, then bf16), are exactly `weight`."""
+    rows, columns = codes.shape
+    blocks = codes.reshape(rows, columns // _BLOCK, _BLOCK).astype(np.float32)
+    values = blocks * d[..., None] + m[..., None]
+    return torch.equal(torch.from_numpy(values.reshape(rows, columns)).to(torch.bfloat16), weight.detach())
+
+
+def attach_gguf_int4(model: Any, gguf: Path) -> int:
+    """Give each prepacked linear of a Llama `model` loaded from `gguf` an int4 copy of its Q4_1 blocks.
+
+    Returns how many linears got one. A tensor that is not Q4_1, or whose blocks are not the loaded weight, is
+    skipped with a warning: that linear keeps its bf16 kernel for every pass.
+    """
+    if not int4_available() or getattr(model.config, "model_type", None) != "llama":
+        return 0
+    from gguf import GGMLQuantizationType
+
+    config = model.config
+    layers = model.model.layers
+    attached = 0
+    for tensor in gguf_tensors(gguf):
+        parts = tensor.name.split(".")  # blk.N.attn_q.weight
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _MODULES or parts[3] != "weight":
+            continue
+        module = layers[int(parts[1])].get_submodule(_MODULES[parts[2]])
+        if not isinstance(module, PackedLinear):
+            continue
+        if tensor.kind != GGMLQuantizationType.Q4_1:
+            kind = GGMLQuantizationType(tensor.kind).name
+            logger.warning("%s is %s, not Q4_1: its linear stays bf16", tensor.name, kind)
+            continue
+        columns = int(tensor.shape[0])  # GGUF lists dimensions innermost first
+        codes, d, m = q4_1_codes(tensor.data, columns)
+        if parts[2] in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
+            order = llama_rows(codes.shape[0], heads)
+            codes, d, m = codes[order], d[order], m[order]
+        if codes.shape != tuple(module.weight.shape) or not matches(codes, d, m, module.weight):
+            logger.warning("%s is not the loaded weight of %s: that linear stays bf16", tensor.name, parts[2])
+            continue
+        attach_int4(module, int4_weight(codes, d, m))
+        attached += 1
+    return attached
