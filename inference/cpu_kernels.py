@@ -22,12 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Measured on the 2-core CPU (bench/cpu_kernels.py --int4; us per matmul, bf16 prepacked vs int4, per row count):
-#   rows            1          2          4          8          16
-#   qkv 960x576     53 / 19    60 / 22    57 / 28    64 / 51    72 / 94
-#   gate_up 3072x576 114 / 42  132 / 49   102 / 68   116 / 132  146 / 250
-#   down 576x1536   58 / 24    58 / 30    49 / 31    60 / 52    79 / 128
-# int4 is 2.5-3x faster at 1-2 rows, ~1.5x at 4, even at 8 and 2x slower at 16: passes below 8 rows take it.
+# Measured on the 2-core CPU (`bench/cpu_kernels.py --int4`; us per matmul, bf16 prepacked / int4, by rows):
+#   rows                1          2          4          6          8          12         16
+#   gate 1536x576       64 / 23    68 / 30    67 / 41    67 / 51    74 / 65    66 / 78    80 / 97
+#   down 576x1536       73 / 29    71 / 38    65 / 42    56 / 52    64 / 64    77 / 92    82 / 116
+#   o 576x576           25 / 12    26 / 13    26 / 15    26 / 22    30 / 27    33 / 35    34 / 49
+# and a whole lean decoding step, bf16 / int4: 14.0 / 8.3 ms at 1 row, 15.8 / 12.2 at 4, 17.3 / 15.3 at 6; at 8
+# rows the two kernels are even, above it int4 loses. So passes of fewer than 8 rows take int4.
 INT4_BELOW_ROWS = 8
 INT4_GROUP = 32  # weights per scale and zero: a Q4_1 block
 

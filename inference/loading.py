@@ -264,6 +264,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
             from inference.gguf_int4 import attach_gguf_int4
 
             int4 = attach_gguf_int4(model, embedded_gguf_path())
+            release_free_heap()  # the unpacked codes' temporaries: ~100 MB of heap holes otherwise (measured)
             logger.debug("%d linear layers take the GGUF's Q4_1 blocks (int4) for passes of few rows", int4)
             if int4:
                 quantization = f"Q4_1 GGUF (int4 for passes under {INT4_BELOW_ROWS} rows, else dequantised to bf16)"
