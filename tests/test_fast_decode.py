@@ -253,7 +253,7 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
             return real_forward(decode, prompts)
 
         batched.decoder.forward = forward
-        running = await batched.submit(greedy_request("Halo!", max_new_tokens=40))
+        running = await batched.submit(greedy_request("Tell me a story.", max_new_tokens=40))  # runs past 40
         assert isinstance(await anext(running), TextDelta)
         result = await batched.generate(long_request)
         _, running_result = await collect(running)
