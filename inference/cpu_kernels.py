@@ -45,10 +45,6 @@ class Int4Weight:
     packed: torch.Tensor
     scales_zeros: torch.Tensor
 
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_zeros.nbytes
-
     def mm(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.reshape(-1, input.shape[-1])
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_zeros)

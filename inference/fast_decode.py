@@ -13,6 +13,9 @@ rows' step instead of in a pass of its own (~25-40 ms saved per joining request 
 padding (each attends over its own cache). A decoding step alone or a lone prompt gives exactly transformers'
 bits (tested).
 
+Passes of fewer than INT4_BELOW_ROWS rows multiply by the GGUF's own 4-bit blocks where the model has them
+(GGUF_INT4, inference/gguf_int4.py), the same rule `PackedLinear` applies in transformers' forward.
+
 It is used only where it applies (`LlamaDecoder.supports`): a bf16 Llama model on CPU with plain linears and
 default rotary embedding. Everything else (Gemma2, quantized weights, GPUs) runs transformers' forward.
 The decoder snapshots the weights when it is built: it is for serving, not for a model being edited.
