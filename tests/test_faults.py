@@ -155,7 +155,10 @@ def test_a_slow_reader_does_not_hold_up_anyone(
     The reply (a /v1 chunk per word, ~200 bytes each) is well over what the buffers between the model and this
     reader hold: the reader's 1 KB receive buffer, the server's send buffer (fixed at 4 KB here; Linux would grow it
     to 4 MB on loopback) and uvicorn's 64 KB of write buffer. So the server really does wait on this reader."""
-    live = start_live_server(settings, engine_for(settings, embedded_model, engine_kind), send_buffer_bytes=4096)
+    # The sequential engine queues the short requests behind the whole long generation: on a busy CI machine (many
+    # engines' OpenMP teams alive in this process) that took more than the default 60 s QUEUE_TIMEOUT once.
+    patient = settings.model_copy(update={"queue_timeout": 600.0})
+    live = start_live_server(patient, engine_for(patient, embedded_model, engine_kind), send_buffer_bytes=4096)
     engine = live.engine
     host, port = live.base_url.removeprefix("http://").split(":")
     with httpx.Client(base_url=live.base_url, timeout=600) as http:  # this machine's speed, for the hang guard
