@@ -32,8 +32,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODEL_CACHE_DIR=/data/model-cache \
     HF_HOME=/data/huggingface \
     GRADIO_ANALYTICS_ENABLED=False
+# A C compiler: the embedded model's native decoding step (inference/native/decode_step.c) is compiled for the
+# host's CPU at first start (~1 s, cached in MODEL_CACHE_DIR); without one, torch's int4 kernel serves (slower).
 # uid 1000, as Hugging Face Spaces runs it; /data holds the model cache (mount a volume there).
-RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin user \
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 1000 --shell /usr/sbin/nologin user \
     && mkdir -p /data/model-cache /data/huggingface \
     && chown -R 1000:1000 /data
 COPY --from=build /opt/venv /opt/venv

@@ -1,4 +1,4 @@
-"""Four CPU effects behind the engine's speed, each measured in one run against its own baseline.
+"""Five CPU effects behind the engine's speed, each measured in one run against its own baseline.
 
 1. OpenMP teams (`--omp`). torch's CPU kernels run on libgomp, and every thread that ever ran a parallel
    region keeps a team of worker threads. With more OpenMP threads in the process than CPUs, libgomp
@@ -21,7 +21,13 @@
    GGUF's Q4_1 blocks), and a lean decoding step of 1-16 rows with bf16 weights everywhere vs the served rule
    (int4 below INT4_BELOW_ROWS rows): where the threshold comes from.
 
-    .venv/bin/python bench/cpu_kernels.py            # all four
+5. The native step (`--native`, inference/native_step.py). A decoding pass of 1-32 left-padded rows as one native
+   call vs the lean decoder with torch's int4 copies (NATIVE_DECODE=false) and with bf16 weights everywhere, and a
+   1-row pass over caches of 100-3000 tokens (attention grows with them).
+
+The first three measure the bf16 paths (GGUF_INT4=false), as they were built; `--int4` the torch int4 path.
+
+    .venv/bin/python bench/cpu_kernels.py            # all five
     .venv/bin/python bench/cpu_kernels.py --packed   # only the second
 
 Numbers depend on the machine and on what else runs on it: compare the ratios, within one run.
@@ -303,25 +309,68 @@ def int4_copies(settings: Settings, repeat: int) -> None:
     on_thread(run)
 
 
+def native_step(settings: Settings, repeat: int) -> None:
+    from inference.fast_decode import LlamaDecoder, PromptRow
+    from inference.kv_cache import new_cache
+    from inference.native_step import native_step as native_of
+
+    def run() -> None:
+        served = load_model(settings)
+        native = native_of(served.model)
+        if native is None:
+            print("no native step here (no C compiler, not x86-64 with AVX2, or not the embedded bf16 model)")
+            return
+        torch_int4 = load_model(settings.model_copy(update={"native_decode": False}))
+        steps = {
+            "native": LlamaDecoder(served.model),
+            "torch int4": LlamaDecoder(torch_int4.model),
+            "bf16": LlamaDecoder(served.model, int4=False),
+        }
+        print("decoding pass, ms: " + " / ".join(steps))
+        for rows in (1, 2, 4, 8, 16, 32):
+            batch = padded_batch(served, rows)
+            times = [median_ms(decoding_step(decoder, *batch), repeat) for decoder in steps.values()]
+            cells = " / ".join(f"{t:6.1f}" for t in times)
+            print(f"{rows:>3} rows: {cells}  (torch int4 / native {times[1] / times[0]:.2f}x)")
+        bf16 = LlamaDecoder(served.model, int4=False)
+        print("1 row over a long cache, ms: native / bf16")
+        for length in (100, 1000, 3000):
+            ids = torch.randint(100, 40000, (length,))
+            cache = new_cache(served.model.config)
+            with torch.inference_mode():
+                bf16.forward(None, [PromptRow(ids, cache)])
+            tokens, positions = torch.tensor([5]), torch.tensor([length])
+            mask = torch.ones((1, length + 1), dtype=torch.long)
+            decoders = (LlamaDecoder(served.model), bf16)
+            times = [median_ms(decoding_step(d, cache, tokens, positions, mask), repeat) for d in decoders]
+            print(f"{length:>5} tokens: {times[0]:6.1f} / {times[1]:6.1f}")
+
+    on_thread(run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--omp", action="store_true", help="only the OpenMP-teams measurement")
     parser.add_argument("--packed", action="store_true", help="only the packed-linear measurement")
     parser.add_argument("--lean", action="store_true", help="only the lean-decoder measurement")
     parser.add_argument("--int4", action="store_true", help="only the int4-copies measurement")
+    parser.add_argument("--native", action="store_true", help="only the native-step measurement")
     parser.add_argument("--model-id", default="embedded")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args(argv)
     settings = Settings(model_id=args.model_id, _env_file=None)  # type: ignore[call-arg]
-    every = not (args.omp or args.packed or args.lean or args.int4)
+    bf16 = settings.model_copy(update={"gguf_int4": False})
+    every = not (args.omp or args.packed or args.lean or args.int4 or args.native)
     if args.omp or every:
-        omp_teams(settings, args.repeat)
+        omp_teams(bf16, args.repeat)
     if args.packed or every:
-        packed_linears(settings, args.repeat)
+        packed_linears(bf16, args.repeat)
     if args.lean or every:
-        lean_passes(settings, args.repeat)
+        lean_passes(bf16, args.repeat)
     if args.int4 or every:
-        int4_copies(settings, args.repeat)
+        int4_copies(settings.model_copy(update={"native_decode": False}), args.repeat)
+    if args.native or every:
+        native_step(settings, args.repeat)
     return 0
 
 

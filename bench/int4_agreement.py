@@ -1,7 +1,8 @@
-"""How close the embedded model's int4 path (the GGUF's own Q4_1 blocks, GGUF_INT4) is to its bf16 path.
+"""How close the embedded model's 4-bit path (the GGUF's own Q4_1 blocks, GGUF_INT4) is to its bf16 path.
 
-Two copies of the embedded model are loaded: the served one (passes under INT4_BELOW_ROWS rows multiply by the
-int4 copies) and one with GGUF_INT4=false (bf16 prepacked everywhere). On every benchmark prompt (chat template,
+Two copies of the embedded model are loaded: the served one (its one-token decoding passes run the native step,
+inference/native_step.py, or torch's int4 kernel where that cannot be built) and one with GGUF_INT4=false (bf16
+prepacked everywhere). On every benchmark prompt (chat template,
 as the service sends it):
 
 - greedy replies: `generate` (the sequential engine's loop) on each copy, MAX_TOKENS tokens; how many replies are

@@ -7,8 +7,9 @@ it re-blocks on every call; prepacking it once into oneDNN's own blocked layout
 linear ~1.5x faster for 1-16 rows on the 2-core CPU, bit for bit the same output (`bench/cpu_kernels.py --packed`).
 
 Passes of fewer than INT4_BELOW_ROWS rows (a lone request, or a few, decoding) are bound by reading the weights
-even when prepacked: those multiply by an int4 copy instead (`Int4Weight`, torch's CPU int4 kernel over the
-embedded GGUF's own Q4_1 blocks, inference/gguf_int4.py), a quarter of the bytes.
+even when prepacked: where the native step (inference/native_step.py) cannot be built, those multiply by an int4
+copy instead (`Int4Weight`, torch's CPU int4 kernel over the embedded GGUF's own Q4_1 blocks,
+inference/gguf_int4.py), a quarter of the bytes.
 
 Imported only where torch is loaded (CPU models), so the remote engine and the web layer never import it.
 """

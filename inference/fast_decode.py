@@ -13,8 +13,10 @@ rows' step instead of in a pass of its own (~25-40 ms saved per joining request 
 padding (each attends over its own cache). A decoding step alone or a lone prompt gives exactly transformers'
 bits (tested).
 
-Passes of fewer than INT4_BELOW_ROWS rows multiply by the GGUF's own 4-bit blocks where the model has them
-(GGUF_INT4, inference/gguf_int4.py), the same rule `PackedLinear` applies in transformers' forward.
+A pass of only decoding rows, up to inference.native_step.MAX_ROWS of them, is one native call over the GGUF's own
+4-bit blocks where the model has its native step (GGUF_INT4 and NATIVE_DECODE); the model's forward routes such
+steps there too, so both engines take it. Without it, passes of fewer than INT4_BELOW_ROWS rows multiply by torch's
+int4 copies of those blocks (inference/gguf_int4.py), the same rule `PackedLinear` applies in transformers' forward.
 
 It is used only where it applies (`LlamaDecoder.supports`): a bf16 Llama model on CPU with plain linears and
 default rotary embedding. Everything else (Gemma2, quantized weights, GPUs) runs transformers' forward.
@@ -40,6 +42,7 @@ from inference.cpu_kernels import (
     packed_weight,
     packing_available,
 )
+from inference.native_step import MAX_ROWS as NATIVE_MAX_ROWS
 
 
 def bucket_rows(count: int) -> int:
@@ -131,7 +134,7 @@ class LlamaDecoder:
         return all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights)
 
     def __init__(self, model: Any, int4: bool = True) -> None:
-        """`int4=False`: bf16 weights for every pass, even where the model's linears have int4 copies."""
+        """`int4=False`: bf16 weights for every pass, even where the model has int4 copies or a native step."""
         if not self.supports(model):
             raise ValueError("LlamaDecoder needs a bf16 Llama model on CPU with plain linear layers")
         config = model.config
@@ -147,6 +150,9 @@ class LlamaDecoder:
         rotary = decoder.rotary_emb
         self.inv_freq = rotary.inv_freq.float()
         self.rotary_scaling = float(rotary.attention_scaling)
+        from inference.native_step import native_step
+
+        self.native = native_step(model) if int4 else None  # decoding passes of up to MAX_ROWS rows, in one call
         self.layers: list[tuple[Any, ...]] = []
         with torch.no_grad():
             for layer in decoder.layers:
@@ -223,6 +229,9 @@ class LlamaDecoder:
         slightly different logits than in a step alone, as in any batched forward.
         """
         decoding = 0 if decode is None else int(decode.tokens.shape[0])
+        if decode is not None and not prompts and self.native is not None and decoding <= NATIVE_MAX_ROWS:
+            starts = decode.mask.argmax(dim=1).tolist()  # each row's first real column (right-aligned rows)
+            return self.native.logits(decode.tokens, decode.positions, starts, decode.cache), None
         spans = [prompt.span() for prompt in prompts]
         lengths = [end - start for start, end in spans]
         if not decoding and not lengths:

@@ -1,4 +1,5 @@
-"""The embedded GGUF's own Q4_1 blocks as int4 copies of the model's linear layers (inference.cpu_kernels).
+"""The embedded GGUF's own blocks, read and checked at load: for the native step (inference/native_step.py), and
+as torch int4 copies of the model's linear layers (inference.cpu_kernels) where that step cannot be built.
 
 The embedded model is published as a Q4_1 GGUF: every linear weight of its 30 layers is stored in blocks of 32
 inputs, each a 4-bit code per weight with an fp16 scale `d` and minimum `m` (`w = d * q + m`). transformers
@@ -8,7 +9,8 @@ the activations' dtype). A token then reads ~66 MB of layer weights instead of ~
 
 Each copy is checked against the weight transformers loaded (the dequantised blocks, rounded to bf16, must be that
 weight exactly), which also checks the name mapping and llama.cpp's row order for the query and key projections.
-The token embedding and the tied output head are Q8_0 in this file, not Q4_1: they stay bf16.
+The token embedding and the tied output head are Q8_0 in this file, not Q4_1: the native step reads those blocks
+too (`q8_0_head`), torch's path keeps them bf16.
 """
 
 from __future__ import annotations
@@ -155,39 +157,100 @@ def matches(codes: np.ndarray, d: np.ndarray, m: np.ndarray, weight: torch.Tenso
     return torch.equal(torch.from_numpy(values.reshape(rows, columns)).to(torch.bfloat16), weight.detach())
 
 
-def attach_gguf_int4(model: Any, gguf: Path) -> int:
-    """Give each prepacked linear of a Llama `model` loaded from `gguf` an int4 copy of its Q4_1 blocks.
+def q4_1_blocks(model: Any, gguf: Path) -> dict[tuple[int, str], np.ndarray]:
+    """The Q4_1 blocks of each layer linear of a Llama `model` loaded from `gguf`, checked against its weights.
 
-    Returns how many linears got one. A tensor that is not Q4_1, or whose blocks are not the loaded weight, is
-    skipped with a warning: that linear keeps its bf16 kernel for every pass.
+    Keys are (layer, module name under the layer, e.g. "self_attn.q_proj"); values the raw blocks (rows, bytes) in
+    transformers' row order. A tensor that is not Q4_1, or whose blocks are not the loaded weight, is left out with a
+    warning: that linear keeps its bf16 kernel for every pass.
     """
-    if not int4_available() or getattr(model.config, "model_type", None) != "llama":
-        return 0
+    if getattr(model.config, "model_type", None) != "llama":
+        return {}
     from gguf import GGMLQuantizationType
 
     config = model.config
     layers = model.model.layers
-    attached = 0
+    found = {}
     for tensor in gguf_tensors(gguf):
         parts = tensor.name.split(".")  # blk.N.attn_q.weight
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _MODULES or parts[3] != "weight":
             continue
         module = layers[int(parts[1])].get_submodule(_MODULES[parts[2]])
-        if not isinstance(module, PackedLinear):
-            continue
         if tensor.kind != GGMLQuantizationType.Q4_1:
             kind = GGMLQuantizationType(tensor.kind).name
             logger.warning("%s is %s, not Q4_1: its linear stays bf16", tensor.name, kind)
             continue
-        columns = int(tensor.shape[0])  # GGUF lists dimensions innermost first
-        codes, d, m = q4_1_codes(tensor.data, columns)
+        raw = tensor.data
         if parts[2] in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
-            order = llama_rows(codes.shape[0], heads)
-            codes, d, m = codes[order], d[order], m[order]
+            raw = raw[llama_rows(raw.shape[0], heads)]
+        codes, d, m = q4_1_codes(raw, int(tensor.shape[0]))  # GGUF lists dimensions innermost first
         if codes.shape != tuple(module.weight.shape) or not matches(codes, d, m, module.weight):
             logger.warning("%s is not the loaded weight of %s: that linear stays bf16", tensor.name, parts[2])
             continue
-        attach_int4(module, int4_weight(codes, d, m))
+        found[(int(parts[1]), _MODULES[parts[2]])] = raw
+    return found
+
+
+def attach_gguf_int4(model: Any, blocks: dict[tuple[int, str], np.ndarray]) -> int:
+    """Give each prepacked linear of a Llama `model` an int4 copy of its Q4_1 `blocks` (`q4_1_blocks`).
+
+    Returns how many linears got one.
+    """
+    if not int4_available():
+        return 0
+    attached = 0
+    layers = model.model.layers
+    for (index, name), raw in blocks.items():
+        module = layers[index].get_submodule(name)
+        if not isinstance(module, PackedLinear):
+            continue
+        attach_int4(module, int4_weight(*q4_1_codes(raw, int(module.weight.shape[1]))))
         attached += 1
     return attached
+
+
+def q8_0_head(model: Any, gguf: Path) -> np.ndarray | None:
+    """The output head's Q8_0 blocks (vocab, bytes) when the file has them and they are the loaded head's weight.
+
+    This file has no output tensor: the head is tied to the token embedding, stored as Q8_0 (an fp16 scale and 32
+    signed 8-bit codes per block, `w = d * q`).
+    """
+    from gguf import GGMLQuantizationType
+
+    tensors = {tensor.name: tensor for tensor in gguf_tensors(gguf)}
+    tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    weight = model.lm_head.weight
+    if tensor is None or tensor.kind != GGMLQuantizationType.Q8_0 or tensor.data.shape[0] != weight.shape[0]:
+        return None
+    columns = int(tensor.shape[0])
+    data = np.ascontiguousarray(tensor.data).reshape(tensor.data.shape[0], columns // _BLOCK, 34)
+    d = data[:, :, 0:2].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
+    codes = data[:, :, 2:].view(np.int8).astype(np.float32)
+    values = torch.from_numpy((codes * d).reshape(data.shape[0], columns)).to(torch.bfloat16)
+    if not torch.equal(values, weight.detach()):
+        logger.warning("%s is not the loaded output head: the head stays bf16", tensor.name)
+        return None
+    return tensor.data
+
+
+def serve_gguf_blocks(model: Any, gguf: Path, native: bool, cache_dir: Path | None) -> str | None:
+    """Serve the decoding passes of few rows of `model` (loaded from `gguf`) from the file's own 4-bit blocks: the
+    native step (`native`, inference/native_step.py) where it builds, else torch's int4 copies. The quantization
+    label to report, or None when neither applies."""
+    from inference.cpu_kernels import INT4_BELOW_ROWS
+
+    blocks = q4_1_blocks(model, gguf)
+    if not blocks:
+        return None
+    if native:
+        from inference.native_step import MAX_ROWS, install
+
+        step = install(model, blocks, q8_0_head(model, gguf), cache_dir)
+        if step is not None:
+            head = "Q8_0 head" if step.native_head else "bf16 head"
+            logger.debug("native decoding step: %.0f MB of blocks", step.nbytes / 1e6)
+            return f"Q4_1 GGUF (native step for up to {MAX_ROWS} decoding rows, {head}; else dequantised to bf16)"
+    int4 = attach_gguf_int4(model, blocks)
+    logger.debug("%d linear layers take the GGUF's Q4_1 blocks (int4) for passes of few rows", int4)
+    return f"Q4_1 GGUF (int4 for passes under {INT4_BELOW_ROWS} rows, else dequantised to bf16)" if int4 else None

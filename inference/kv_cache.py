@@ -53,11 +53,9 @@ def _growable_layer_class() -> type:
             self._key_buffer: Any = None
             self._value_buffer: Any = None
 
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            length = self.keys.shape[-2] if self.keys.numel() else 0
-            needed = length + key_states.shape[-2]
+        def reserve(self, rows: int, needed: int, like: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+            """The key and value buffers, owned and with room for `needed` columns (keys/values copied in)."""
+            length = self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
             buffer = self._key_buffer
             owned = (
                 buffer is not None
@@ -67,17 +65,26 @@ def _growable_layer_class() -> type:
                 and needed <= buffer.shape[-2]
             )
             if not owned:
+                key_like, value_like = like if like is not None else (self.keys, self.values)
                 capacity = needed + max(64, needed // 2)
-                shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
-                self._key_buffer = key_states.new_empty(shape)
-                self._value_buffer = value_states.new_empty((*shape[:3], value_states.shape[-1]))
+                shape = (rows, key_like.shape[1], capacity, key_like.shape[-1])
+                self._key_buffer = key_like.new_empty(shape)
+                self._value_buffer = value_like.new_empty((*shape[:3], value_like.shape[-1]))
                 if length:
                     self._key_buffer[:, :, :length] = self.keys
                     self._value_buffer[:, :, :length] = self.values
-            self._key_buffer[:, :, length:needed] = key_states
-            self._value_buffer[:, :, length:needed] = value_states
-            self.keys = self._key_buffer[:, :, :needed]
-            self.values = self._value_buffer[:, :, :needed]
+            return self._key_buffer, self._value_buffer
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.keys.shape[-2] if self.keys.numel() else 0
+            needed = length + key_states.shape[-2]
+            keys, values = self.reserve(key_states.shape[0], needed, (key_states, value_states))
+            keys[:, :, length:needed] = key_states
+            values[:, :, length:needed] = value_states
+            self.keys = keys[:, :, :needed]
+            self.values = values[:, :, :needed]
             return self.keys, self.values
 
     return GrowableLayer
@@ -94,6 +101,32 @@ def new_cache(config: Any) -> Any:
         if type(layer) is DynamicLayer:
             cache.layers[index] = layer_class()
     return cache
+
+
+def reserve_columns(layers: list[Any], rows: int, extra: int) -> tuple[int, list[tuple[Any, Any]]]:
+    """Room for `extra` more columns in every layer: (their common length, each layer's key and value buffers).
+
+    The buffers are (rows, kv_heads, capacity, head_dim), their first `length` columns the layer's keys and values;
+    a writer fills the next columns and then sets `keys`/`values` to the longer views. Plain full-attention layers
+    (a cache `model.generate` made) become growable ones here.
+    """
+    growable = _growable_layer_class()
+    from transformers.cache_utils import DynamicLayer
+
+    buffers = []
+    length = -1
+    for layer in layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = growable
+            layer._key_buffer = layer._value_buffer = None
+        if type(layer) is not growable or not layer.is_initialized or not layer.keys.numel():
+            raise ValueError("the native step needs a filled full-attention cache")
+        columns = int(layer.keys.shape[-2])
+        if length not in (-1, columns) or int(layer.keys.shape[0]) != rows:
+            raise ValueError("the cache's layers disagree on their length or rows")
+        length = columns
+        buffers.append(layer.reserve(rows, length + extra))
+    return length, buffers
 
 
 def cache_layers(cache: Any) -> list[Any]:

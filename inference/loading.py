@@ -260,14 +260,12 @@ def load_model(settings: EngineSettings) -> LoadedModel:
         packed = pack_linears(model)
         logger.debug("prepacked %d bf16 linear layers for oneDNN", packed)
         if settings.gguf_int4 and choice.source == EMBEDDED_MODEL_ID and packed:
-            from inference.cpu_kernels import INT4_BELOW_ROWS
-            from inference.gguf_int4 import attach_gguf_int4
+            from inference.gguf_int4 import serve_gguf_blocks
 
-            int4 = attach_gguf_int4(model, embedded_gguf_path())
+            cache_dir = settings.model_cache_dir if settings.model_cache else None
+            label = serve_gguf_blocks(model, embedded_gguf_path(), settings.native_decode, cache_dir)
             release_free_heap()  # the unpacked codes' temporaries: ~100 MB of heap holes otherwise (measured)
-            logger.debug("%d linear layers take the GGUF's Q4_1 blocks (int4) for passes of few rows", int4)
-            if int4:
-                quantization = f"Q4_1 GGUF (int4 for passes under {INT4_BELOW_ROWS} rows, else dequantised to bf16)"
+            quantization = label or quantization
     info = ModelInfo(
         model_id=model_id,
         quantization=quantization,

@@ -56,10 +56,15 @@ class EngineSettings(BaseSettings):
     )
     gguf_int4: bool = Field(
         True,
-        description="Embedded model on CPU with PACK_CPU_WEIGHTS: passes of fewer than 8 rows (one or a few requests "
-        "decoding) multiply by the GGUF's own Q4_1 blocks in torch's int4 layout instead of the bf16 weights "
-        "(a 1-row decoding step ~1.7x faster; about 65 MB more memory, 130 MB with FAST_DECODE). Both engines "
-        "take the same kernels.",
+        description="Embedded model on CPU with PACK_CPU_WEIGHTS: decoding passes of few rows read the GGUF's own "
+        "4-bit blocks, not the bf16 weights: the native step (NATIVE_DECODE), else torch's int4 kernel for passes "
+        "under 8 rows. Both engines take the same kernels.",
+    )
+    native_decode: bool = Field(
+        True,
+        description="With GGUF_INT4: decoding passes of up to 32 rows run as one C call (inference/native/"
+        "decode_step.c, built at first start by the system C compiler, cached in MODEL_CACHE_DIR): a 1-row step "
+        "~2.7x faster than torch's int4 path; ~96 MB of blocks. Without a compiler torch's int4 kernel serves.",
     )
     model_cache_dir: Path = Field(
         default_factory=default_cache_dir,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine
 from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow, bucket_rows
@@ -42,17 +43,19 @@ def prefill(loaded: LoadedModel, texts: list[str]) -> tuple[Any, torch.Tensor, t
 
 @pytest.mark.parametrize("texts", [PROMPTS, PROMPTS[:1]], ids=["padded batch", "one row"])
 def test_decoder_steps_equal_transformers_forward_bit_for_bit(embedded_model: LoadedModel, texts: list[str]) -> None:
+    """The torch path (`int4=False`: bf16 weights; the native step that serves these passes: test_native_step.py)."""
     model = embedded_model.model
     assert LlamaDecoder.supports(model)
-    decoder = LlamaDecoder(model)
+    decoder = LlamaDecoder(model, int4=False)
     with torch.inference_mode():
         cache, tokens, positions, mask = prefill(embedded_model, texts)
         lean_cache = copy.deepcopy(cache)
         lean_tokens = tokens
         for _ in range(6):
             mask = torch.cat([mask, mask.new_ones((len(texts), 1))], dim=1)
-            reference = model(
-                input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache
+            # transformers' own forward: the served model's `forward` routes decoding steps to the native step
+            reference = LlamaForCausalLM.forward(
+                model, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache
             ).logits[:, -1]
             logits = decoder.step(lean_tokens, positions, mask, lean_cache)
             assert logits.dtype == reference.dtype and logits.shape == (len(texts), model.config.vocab_size)
@@ -68,10 +71,10 @@ def test_a_mixed_pass_gives_each_part_what_it_gets_alone(embedded_model: LoadedM
     """Three decoding rows and two prompts in one pass vs each part in a pass of its own.
 
     Parts in passes that take the same kernels match bit for bit: oneDNN runs matmuls of up to 32 rows with one
-    kernel and larger ones with another, which rounds differently in bf16, and passes of fewer than
-    INT4_BELOW_ROWS rows (here the three decoding rows alone) multiply by the GGUF's int4 blocks. So with bf16
+    kernel and larger ones with another, which rounds differently in bf16, and decoding passes of up to 32 rows
+    (here the three decoding rows alone) multiply by the GGUF's 4-bit blocks (the native step). So with bf16
     weights everywhere (`int4=False`) and up to 32 rows the parts must match bit for bit; above (3 + 8 + 39 rows,
-    bucketed to 52 with filler rows), or with the served decoder's int4 passes, up to rounding, with the same
+    bucketed to 52 with filler rows), or with the served decoder's native step, up to rounding, with the same
     greedy choices.
     """
     served = LlamaDecoder(embedded_model.model)
@@ -91,7 +94,8 @@ def test_a_mixed_pass_gives_each_part_what_it_gets_alone(embedded_model: LoadedM
         mixed, mixed_prompts = decoder.forward(DecodeRows(tokens, positions, mask, mixed_cache), parts)
         served_alone = served.step(tokens, positions, mask, copy.deepcopy(cache))
     assert served_alone is not None and mixed is not None
-    torch.testing.assert_close(served_alone, alone, atol=1.0, rtol=0.05)  # int4 alone vs bf16: rounding apart
+    # the served decoder's native step (4-bit blocks, float32 logits) vs bf16: rounding apart
+    torch.testing.assert_close(served_alone.float(), alone.float(), atol=1.0, rtol=0.05)
     assert torch.equal(served_alone.argmax(-1), alone.argmax(-1))
     assert mixed is not None and mixed_prompts is not None and mixed_prompts.shape[0] == 2
     if long_prompt:
@@ -121,26 +125,33 @@ def test_decoder_applies_only_to_bf16_llama_on_cpu(embedded_model: LoadedModel) 
 
 
 async def test_batched_engine_uses_it_unless_turned_off(settings: Settings, embedded_model: LoadedModel) -> None:
-    """FAST_DECODE on (the default) and off give the same greedy texts for a batch; off runs transformers' forward."""
+    """FAST_DECODE on (the default) and off: off runs transformers' forward.
 
-    async def texts(engine: BatchedEngine) -> list[str]:
-        requests = [
-            GenerationRequest(messages=(Message("user", text),), max_new_tokens=10, temperature=0.0) for text in PROMPTS
-        ]
-        return [result.text for result in await asyncio.gather(*map(engine.generate, requests))]
-
-    results = {}
+    Requests one at a time get the same greedy texts on both, bit for bit: a prefill in bf16, then decoding steps on
+    the native step either way (the model's forward routes them there). A concurrent batch runs on both, but how its
+    rows share passes depends on when each arrives (on, a newcomer's prefill carries the running rows' step in bf16;
+    off, prompts are prefilled together), and rounding apart, greedy texts may part after a while: only their start
+    is compared.
+    """
+    requests = [
+        GenerationRequest(messages=(Message("user", text),), max_new_tokens=10, temperature=0.0) for text in PROMPTS
+    ]
+    alone, together = {}, {}
     for fast in (True, False):
         chosen = settings.model_copy(update={"fast_decode": fast})
         engine = BatchedEngine(chosen, loader=lambda _settings: embedded_model)
         engine.load()
         try:
             assert (engine.decoder is not None) is fast
-            results[fast] = await texts(engine)
+            alone[fast] = [(await engine.generate(request)).text for request in requests]
+            together[fast] = [result.text for result in await asyncio.gather(*map(engine.generate, requests))]
             assert engine.max_rows_seen >= 2
         finally:
             engine.close()
-    assert all(results[True]) and results[True] == results[False]
+    assert all(alone[True]) and alone[True] == alone[False]
+    for fast in (True, False):
+        for text, reference in zip(together[fast], alone[True], strict=True):
+            assert text.split()[:3] == reference.split()[:3]
 
 
 async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(

@@ -1,6 +1,7 @@
 """The GGUF's own Q4_1 blocks as int4 copies of the embedded model's linears (inference/gguf_int4.py, GGUF_INT4).
 
-Passes of fewer than INT4_BELOW_ROWS rows multiply by them, on both engines; larger passes by the bf16 weights.
+Where the native step cannot be built (NATIVE_DECODE=false here), passes of fewer than INT4_BELOW_ROWS rows multiply
+by them, on both engines; larger passes by the bf16 weights. The native step itself: tests/test_native_step.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 
 from inference import BatchedEngine, GenerationRequest, Message, SequentialEngine
 from inference.cpu_kernels import INT4_BELOW_ROWS, PackedLinear, int4_weight, linear_pointwise, packed_weight
-from inference.gguf_int4 import gguf_tensors, llama_rows, q4_1_codes
+from inference.gguf_int4 import gguf_tensors, llama_rows, q4_1_blocks, q4_1_codes
 from inference.loading import LoadedModel, embedded_gguf_path, load_model
+from tests.conftest import engine_for
 from webapp.settings import Settings
 
 PROMPTS = [
@@ -26,10 +28,11 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def bf16_model(embedded_model: LoadedModel) -> LoadedModel:
+def bf16_model(settings: Settings, embedded_model: LoadedModel) -> LoadedModel:
+    """The embedded model served by torch's int4 kernel (the path without the native step)."""
     if embedded_model.model.dtype != torch.bfloat16:
         pytest.skip("this CPU runs the embedded model in float32: the int4 path is bf16 only")
-    return embedded_model
+    return load_model(settings.model_copy(update={"native_decode": False}))
 
 
 def linears(loaded: LoadedModel) -> list[torch.nn.Module]:
@@ -93,7 +96,8 @@ def test_a_changed_weight_drops_its_int4_copy(bf16_model: LoadedModel) -> None:
     from inference.gguf_int4 import attach_gguf_int4
 
     pack_linears(model)
-    assert attach_gguf_int4(model, embedded_gguf_path()) == 7 * model.config.num_hidden_layers
+    blocks = q4_1_blocks(model, embedded_gguf_path())
+    assert attach_gguf_int4(model, blocks) == 7 * model.config.num_hidden_layers
     module = model.model.layers[0].self_attn.o_proj
     with torch.no_grad():
         module.weight.mul_(2.0)
@@ -104,20 +108,26 @@ def test_a_changed_weight_drops_its_int4_copy(bf16_model: LoadedModel) -> None:
 
 
 def test_gguf_int4_off_serves_bf16_only(settings: Settings, bf16_model: LoadedModel) -> None:
+    from inference.native_step import native_step
+
     plain = load_model(settings.model_copy(update={"gguf_int4": False}))
     assert not any(int4_weight(module) is not None for module in linears(plain))
+    assert native_step(plain.model) is None and native_step(bf16_model.model) is None
     assert "int4" in bf16_model.info.quantization and "int4" not in plain.info.quantization
+    assert plain.info.quantization.startswith("none")
 
 
 async def test_a_lone_greedy_request_gives_the_same_text_on_both_engines(
-    bf16_model: LoadedModel, shared_engines: dict[str, object]
+    settings: Settings, bf16_model: LoadedModel
 ) -> None:
-    """The served configuration (bf16, int4 for few rows, the lean decoder): one request at a time, same tokens."""
-    batched, sequential = shared_engines["batched"], shared_engines["sequential"]
+    """bf16, int4 for few rows, the lean decoder: one request at a time, the same tokens on both engines."""
+    batched, sequential = engine_for(settings, bf16_model, "batched"), engine_for(settings, bf16_model, "sequential")
     assert isinstance(batched, BatchedEngine) and isinstance(sequential, SequentialEngine)
-    assert batched.decoder is not None
+    assert batched.decoder is not None and batched.decoder.native is None
     for text in PROMPTS:
         request = GenerationRequest(messages=(Message("user", text),), max_new_tokens=48, temperature=0.0)
         alone = await sequential.generate(request)
         together = await batched.generate(request)
         assert together.text == alone.text and together.output_length == alone.output_length, text
+    batched.close()
+    sequential.close()
