@@ -157,8 +157,9 @@ def matches(codes: np.ndarray, d: np.ndarray, m: np.ndarray, weight: torch.Tenso
     return torch.equal(torch.from_numpy(values.reshape(rows, columns)).to(torch.bfloat16), weight.detach())
 
 
-def q4_1_blocks(model: Any, gguf: Path) -> dict[tuple[int, str], np.ndarray]:
-    """The Q4_1 blocks of each layer linear of a Llama `model` loaded from `gguf`, checked against its weights.
+def q4_1_blocks(model: Any, gguf: Path | list[GGUFTensor]) -> dict[tuple[int, str], np.ndarray]:
+    """The Q4_1 blocks of each layer linear of a Llama `model` loaded from `gguf` (the file, or its `gguf_tensors`),
+    checked against its weights.
 
     Keys are (layer, module name under the layer, e.g. "self_attn.q_proj"); values the raw blocks (rows, bytes) in
     transformers' row order. A tensor that is not Q4_1, or whose blocks are not the loaded weight, is left out with a
@@ -171,7 +172,7 @@ def q4_1_blocks(model: Any, gguf: Path) -> dict[tuple[int, str], np.ndarray]:
     config = model.config
     layers = model.model.layers
     found = {}
-    for tensor in gguf_tensors(gguf):
+    for tensor in gguf if isinstance(gguf, list) else gguf_tensors(gguf):
         parts = tensor.name.split(".")  # blk.N.attn_q.weight
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _MODULES or parts[3] != "weight":
             continue
@@ -210,15 +211,16 @@ def attach_gguf_int4(model: Any, blocks: dict[tuple[int, str], np.ndarray]) -> i
     return attached
 
 
-def q8_0_head(model: Any, gguf: Path) -> np.ndarray | None:
-    """The output head's Q8_0 blocks (vocab, bytes) when the file has them and they are the loaded head's weight.
+def q8_0_head(model: Any, gguf: Path | list[GGUFTensor]) -> np.ndarray | None:
+    """The output head's Q8_0 blocks (vocab, bytes) when `gguf` (the file, or its `gguf_tensors`) has them and they
+    are the loaded head's weight.
 
     This file has no output tensor: the head is tied to the token embedding, stored as Q8_0 (an fp16 scale and 32
     signed 8-bit codes per block, `w = d * q`).
     """
     from gguf import GGMLQuantizationType
 
-    tensors = {tensor.name: tensor for tensor in gguf_tensors(gguf)}
+    tensors = {tensor.name: tensor for tensor in (gguf if isinstance(gguf, list) else gguf_tensors(gguf))}
     tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))
     weight = model.lm_head.weight
     if tensor is None or tensor.kind != GGMLQuantizationType.Q8_0 or tensor.data.shape[0] != weight.shape[0]:
@@ -240,13 +242,14 @@ def serve_gguf_blocks(model: Any, gguf: Path, native: bool, cache_dir: Path | No
     label to report, or None when neither applies."""
     from inference.cpu_kernels import INT4_BELOW_ROWS
 
-    blocks = q4_1_blocks(model, gguf)
+    tensors = gguf_tensors(gguf)  # the index, read once for both
+    blocks = q4_1_blocks(model, tensors)
     if not blocks:
         return None
     if native:
         from inference.native_step import MAX_ROWS, install
 
-        step = install(model, blocks, q8_0_head(model, gguf), cache_dir)
+        step = install(model, blocks, q8_0_head(model, tensors), cache_dir)
         if step is not None:
             head = "Q8_0 head" if step.native_head else "bf16 head"
             logger.debug("native decoding step: %.0f MB of blocks", step.nbytes / 1e6)
