@@ -32,6 +32,9 @@ def resolve_api_keys(settings: Settings) -> list[str]:
 def main() -> None:
     settings = load_settings(sys.argv[1:])
     api_keys = resolve_api_keys(settings)
+    from inference.cpu_path import apply_torch_caps
+
+    capped = apply_torch_caps(settings.cpu_isa)  # before torch is imported: its kernels read these once
 
     import uvicorn
 
@@ -41,6 +44,8 @@ def main() -> None:
     from webapp.shutdown import DrainingServer
 
     configure_logging(settings.log_level, settings.log_format)
+    if capped:
+        logger.info("CPU_ISA=%s: %s", settings.cpu_isa, " ".join(f"{k}={v}" for k, v in capped.items()))
     engine = build_engine(settings)
     config = uvicorn.Config(
         None,  # set below, once the server object exists for the load-failure callback

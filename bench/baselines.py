@@ -339,14 +339,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="KEY=VALUE for every server started here (e.g. OMP_WAIT_POLICY=PASSIVE on a busy machine)",
     )
+    parser.add_argument(
+        "--cpu-isa",
+        choices=["auto", "avx2"],
+        default="auto",
+        help="avx2: the AVX2-only CPU class on a CPU that has more: ours and transformers-serve with CPU_ISA=avx2 "
+        "(torch's kernels capped too), llama.cpp's servers built with CPU_ISA=avx2 (bench/build_llama_server.sh)",
+    )
     parser.add_argument("--no-agreement", action="store_true", help=f"do not run {AGREEMENT_SCRIPT} after the servers")
     loadgen.add_run_arguments(parser)
     parser.set_defaults(concurrency=list(DEFAULT_CONCURRENCY))
     return parser
 
 
+def apply_cpu_isa(args: argparse.Namespace) -> None:
+    """--cpu-isa avx2: every server gets the AVX2 cap (--env entries after it still win), and llama-server's default
+    binary is the capped build."""
+    if args.cpu_isa != "avx2":
+        return
+    from inference.cpu_path import TORCH_CAPS
+
+    args.env = [("CPU_ISA", "avx2"), *TORCH_CAPS["avx2"].items(), *args.env]
+    if args.llama_server == DEFAULT_LLAMA_SERVER:
+        args.llama_server = BUILD / "llama-server-build-avx2" / "bin" / "llama-server"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_cpu_isa(args)
     loadgen.exit_on_sigterm()
     prompts = loadgen.load_prompts(args.prompts)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-baselines-"))

@@ -15,7 +15,8 @@ BUILD="$HERE/_build"
 PYTHON="${PYTHON:-python3}"
 SDIST="$BUILD/llama_cpp_python-$VERSION.tar.gz"
 SRC="$BUILD/llama_cpp_python-$VERSION/vendor/llama.cpp"
-OUT="$BUILD/llama-server-build"
+OUT="$BUILD/llama-server-build${CPU_ISA:+-$CPU_ISA}"  # CPU_ISA=avx2: a separate, capped build
+[[ "${CPU_ISA:-auto}" != "auto" ]] || OUT="$BUILD/llama-server-build"
 BIN="$OUT/bin/llama-server"
 
 mkdir -p "$BUILD"

@@ -1,4 +1,4 @@
-"""Five CPU effects behind the engine's speed, each measured in one run against its own baseline.
+"""Four CPU effects behind the engine's speed, each measured in one run against its own baseline.
 
 1. OpenMP teams (`--omp`). torch's CPU kernels run on libgomp, and every thread that ever ran a parallel
    region keeps a team of worker threads. With more OpenMP threads in the process than CPUs, libgomp
@@ -16,18 +16,16 @@
    transformers' forward and with the lean decoder, and a newcomer joining 8 running rows: a step plus a prefill
    pass (transformers', then lean) vs one lean pass that carries both.
 
-4. int4 copies (`--int4`, inference/gguf_int4.py). Each linear shape of the model at 1-16 rows, oneDNN's
-   prepacked bf16 kernel vs torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 as the
-   GGUF's Q4_1 blocks), and a lean decoding step of 1-16 rows with bf16 weights everywhere vs the served rule
-   (int4 below INT4_BELOW_ROWS rows): where the threshold comes from.
+4. The CPU paths (`--paths`, inference/cpu_path.py). A pass of 1-32 decoding rows, prompt passes of 8-512 tokens
+   (one prompt, or eight), and one row over caches of 100-3000 tokens: the native path (one C call over the GGUF's
+   blocks, inference/native_step.py) vs the lean torch path on the dequantised weights (prepacked, in the dtype the
+   CPU_ISA in force gives: bf16 where bf16 matmuls are native, else float32). Run it once per CPU class, e.g.
+   `CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python bench/cpu_kernels.py --paths`
+   for the AVX2 class on a CPU that has more: where docs/cpu-paths.md's choice comes from.
 
-5. The native step (`--native`, inference/native_step.py). A decoding pass of 1-32 left-padded rows as one native
-   call vs the lean decoder with torch's int4 copies (NATIVE_DECODE=false) and with bf16 weights everywhere, and a
-   1-row pass over caches of 100-3000 tokens (attention grows with them).
+The first three measure the torch paths (GGUF_INT4=false), as they were built.
 
-The first three measure the bf16 paths (GGUF_INT4=false), as they were built; `--int4` the torch int4 path.
-
-    .venv/bin/python bench/cpu_kernels.py            # all five
+    .venv/bin/python bench/cpu_kernels.py            # all four
     .venv/bin/python bench/cpu_kernels.py --packed   # only the second
 
 Numbers depend on the machine and on what else runs on it: compare the ratios, within one run.
@@ -108,12 +106,14 @@ def omp_teams(settings: Settings, repeat: int) -> None:
     on_thread(loading_thread)
 
 
-def time_linear(out_features: int, in_features: int, repeat: int, rows: int = 8) -> tuple[float, float]:
+def time_linear(
+    out_features: int, in_features: int, repeat: int, rows: int = 8, dtype: torch.dtype = torch.float32
+) -> tuple[float, float]:
     """Median ms of F.linear and of the packed kernel for one weight shape, cycling through copies."""
     copies = 24 if out_features * in_features < 10_000_000 else 3
-    weights = [torch.randn(out_features, in_features).to(torch.bfloat16) for _ in range(copies)]
+    weights = [torch.randn(out_features, in_features).to(dtype) for _ in range(copies)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
-    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    x = torch.randn(rows, in_features).to(dtype)
     index = iter(range(10**9))
     with torch.inference_mode():
         plain = median_ms(lambda: F.linear(x, weights[next(index) % copies]), repeat)
@@ -128,18 +128,17 @@ def packed_linears(settings: Settings, repeat: int) -> None:
 
     def run() -> None:
         loaded = load_model(settings.model_copy(update={"pack_cpu_weights": False}))
-        if loaded.model.dtype != torch.bfloat16:
-            print(f"the model runs in {loaded.model.dtype}: packing applies to bf16 only")
-            return
+        dtype = loaded.model.dtype
+        print(f"the model's linears in {dtype}")
         shapes = sorted({tuple(m.weight.shape) for m in loaded.model.modules() if type(m) is torch.nn.Linear})
         print(f"{'linear (out x in)':>20}{'F.linear us':>13}{'packed us':>11}{'speed-up':>10}")
         for out_features, in_features in shapes:
-            plain, fast = time_linear(out_features, in_features, repeat * 4)
+            plain, fast = time_linear(out_features, in_features, repeat * 4, dtype=dtype)
             shape = f"{out_features} x {in_features}"
             print(f"{shape:>20}{plain * 1000:>13.0f}{fast * 1000:>11.0f}{plain / fast:>9.2f}x")
         step = decode_step(loaded)
         unpacked = median_ms(step, repeat)
-        count = pack_linears(loaded.model)
+        count = pack_linears(loaded.model, (dtype,))
         assert all(is_packed(m) for m in loaded.model.modules() if isinstance(m, PackedLinear))
         packed_step = median_ms(step, repeat)
         print(
@@ -177,14 +176,15 @@ def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
 
 def lean_passes(settings: Settings, repeat: int) -> None:
     """transformers' forward vs the lean decoder (inference/fast_decode.py): a step, and a newcomer joining."""
-    from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow
+    from inference.fast_decode import LlamaDecoder
     from inference.kv_cache import new_cache
+    from inference.passes import DecodeRows, PromptRow
 
     def run() -> None:
         loaded = load_model(settings)
         model = loaded.model
         if not LlamaDecoder.supports(model):
-            print("the lean decoder does not apply to this model (bf16 Llama on CPU only)")
+            print("the lean decoder does not apply to this model (bf16 or float32 Llama on CPU only)")
             return
         decoder = LlamaDecoder(model)
 
@@ -239,32 +239,6 @@ def lean_passes(settings: Settings, repeat: int) -> None:
     on_thread(run)
 
 
-def time_int4(out_features: int, in_features: int, rows: int, repeat: int) -> tuple[float, float]:
-    """Median ms of the prepacked bf16 kernel and of the int4 kernel for one weight shape, cycling through copies."""
-    from inference.cpu_kernels import INT4_GROUP, Int4Weight
-
-    copies = 3 if out_features * in_features > 10_000_000 else 24
-    bf16 = [
-        torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, in_features).to(torch.bfloat16))
-        for _ in range(copies)
-    ]
-    int4 = [
-        Int4Weight(
-            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                torch.randint(0, 16, (out_features, in_features), dtype=torch.int32), 1
-            ),
-            torch.randn(in_features // INT4_GROUP, out_features, 2).to(torch.bfloat16),
-        )
-        for _ in range(copies)
-    ]
-    x = torch.randn(rows, in_features).to(torch.bfloat16)
-    index = iter(range(10**9))
-    with torch.inference_mode():
-        dense = median_ms(lambda: linear_pointwise(x, bf16[next(index) % copies]), repeat)
-        small = median_ms(lambda: int4[next(index) % copies].mm(x), repeat)
-    return dense, small
-
-
 def decoding_step(decoder: Any, cache: Any, tokens: Any, positions: Any, mask: Any) -> Callable[[], None]:
     """One lean decoding step over `cache`, rewound after each call so steps repeat."""
     lengths = [layer.keys.shape[-2] for layer in cache.layers]
@@ -278,72 +252,78 @@ def decoding_step(decoder: Any, cache: Any, tokens: Any, positions: Any, mask: A
     return once
 
 
-def int4_copies(settings: Settings, repeat: int) -> None:
-    from inference.cpu_kernels import INT4_BELOW_ROWS, int4_available
+def time_pass(executor: Any, decode: Any, prompts: list[Any], repeat: int, config: Any = None) -> float:
+    """Median ms of one pass of `executor` (NativeStep or LlamaDecoder), every cache rewound after each call."""
+    from inference.kv_cache import new_cache
+
+    caches = [] if decode is None else [decode.cache]
+    lengths = [[layer.keys.shape[-2] for layer in cache.layers] for cache in caches]
+
+    def once() -> None:
+        for prompt in prompts:
+            prompt.cache = new_cache(config)
+        with torch.inference_mode():
+            executor.forward(decode, prompts)
+        for cache, columns in zip(caches, lengths, strict=True):
+            for layer, length in zip(cache.layers, columns, strict=True):
+                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+    return median_ms(once, repeat)
+
+
+def cpu_paths(settings: Settings, repeat: int) -> None:
+    """Per-pass ms of the native path vs the lean torch path (the model's dtype under the CPU_ISA in force).
+
+    Each path is timed in a block of its own, the lean one first: the native library and torch each run their own
+    OpenMP runtime, and passes that alternate between the two wait on each other's spinning threads (measured: a
+    lean 8-row pass 27 ms alone, 48 ms right after native passes). The service runs one path per model.
+    """
+    from inference.cpu_path import isa_in_force
     from inference.fast_decode import LlamaDecoder
-
-    if not int4_available():
-        print("this torch build has no CPU int4 kernel")
-        return
-
-    def run() -> None:
-        loaded = load_model(settings)
-        shapes = sorted({tuple(m.weight.shape) for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)})
-        counts = (1, 2, 4, 6, 8, 12, 16)
-        print("us per matmul, bf16 prepacked / int4, by rows")
-        print(f"{'linear (out x in)':>20}" + "".join(f"{rows:>13}" for rows in counts))
-        for out_features, in_features in shapes:
-            cells = [time_int4(out_features, in_features, rows, repeat * 4) for rows in counts]
-            line = "".join(f"{dense * 1000:>7.0f} /{small * 1000:>4.0f}" for dense, small in cells)
-            print(f"{f'{out_features} x {in_features}':>20}{line}")
-        if not LlamaDecoder.supports(loaded.model):
-            return
-        bf16, served = LlamaDecoder(loaded.model, int4=False), LlamaDecoder(loaded.model)
-        print(f"lean decoding step (int4 below {INT4_BELOW_ROWS} rows): ms bf16 everywhere / served")
-        for rows in (1, 2, 4, 6, 8):
-            batch = padded_batch(loaded, rows)
-            dense = median_ms(decoding_step(bf16, *batch), repeat)
-            small = median_ms(decoding_step(served, *batch), repeat)
-            print(f"{rows:>3} rows: {dense:6.1f} / {small:6.1f} ms ({dense / small:.2f}x)")
-
-    on_thread(run)
-
-
-def native_step(settings: Settings, repeat: int) -> None:
-    from inference.fast_decode import LlamaDecoder, PromptRow
     from inference.kv_cache import new_cache
     from inference.native_step import native_step as native_of
+    from inference.passes import DecodeRows, PromptRow
+
+    rows_counts, prompt_shapes, cache_lengths = (1, 2, 4, 8, 16, 32), [], (100, 1000, 3000)
+    for count in (8, 32, 64, 128, 256, 512):
+        prompt_shapes += [(count, parts) for parts in ((1, 8) if count >= 64 else (1,))]
+
+    def measure(loaded: LoadedModel, executor: Any) -> list[float]:
+        config, times = loaded.model.config, []
+        for rows in rows_counts:
+            cache, tokens, positions, mask = padded_batch(loaded, rows)
+            times.append(time_pass(executor, DecodeRows(tokens, positions, mask, cache), [], repeat))
+        for count, parts in prompt_shapes:
+            ids = [torch.randint(100, 40000, (count // parts,)) for _ in range(parts)]
+            times.append(time_pass(executor, None, [PromptRow(i, None) for i in ids], max(3, repeat // 4), config))
+        for length in cache_lengths:
+            cache = new_cache(config)
+            with torch.inference_mode():
+                executor.forward(None, [PromptRow(torch.randint(100, 40000, (length,)), cache)])
+            mask = torch.ones((1, length + 1), dtype=torch.long)
+            decode = DecodeRows(torch.tensor([5]), torch.tensor([length]), mask, cache)
+            times.append(time_pass(executor, decode, [], repeat))
+        return times
 
     def run() -> None:
-        served = load_model(settings)
-        native = native_of(served.model)
-        if native is None:
-            print("no native step here (no C compiler, not x86-64 with AVX2, or not the embedded bf16 model)")
+        lean_model = load_model(settings.model_copy(update={"gguf_int4": False}))
+        if not LlamaDecoder.supports(lean_model.model):
+            print(f"the lean path does not apply here ({lean_model.info.decode_path}): nothing to compare")
             return
-        torch_int4 = load_model(settings.model_copy(update={"native_decode": False}))
-        steps = {
-            "native": LlamaDecoder(served.model),
-            "torch int4": LlamaDecoder(torch_int4.model),
-            "bf16": LlamaDecoder(served.model, int4=False),
-        }
-        print("decoding pass, ms: " + " / ".join(steps))
-        for rows in (1, 2, 4, 8, 16, 32):
-            batch = padded_batch(served, rows)
-            times = [median_ms(decoding_step(decoder, *batch), repeat) for decoder in steps.values()]
-            cells = " / ".join(f"{t:6.1f}" for t in times)
-            print(f"{rows:>3} rows: {cells}  (torch int4 / native {times[1] / times[0]:.2f}x)")
-        bf16 = LlamaDecoder(served.model, int4=False)
-        print("1 row over a long cache, ms: native / bf16")
-        for length in (100, 1000, 3000):
-            ids = torch.randint(100, 40000, (length,))
-            cache = new_cache(served.model.config)
-            with torch.inference_mode():
-                bf16.forward(None, [PromptRow(ids, cache)])
-            tokens, positions = torch.tensor([5]), torch.tensor([length])
-            mask = torch.ones((1, length + 1), dtype=torch.long)
-            decoders = (LlamaDecoder(served.model), bf16)
-            times = [median_ms(decoding_step(d, cache, tokens, positions, mask), repeat) for d in decoders]
-            print(f"{length:>5} tokens: {times[0]:6.1f} / {times[1]:6.1f}")
+        lean = measure(lean_model, LlamaDecoder(lean_model.model))
+        served = load_model(settings)
+        native_executor = native_of(served.model)
+        if native_executor is None:
+            print(f"no native path here ({served.info.decode_path}: {served.path})")
+            return
+        native = measure(served, native_executor)
+        print(f"CPU class {isa_in_force(settings.cpu_isa)}, lean path in {lean_model.info.dtype}; ms per pass")
+        labels = [f"{rows} decoding rows" for rows in rows_counts]
+        labels += [f"{count} prompt tokens" + (f" in {parts}" if parts > 1 else "") for count, parts in prompt_shapes]
+        labels += [f"1 row, {length}-token cache" for length in cache_lengths]
+        print(f"{'pass':>24} {'native':>8} {'lean':>8}  lean/native")
+        for label, mine, theirs in zip(labels, native, lean, strict=True):
+            print(f"{label:>24} {mine:8.1f} {theirs:8.1f}  {theirs / mine:5.2f}x")
 
     on_thread(run)
 
@@ -353,24 +333,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp", action="store_true", help="only the OpenMP-teams measurement")
     parser.add_argument("--packed", action="store_true", help="only the packed-linear measurement")
     parser.add_argument("--lean", action="store_true", help="only the lean-decoder measurement")
-    parser.add_argument("--int4", action="store_true", help="only the int4-copies measurement")
-    parser.add_argument("--native", action="store_true", help="only the native-step measurement")
+    parser.add_argument("--paths", action="store_true", help="only the native vs lean per-pass measurement")
     parser.add_argument("--model-id", default="embedded")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args(argv)
     settings = Settings(model_id=args.model_id, _env_file=None)  # type: ignore[call-arg]
-    bf16 = settings.model_copy(update={"gguf_int4": False})
-    every = not (args.omp or args.packed or args.lean or args.int4 or args.native)
+    torch_paths = settings.model_copy(update={"gguf_int4": False})
+    every = not (args.omp or args.packed or args.lean or args.paths)
     if args.omp or every:
-        omp_teams(bf16, args.repeat)
+        omp_teams(torch_paths, args.repeat)
     if args.packed or every:
-        packed_linears(bf16, args.repeat)
+        packed_linears(torch_paths, args.repeat)
     if args.lean or every:
-        lean_passes(bf16, args.repeat)
-    if args.int4 or every:
-        int4_copies(settings.model_copy(update={"native_decode": False}), args.repeat)
-    if args.native or every:
-        native_step(settings, args.repeat)
+        lean_passes(torch_paths, args.repeat)
+    if args.paths or every:
+        cpu_paths(settings, args.repeat)
     return 0
 
 

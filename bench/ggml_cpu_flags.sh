@@ -5,6 +5,8 @@
 # Why not GGML_NATIVE=ON (-march=native): this project's VMs advertise AMX in /proc/cpuinfo, but the first
 # AMX instruction (ldtilecfg in ggml_backend_amx_mul_mat) dies with a general protection fault, so a native
 # build segfaults on its first forward pass. GGML_AMX=1 in the environment restores -march=native.
+# CPU_ISA=avx2 (the service's setting of that name) caps the build at AVX2+FMA+F16C: no AVX-512 or VNNI, as on an
+# AVX2-only CPU (the benchmark's capped mode on a machine that has more).
 set -euo pipefail
 
 if [[ "${GGML_AMX:-0}" == "1" || ! -r /proc/cpuinfo ]]; then
@@ -12,7 +14,12 @@ if [[ "${GGML_AMX:-0}" == "1" || ! -r /proc/cpuinfo ]]; then
     exit 0
 fi
 flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-has() { for f in "$@"; do [[ "$flags" == *" $f "* ]] || return 1; done; }
+has() {
+    for f in "$@"; do
+        [[ "$flags" == *" $f "* ]] || return 1
+        [[ "${CPU_ISA:-auto}" != "avx2" || "$f" != *avx512* && "$f" != avx_vnni ]] || return 1
+    done
+}
 onoff() { if has "$@"; then echo ON; else echo OFF; fi; }
 
 echo "-DGGML_NATIVE=OFF" \

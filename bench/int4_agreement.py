@@ -1,9 +1,8 @@
-"""How close the embedded model's 4-bit path (the GGUF's own Q4_1 blocks, GGUF_INT4) is to its bf16 path.
+"""How close the embedded model's 4-bit path (the GGUF's own Q4_1 blocks, GGUF_INT4) is to its dequantised weights.
 
-Two copies of the embedded model are loaded: the served one (its one-token decoding passes run the native step,
-inference/native_step.py, or torch's int4 kernel where that cannot be built) and one with GGUF_INT4=false (bf16
-prepacked everywhere). On every benchmark prompt (chat template,
-as the service sends it):
+Two copies of the embedded model are loaded: the served one (every pass on the native path, inference/native_step.py,
+where it can be built) and one with GGUF_INT4=false (the dequantised weights, prepacked, in the dtype the CPU runs:
+bf16 where bf16 matmuls are native, else float32). On every benchmark prompt (chat template, as the service sends it):
 
 - greedy replies: `generate` (the sequential engine's loop) on each copy, MAX_TOKENS tokens; how many replies are
   identical, and how many tokens the two replies share before they first differ;
@@ -11,8 +10,9 @@ as the service sends it):
   a lone request does): how often the two copies' top token agrees, the mean KL(bf16 || int4) of the next-token
   distributions, and the largest logit difference.
 
-Neither copy is "the truth": bf16 rounds each dequantised weight, int4 keeps the published blocks exactly but
-rounds their scales to bf16. Agreement says how much serving either changes the replies.
+Neither copy is "the truth": bf16 rounds each dequantised weight, the native path keeps the published blocks exactly
+but quantises the activations to 8 bits (llama.cpp's arithmetic). Agreement says how much serving either changes the
+replies.
 
     .venv/bin/python bench/int4_agreement.py --max-tokens 64
 """
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     base = Settings(_env_file=None)  # type: ignore[call-arg]
     served = load_model(base)
     int4, tokenizer = served.model, served.tokenizer
-    bf16 = load_model(base.model_copy(update={"gguf_int4": False})).model
-    if int4.dtype != torch.bfloat16:
-        print(f"the model runs in {int4.dtype} on this CPU: the int4 path (bf16 only) is not used")
+    bf16 = load_model(base.model_copy(update={"gguf_int4": False})).model  # the dequantised weights (maybe float32)
+    if served.info.decode_path != "native":
+        print(f"no native path here ({served.path}): both copies run the dequantised weights")
         return 0
     same, prefixes, lengths, agree, kls, worst, tokens = 0, [], [], 0, [], 0.0, 0
     with torch.inference_mode():
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             tokens += len(reference)
     count = len(prefixes)
     print(
-        f"int4 (GGUF Q4_1 blocks) vs bf16 (dequantised), {count} benchmark prompts, greedy, {args.max_tokens} tokens:"
+        f"int4 (GGUF Q4_1 blocks, native) vs {str(bf16.dtype).removeprefix('torch.')} (dequantised), {count} "
+        f"benchmark prompts, greedy, {args.max_tokens} tokens:"
     )
     print(f"  identical greedy replies: {same}/{count}")
     print(

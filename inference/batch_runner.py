@@ -5,7 +5,8 @@ Each iteration (`BatchRunner.run_once`) first admits the newcomers the engine ha
   `scheduling.plan_prefill_groups` picks) into a fresh KV cache, their first token is sampled straight from the
   prefill logits, and they are merged into the running batch. Then ONE decode step runs for every running row
   (one token each).
-- With the lean decoder (FAST_DECODE, bf16 Llama on CPU: the embedded model) an iteration is ONE pass: the running
+- With a lean executor (FAST_DECODE on CPU: the native path's NativeStep, or the lean path's LlamaDecoder;
+  inference/cpu_path.py decides which) an iteration is ONE pass: the running
   rows' decode step and the newcomers' prompts (unpadded, at most `PASS_PROMPT_TOKENS` in all) share the matmuls;
   a newcomer joins the batch after the pass that completes its prompt. A longer prompt is prefilled in chunks over
   several passes while the running rows keep decoding (chunked prefill). A failing pass is rolled back and its
@@ -60,7 +61,7 @@ class Slot:
     history: list[int] = field(default_factory=list)  # prompt + output ids, kept for repetition_penalty only
     counts: dict[int, int] | None = None  # output ids' counts, for presence/frequency_penalty only (sampling.choose)
     scored: Any = None  # the last token's inference.logprobs.ScoredToken, for rows with logprobs only
-    prompt: Any = None  # inference.fast_decode.PromptRow while the lean decoder prefills it, chunk by chunk
+    prompt: Any = None  # inference.passes.PromptRow while the lean executor prefills it, chunk by chunk
     prefilled: int = 0  # prompt tokens in `prompt.cache` so far
     grammar: Any = None  # inference.grammar.RowGrammar of a constrained request (response_format), else None
 
@@ -93,13 +94,22 @@ class BatchRunner:
         self.max_rows_seen = 0  # the largest batch a step has run (for tests and metrics)
         self.model: Any = None
         self.device: Any = None
-        self.decoder: Any = None  # inference.fast_decode.LlamaDecoder where it applies, else transformers' forward
+        self.decoder: Any = None  # the lean executor (NativeStep or LlamaDecoder) where one applies, else None
+        self.prefixes: Any = None  # inference.prefix_cache.PrefixCache on the native path (PREFIX_CACHE_TOKENS)
         self.terminators: frozenset[int] = frozenset()
         self.pad_token_id = 0
 
-    def attach(self, model: Any, device: Any, decoder: Any, terminators: Iterable[int], pad_token_id: int) -> None:
+    def attach(
+        self,
+        model: Any,
+        device: Any,
+        decoder: Any,
+        terminators: Iterable[int],
+        pad_token_id: int,
+        prefixes: Any = None,
+    ) -> None:
         """The loaded model to run (once, before the first `run_once`)."""
-        self.model, self.device, self.decoder = model, device, decoder
+        self.model, self.device, self.decoder, self.prefixes = model, device, decoder, prefixes
         self.terminators = frozenset(terminators)
         self.pad_token_id = pad_token_id
 
@@ -111,6 +121,8 @@ class BatchRunner:
     def run_once(self, newcomers: list[Slot]) -> None:
         """One iteration of the decode loop: admit `newcomers`, then one pass (lean) or prefills and one step."""
         if self.decoder is not None:
+            for slot in newcomers:
+                self._start_from_a_cached_prefix(slot)
             self.prefilling += newcomers
             self._pass(self.plan_prompt_chunks())
             return
@@ -118,6 +130,21 @@ class BatchRunner:
             self._admit(newcomers)
         if len(self.batch):
             self._step()
+
+    def _start_from_a_cached_prefix(self, slot: Slot) -> None:
+        """A newcomer's prompt cache starts with the longest prefix a recent prompt shares with it (the native path)."""
+        if self.prefixes is None:
+            return
+        import torch
+
+        from inference.kv_cache import new_cache
+        from inference.passes import PromptRow
+
+        cache = new_cache(self.model.config)
+        shared = self.prefixes.take(slot.prompt_ids, cache)
+        if shared:
+            slot.prompt = PromptRow(torch.tensor(slot.prompt_ids, dtype=torch.long, device=self.device), cache)
+            slot.prefilled = shared
 
     def drop_all(self) -> list[Slot]:
         """Every running and prefilling row, removed (the engine fails them when the loop ends)."""
@@ -206,7 +233,7 @@ class BatchRunner:
         return plan_prompt_chunks(self.prefilling, self.pass_prompt_tokens)
 
     def _pass(self, chunks: list[tuple[Slot, int]], with_running: bool = True) -> None:
-        """One lean forward (LlamaDecoder): the running rows' next tokens and the prompt chunks together.
+        """One lean forward (`decoder.forward`): the running rows' next tokens and the prompt chunks together.
 
         A slot whose chunk ends its prompt gets its first token from the prompt's last logits and joins the batch
         after the pass. If the pass fails, nobody knows whose fault it was: every cache it touched is rolled back,
@@ -214,7 +241,7 @@ class BatchRunner:
         """
         import torch
 
-        from inference.fast_decode import DecodeRows, PromptRow
+        from inference.passes import DecodeRows, PromptRow
 
         batch = self.batch
         decode = None
@@ -273,6 +300,8 @@ class BatchRunner:
                 first_tokens = choose(done, prompt_logits.index_select(0, rows)).to(self.device)
                 joining: list[Batch] = []
                 for row, slot in enumerate(done):
+                    if self.prefixes is not None:
+                        self.prefixes.store(slot.prompt_ids, slot.prompt.cache)
                     new = Batch()
                     new.slots, new.cache = [slot], slot.prompt.cache
                     slot.prompt = None

@@ -98,14 +98,14 @@ class BatchedEngine(LocalEngine):
         device = self.model.get_input_embeddings().weight.device
         if self.settings.max_batch == "auto":
             self.max_batch = AUTO_MAX_BATCH_CPU if device.type == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
-        decoder = None
-        if self.settings.fast_decode and device.type == "cpu":
-            from inference.fast_decode import LlamaDecoder
+        decoder = lean_executor(self.cpu_path, self.model, self.settings.fast_decode)
+        prefixes = None
+        if decoder is not None and self.cpu_path.name == "native" and self.settings.prefix_cache_tokens:
+            from inference.prefix_cache import PrefixCache
 
-            if LlamaDecoder.supports(self.model):
-                decoder = LlamaDecoder(self.model)
-        self.runner.attach(self.model, device, decoder, self.terminators, self._pad_token_id())
-        logger.debug("decoding steps run on %s", "the lean Llama decoder" if decoder else "transformers' forward")
+            prefixes = PrefixCache(self.settings.prefix_cache_tokens)  # exact on the native path only
+        self.runner.attach(self.model, device, decoder, self.terminators, self._pad_token_id(), prefixes)
+        logger.debug("passes run on %s", type(decoder).__name__ if decoder else "transformers' forward")
 
     def run_on_model_thread(self, work: Callable[[], None]) -> None:
         """The decode thread runs `work` (the load) first, then its loop; wait for `work` here."""
@@ -330,6 +330,22 @@ class BatchedEngine(LocalEngine):
             self._waiting.clear()
             self._active = 0
         self._post_many((slot, error) for slot in slots)
+
+
+def lean_executor(path: Any, model: Any, fast_decode: bool) -> Any:
+    """What runs the lean passes for the CPU path in force (inference/cpu_path.py): the native step (`native`), the
+    LlamaDecoder (`lean`), or None (transformers' forward, a prefill and a step per iteration)."""
+    if path is None or not fast_decode:
+        return None
+    if path.name == "native":
+        from inference.native_step import native_step
+
+        return native_step(model)
+    if path.name == "lean":
+        from inference.fast_decode import LlamaDecoder
+
+        return LlamaDecoder(model) if LlamaDecoder.supports(model) else None
+    return None
 
 
 def _deliver(events: list[tuple[Slot, Any]]) -> None:

@@ -140,6 +140,7 @@ class LocalEngine(Engine, ABC):
         self.prompt_builder: PromptBuilder | None = None
         self.terminators: list[int] = []
         self.grammars: GrammarCompiler | None = None  # response_format's compiled grammars (set at load)
+        self.cpu_path: Any = None  # inference.cpu_path.CpuPath in force (set at load; None on a GPU)
 
     def load(self) -> None:
         """Blocking load, on the thread that will run the model (see `run_on_model_thread`)."""
@@ -162,6 +163,7 @@ class LocalEngine(Engine, ABC):
         try:
             loaded = self._loader(self.settings)
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            self.cpu_path = loaded.path
             self.prompt_builder = PromptBuilder(self.tokenizer)
             self.terminators = resolve_terminators(self.tokenizer)
             self.grammars = GrammarCompiler(self.tokenizer, self.terminators, self.model.config.vocab_size)

@@ -13,13 +13,11 @@ rows' step instead of in a pass of its own (~25-40 ms saved per joining request 
 padding (each attends over its own cache). A decoding step alone or a lone prompt gives exactly transformers'
 bits (tested).
 
-A pass of only decoding rows, up to inference.native_step.MAX_ROWS of them, is one native call over the GGUF's own
-4-bit blocks where the model has its native step (GGUF_INT4 and NATIVE_DECODE); the model's forward routes such
-steps there too, so both engines take it. Without it, passes of fewer than INT4_BELOW_ROWS rows multiply by torch's
-int4 copies of those blocks (inference/gguf_int4.py), the same rule `PackedLinear` applies in transformers' forward.
-
-It is used only where it applies (`LlamaDecoder.supports`): a bf16 Llama model on CPU with plain linears and
-default rotary embedding. Everything else (Gemma2, quantized weights, GPUs) runs transformers' forward.
+This is the `lean` path (inference/cpu_path.py): a Llama model on CPU, in bf16 where the CPU has native bf16 matmuls
+or in float32, where the native path (inference/native_step.py, the embedded GGUF's own blocks) does not serve.
+`LlamaDecoder.supports` checks the model: bf16 or float32 on CPU with plain linears and default rotary embedding.
+Everything else (Gemma2, quantized
+weights, GPUs) runs transformers' forward.
 The decoder snapshots the weights when it is built: it is for serving, not for a model being edited.
 """
 
@@ -27,22 +25,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from inference.cpu_kernels import (
-    INT4_BELOW_ROWS,
-    Int4Weight,
-    PackedLinear,
-    int4_weight,
-    linear_pointwise,
-    packed_weight,
-    packing_available,
-)
-from inference.native_step import MAX_ROWS as NATIVE_MAX_ROWS
+from inference.cpu_kernels import PackedLinear, linear_pointwise, packed_weight, packing_available
+from inference.passes import DecodeRows, PromptRow
 
 
 def bucket_rows(count: int) -> int:
@@ -58,51 +47,8 @@ def bucket_rows(count: int) -> int:
     return -(-count // step) * step
 
 
-@dataclass
-class DecodeRows:
-    """Rows generating one token each over a shared, right-aligned cache (the batched engine's running batch)."""
-
-    tokens: torch.Tensor  # (rows,) each row's next input token
-    positions: torch.Tensor  # (rows,) its position id
-    mask: torch.Tensor  # (rows, columns): 1 for real tokens, 0 for left padding; the new token's column included
-    cache: Any  # the transformers cache the rows share (columns - 1 long)
-
-
-@dataclass
-class PromptRow:
-    """A prompt, unpadded, prefilled into a cache of its own: whole, or a chunk `ids[start:end]` per pass."""
-
-    ids: torch.Tensor  # (length,) the whole prompt
-    cache: Any  # a transformers cache (inference.kv_cache.new_cache) holding the prompt's first `start` tokens
-    start: int = 0
-    end: int | None = None  # None: to the end of the prompt
-
-    def span(self) -> tuple[int, int]:
-        end = int(self.ids.shape[0]) if self.end is None else self.end
-        if not 0 <= self.start < end <= self.ids.shape[0]:
-            raise ValueError(f"bad prompt chunk {self.start}:{end} of {int(self.ids.shape[0])} tokens")
-        return self.start, end
-
-
-@dataclass(frozen=True)
-class _Linear:
-    """A (possibly concatenated) linear: its oneDNN-prepacked bf16 weight, and the int4 copy passes of few rows take.
-
-    The same choice as `PackedLinear` makes for transformers' forward (the sequential engine), so a lone request
-    multiplies by the same kernels on both engines.
-    """
-
-    packed: torch.Tensor
-    int4: Int4Weight | None
-
-    def __call__(self, input: torch.Tensor, few_rows: bool) -> torch.Tensor:
-        if few_rows and self.int4 is not None:
-            return self.int4.mm(input)
-        return linear_pointwise(input, self.packed)
-
-
 class LlamaDecoder:
-    """One decoding step (one new token per row) over a transformers cache, for a bf16 Llama model on CPU."""
+    """Lean passes over transformers caches, for a bf16 or float32 Llama model on CPU."""
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -131,12 +77,13 @@ class LlamaDecoder:
             if any(type(linear) not in (torch.nn.Linear, PackedLinear) for linear in linears):
                 return False
             weights += [linear.weight for linear in linears]
-        return all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights)
+        dtype = weights[0].dtype
+        uniform = all(w.device.type == "cpu" and w.dtype == dtype for w in weights)
+        return uniform and dtype in (torch.bfloat16, torch.float32)
 
-    def __init__(self, model: Any, int4: bool = True) -> None:
-        """`int4=False`: bf16 weights for every pass, even where the model has int4 copies or a native step."""
+    def __init__(self, model: Any) -> None:
         if not self.supports(model):
-            raise ValueError("LlamaDecoder needs a bf16 Llama model on CPU with plain linear layers")
+            raise ValueError("LlamaDecoder needs a bf16 or float32 Llama model on CPU with plain linear layers")
         config = model.config
         decoder = model.model
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -150,9 +97,6 @@ class LlamaDecoder:
         rotary = decoder.rotary_emb
         self.inv_freq = rotary.inv_freq.float()
         self.rotary_scaling = float(rotary.attention_scaling)
-        from inference.native_step import native_step
-
-        self.native = native_step(model) if int4 else None  # decoding passes of up to MAX_ROWS rows, in one call
         self.layers: list[tuple[Any, ...]] = []
         with torch.no_grad():
             for layer in decoder.layers:
@@ -163,23 +107,20 @@ class LlamaDecoder:
                     (
                         layer.input_layernorm.weight,
                         float(layer.input_layernorm.variance_epsilon),
-                        self._linear(qkv, int4),
-                        self._linear([attention.o_proj], int4),
+                        self._linear(qkv),
+                        self._linear([attention.o_proj]),
                         layer.post_attention_layernorm.weight,
                         float(layer.post_attention_layernorm.variance_epsilon),
-                        self._linear(gate_up, int4),
+                        self._linear(gate_up),
                         int(mlp.gate_proj.weight.shape[0]),
-                        self._linear([mlp.down_proj], int4),
+                        self._linear([mlp.down_proj]),
                     )
                 )
 
     @classmethod
-    def _linear(cls, linears: list[torch.nn.Linear], int4: bool) -> _Linear:
-        """The linears' weights concatenated along their outputs (one matmul for all), bf16 and int4 if all have it."""
-        packed = cls._packed(linears[0]) if len(linears) == 1 else cls._pack(torch.cat([m.weight for m in linears]))
-        copies = [int4_weight(linear) for linear in linears] if int4 else []
-        found = [copy for copy in copies if copy is not None]
-        return _Linear(packed, Int4Weight.concat(found) if len(found) == len(linears) else None)
+    def _linear(cls, linears: list[torch.nn.Linear]) -> torch.Tensor:
+        """The linears' weights concatenated along their outputs (one matmul for all), prepacked for oneDNN."""
+        return cls._packed(linears[0]) if len(linears) == 1 else cls._pack(torch.cat([m.weight for m in linears]))
 
     @classmethod
     def _packed(cls, linear: torch.nn.Linear) -> torch.Tensor:
@@ -193,7 +134,7 @@ class LlamaDecoder:
 
     @staticmethod
     def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # transformers' LlamaRMSNorm, op for op (float32 statistics, then back to bf16 before the weight).
+        # transformers' LlamaRMSNorm, op for op (float32 statistics, then back to the model's dtype before the weight).
         # F.rms_norm is one kernel for the pow/mean/rsqrt/mul chain and gives the same bits.
         states = F.rms_norm(hidden.to(torch.float32), (hidden.shape[-1],), eps=eps)
         return weight * states.to(hidden.dtype)
@@ -229,9 +170,6 @@ class LlamaDecoder:
         slightly different logits than in a step alone, as in any batched forward.
         """
         decoding = 0 if decode is None else int(decode.tokens.shape[0])
-        if decode is not None and not prompts and self.native is not None and decoding <= NATIVE_MAX_ROWS:
-            starts = decode.mask.argmax(dim=1).tolist()  # each row's first real column (right-aligned rows)
-            return self.native.logits(decode.tokens, decode.positions, starts, decode.cache), None
         spans = [prompt.span() for prompt in prompts]
         lengths = [end - start for start, end in spans]
         if not decoding and not lengths:
@@ -267,12 +205,11 @@ class LlamaDecoder:
             attend = torch.zeros(padding.shape, dtype=hidden.dtype).masked_fill_(padding, float("-inf"))[:, None, None]
 
         head_dim, query_heads, kv_heads, groups = self.head_dim, self.query_heads, self.kv_heads, self.groups
-        few = padded < INT4_BELOW_ROWS  # PackedLinear's rule: int4 copies for passes of few rows
         rotated_heads = query_heads + kv_heads
         for index, layer in enumerate(self.layers):
             norm1, eps1, qkv_weight, o_weight, norm2, eps2, gate_up_weight, intermediate, down_weight = layer
             normed = self._rms_norm(hidden, norm1, eps1)
-            qkv = qkv_weight(normed, few).view(padded, rotated_heads + kv_heads, head_dim)
+            qkv = linear_pointwise(normed, qkv_weight).view(padded, rotated_heads + kv_heads, head_dim)
             query_key = qkv[:, :rotated_heads]
             query_key = query_key * cos + query_key.roll(head_dim // 2, dims=-1) * sin
             outputs = []
@@ -306,11 +243,11 @@ class LlamaDecoder:
             if padded > count:
                 outputs.append(hidden.new_zeros((padded - count, query_heads * head_dim)))
             attention = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            hidden = hidden + o_weight(attention, few)
+            hidden = hidden + linear_pointwise(attention, o_weight)
             normed = self._rms_norm(hidden, norm2, eps2)
-            gate_up = gate_up_weight(normed, few)
+            gate_up = linear_pointwise(normed, gate_up_weight)
             activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            hidden = hidden + down_weight(activated, few)
+            hidden = hidden + linear_pointwise(activated, down_weight)
         if lengths:  # only the decoding rows and each prompt's last token need logits
             last = list(range(decoding)) + [decoding + end - 1 for end in itertools.accumulate(lengths)]
             hidden = hidden[torch.tensor(last, device=hidden.device)]

@@ -103,13 +103,18 @@ def new_cache(config: Any) -> Any:
     return cache
 
 
-def reserve_columns(layers: list[Any], rows: int, extra: int) -> tuple[int, list[tuple[Any, Any]]]:
+def reserve_columns(
+    layers: list[Any], rows: int, extra: int, empty: tuple[Any, int, int] | None = None
+) -> tuple[int, list[tuple[Any, Any]]]:
     """Room for `extra` more columns in every layer: (their common length, each layer's key and value buffers).
 
     The buffers are (rows, kv_heads, capacity, head_dim), their first `length` columns the layer's keys and values;
     a writer fills the next columns and then sets `keys`/`values` to the longer views. Plain full-attention layers
-    (a cache `model.generate` made) become growable ones here.
+    (a cache `model.generate` made) become growable ones here. `empty` (dtype, kv_heads, head_dim): empty layers (a
+    fresh cache) get buffers of that shape; without it an empty layer is refused.
     """
+    import torch
+
     growable = _growable_layer_class()
     from transformers.cache_utils import DynamicLayer
 
@@ -119,13 +124,25 @@ def reserve_columns(layers: list[Any], rows: int, extra: int) -> tuple[int, list
         if type(layer) is DynamicLayer:
             layer.__class__ = growable
             layer._key_buffer = layer._value_buffer = None
-        if type(layer) is not growable or not layer.is_initialized or not layer.keys.numel():
-            raise ValueError("the native step needs a filled full-attention cache")
-        columns = int(layer.keys.shape[-2])
-        if length not in (-1, columns) or int(layer.keys.shape[0]) != rows:
-            raise ValueError("the cache's layers disagree on their length or rows")
+        if type(layer) is not growable:
+            raise ValueError("the native step needs full-attention cache layers")
+        if not layer.is_initialized or not layer.keys.numel():
+            if empty is None:
+                raise ValueError("the native step needs a filled full-attention cache")
+            dtype, kv_heads, head_dim = empty
+            like = torch.empty((rows, kv_heads, 0, head_dim), dtype=dtype)
+            layer.lazy_initialization(like, like)
+            columns = 0
+            buffers_like: tuple[Any, Any] | None = (like, like)
+        else:
+            columns = int(layer.keys.shape[-2])
+            buffers_like = None
+            if int(layer.keys.shape[0]) != rows:
+                raise ValueError("the cache's layers disagree on their rows")
+        if length not in (-1, columns):
+            raise ValueError("the cache's layers disagree on their length")
         length = columns
-        buffers.append(layer.reserve(rows, length + extra))
+        buffers.append(layer.reserve(rows, length + extra, buffers_like))
     return length, buffers
 
 

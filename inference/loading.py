@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference import memory
+from inference import cpu_path, memory
 from inference.model_cache import CacheEntry, load_directory, write_plain_copy
 from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, EngineSettings
 from inference.types import ModelInfo, ModelLoadError
@@ -35,6 +35,7 @@ class LoadedModel:
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     info: ModelInfo
     from_cache: bool = False  # the embedded model's weights came from MODEL_CACHE_DIR, not the GGUF file
+    path: cpu_path.CpuPath | None = None  # the forward path in force (inference/cpu_path.py); None on a GPU
 
 
 @dataclass(frozen=True)
@@ -139,22 +140,16 @@ def build_quantization_config(quantization: str, compute_dtype: Any = None) -> A
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
-def cpu_has_native_bf16() -> bool:
-    import torch
-
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((probe and probe()) or (amx and amx()))
-
-
 def resolve_dtype(settings: EngineSettings, has_cuda: bool) -> Any:
+    """DTYPE, or for `auto` bf16 where the device has native bf16 matmuls (on CPU: AVX-512 BF16 or AMX, under
+    CPU_ISA), else float16 on an older GPU and float32 on a CPU."""
     import torch
 
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
     if has_cuda:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_path.native_bf16(settings.cpu_isa) else torch.float32
 
 
 def context_length_of(model: Any, tokenizer: Any) -> int:
@@ -252,20 +247,13 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     except (Exception, torch.cuda.OutOfMemoryError) as error:
         raise _readable_load_error(choice.source, error) from error
     model.eval()
-    release_free_heap()  # before the copies below, so they reuse the freed pages instead of adding to the peak
-    align_cpu_weights(model, copy_unquantized=quantization_config is not None)
-    if settings.pack_cpu_weights and dtype == torch.bfloat16 and device == "cpu":
-        from inference.cpu_kernels import pack_linears
-
-        packed = pack_linears(model)
-        logger.debug("prepacked %d bf16 linear layers for oneDNN", packed)
-        if settings.gguf_int4 and choice.source == EMBEDDED_MODEL_ID and packed:
-            from inference.gguf_int4 import serve_gguf_blocks
-
-            cache_dir = settings.model_cache_dir if settings.model_cache else None
-            label = serve_gguf_blocks(model, embedded_gguf_path(), settings.native_decode, cache_dir)
-            release_free_heap()  # the unpacked codes' temporaries: ~100 MB of heap holes otherwise (measured)
-            quantization = label or quantization
+    memory.release_free_heap()  # before the copies below, so they reuse the freed pages instead of adding to the peak
+    memory.align_cpu_weights(model, copy_unquantized=quantization_config is not None)
+    path = None
+    if device == "cpu":
+        path = _set_up_cpu_path(settings, model, dtype, choice.source == EMBEDDED_MODEL_ID, quantization_config)
+        if path.name == "native":
+            quantization = "Q4_1 GGUF (native forward passes over its blocks; dequantised weights for the rest)"
     info = ModelInfo(
         model_id=model_id,
         quantization=quantization,
@@ -273,66 +261,66 @@ def load_model(settings: EngineSettings) -> LoadedModel:
         device=device,
         context_length=context_length_of(model, tokenizer),
         is_embedded_demo=choice.source == EMBEDDED_MODEL_ID,
+        decode_path=path.name if path is not None else "transformers",
+        cpu_isa=path.isa if path is not None else "",
     )
     logger.info(
-        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d, loaded in %.1f s%s",
+        "model ready: %s, quantization=%s, dtype=%s, device=%s, context=%d, path=%s, loaded in %.1f s%s",
         info.model_id,
         info.quantization,
         info.dtype,
         info.device,
         info.context_length,
+        path if path is not None else "transformers (GPU)",
         time.perf_counter() - started,
         " (weights from the model cache)" if from_cache else "",
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, from_cache=from_cache)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, from_cache=from_cache, path=path)
 
 
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the kernel (glibc's `malloc_trim`); False where there is none.
-
-    Quantizing while loading allocates and frees temporaries of every weight's size. Those under glibc's mmap
-    threshold (up to 32 MB: the attention projections of a 9B model) come from the heap, and the holes they leave
-    between the kept int8/nf4 weights stay counted in the process's RSS: measured with sahabat-ai's shape in 8-bit,
-    ~75 MB per layer, ~3 GB over 42 layers. `malloc_trim(0)` returns them (bench/cpu_shape.py).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return False
-
-
-def align_cpu_weights(model: Any, alignment: int = 64, copy_unquantized: bool = False) -> int:
-    """Copy CPU weights that are not `alignment`-byte aligned into fresh (aligned) memory; returns how many.
-
-    safetensors files are memory-mapped, so weights loaded from one (the model cache, a local directory) sit
-    at the file's offsets: measured here, every tensor of the cached embedded model was 8 bytes off a 64-byte
-    boundary and each decoding step took 5-10x longer (~600 ms instead of ~90 ms: oneDNN's bf16 matmuls
-    fall off their fast path). Tied weights stay tied (the Parameter object is kept; only its data moves).
-
-    `copy_unquantized` (bitsandbytes models): copy every floating-point tensor, aligned or not. The quantized
-    weights are new memory, and what still points into the checkpoint (norms, biases) keeps each whole shard
-    mapped: with sahabat-ai's shape in 8-bit, 6 GB of the bf16 shards' pages stayed in the process's RSS
-    (file-backed: reclaimable, but counted by `ps`, cgroups and dashboards). After the copy the shards are unmapped.
-    """
-    import itertools
-
+def _set_up_cpu_path(
+    settings: EngineSettings, model: Any, dtype: Any, embedded: bool, quantization_config: Any
+) -> cpu_path.CpuPath:
+    """Decide the CPU forward path (inference/cpu_path.py) and prepare the model for it: the native step over the
+    GGUF's blocks, or oneDNN-prepacked bf16 linears where bf16 matmuls are native. Returns the path in force."""
     import torch
 
-    moved = 0
-    with torch.no_grad():
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.device.type != "cpu" or not tensor.numel():
-                continue
-            if tensor.data_ptr() % alignment or (copy_unquantized and tensor.is_floating_point()):
-                tensor.data = tensor.data.clone()
-                moved += 1
-    if moved:
-        logger.debug("copied %d memory-mapped CPU tensors into aligned memory", moved)
-    return moved
+    facts = {
+        "llama": getattr(model.config, "model_type", None) == "llama",
+        "bf16": dtype == torch.bfloat16,
+        "pack": settings.pack_cpu_weights,
+        "fast_decode": settings.fast_decode,
+        "isa": settings.cpu_isa,
+    }
+    path = cpu_path.wanted(
+        isa=settings.cpu_isa,
+        embedded=embedded,
+        llama=facts["llama"],
+        cpu=True,
+        quantized=quantization_config is not None,
+        bf16=facts["bf16"],
+        gguf_int4=settings.gguf_int4,
+        pack_cpu_weights=settings.pack_cpu_weights,
+        fast_decode=settings.fast_decode,
+    )
+    if path.name == "native":
+        from inference.gguf_blocks import serve_gguf_blocks
+        from inference.native_build import NativeBuildError
+
+        cache_dir = settings.model_cache_dir if settings.model_cache else None
+        try:
+            serve_gguf_blocks(model, embedded_gguf_path(), cache_dir, settings.cpu_isa)
+            memory.release_free_heap()  # the unpacked codes' temporaries: ~100 MB of heap holes otherwise (measured)
+            return path
+        except NativeBuildError as error:
+            path = cpu_path.fell_back(path, str(error), **facts)
+            logger.warning("the native forward path is off: %s; serving with %s", error, path.name)
+    if cpu_path.packs_weights(path, facts["bf16"], settings.pack_cpu_weights, settings.cpu_isa):
+        from inference.cpu_kernels import pack_linears
+
+        dtypes = (torch.float32, torch.bfloat16) if cpu_path.native_bf16(settings.cpu_isa) else (torch.float32,)
+        logger.debug("prepacked %d linear layers for oneDNN", pack_linears(model, dtypes))
+    return path
 
 
 def describe_placement(model: Any) -> str:
@@ -460,7 +448,8 @@ def check_memory(settings: EngineSettings, source: str, quantization: str, dtype
         logger.warning("could not estimate the size of %s (%s); loading without a memory check", source, error)
         return
     dtype_bytes = torch.finfo(dtype).bits // 8
-    packing = not has_cuda and dtype == torch.bfloat16 and settings.pack_cpu_weights
+    packable = dtype != torch.bfloat16 or cpu_path.native_bf16(settings.cpu_isa)
+    packing = not has_cuda and settings.pack_cpu_weights and packable
     choices = memory.options(counts, dtype_bytes, packing)
     available, where = available_memory(has_cuda)
     needs = dict(choices)[f"QUANTIZATION={quantization}"]

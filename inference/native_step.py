@@ -1,35 +1,29 @@
-"""Decoding passes of the embedded model, up to MAX_ROWS rows, as one native call (inference/native/decode_step.c).
+"""Forward passes of the embedded model as one native call each (inference/native/forward.c): the `native` path.
 
 With the GGUF's 4-bit blocks a 1-row step of the 135M model reads ~60 MB, yet it took ~9 ms in torch: ~3 ms in the
 int4 matmuls, 1.3 ms in the bf16 head, the rest in ~700 small tensor ops and Python calls (norms, rotary, cache
 appends, attention, adds) that each cost microseconds of dispatch for a few hundred floats of work. llama.cpp does
-the step in one C loop; so does this. One call runs the 30 layers and the head: the GGUF's own Q4_1 blocks (and the
-tied head's Q8_0 ones) regrouped 8 output rows at a time at load, activations quantised per block of 32 to 8 bits
-(llama.cpp's arithmetic for this file), norms, rotary embedding and attention in float32, each row's key and value
-written into the caller's bf16 cache. Measured on the 2-core CPU: 3.4-4.1 ms a 1-row step against 9-13 ms for the
-torch int4 path; faster at every row count up to 32 (9 vs 18-24 ms at 8 rows, 25-40 vs 27-43 at 16-32). See
-docs/throughput.md.
+the step in one C loop; so does this. One call runs the 30 layers and the head over every token of a pass, decoding
+rows and prompt chunks alike: the GGUF's own Q4_1 blocks (and the tied head's Q8_0 ones) regrouped 8 output rows at
+a time at load, activations quantised per block of 32 to 8 bits (llama.cpp's arithmetic for this file), norms,
+rotary embedding and attention in float32, each token's key and value written into the caller's cache (bf16 or
+float32, the model's dtype). No bf16 hardware is needed, so it serves every x86-64 CPU with AVX2+FMA+F16C; the
+per-pass timings per CPU class are in docs/cpu-paths.md.
 
-The C file is compiled at load by the system C compiler (`cc -O3 -march=native -fopenmp`, ~1 s) into
-MODEL_CACHE_DIR, keyed by its source, the compiler, the CPU's flags and torch's version. No compiler, no x86-64 with
-AVX2, or a failed build: a warning, and torch's int4 path serves as before.
+The C file is compiled at load by the system C compiler (inference/native_build.py). No compiler, not x86-64 with
+AVX2, or a failed build: a warning, and the path in force falls back (cpu_path.fell_back).
 
-Both engines take it for every decoding pass of up to MAX_ROWS rows: the batched engine's lean decoder calls
-`NativeStep.logits`, and the model's forward hands one-token steps to it (`install`: the sequential engine's
-`generate`, the batched engine without FAST_DECODE), so a lone greedy request gives the same tokens on both.
+Both engines take it: the batched engine's lean loop runs every pass through `NativeStep.forward`, and the model's
+forward hands plain decoding steps and single-row prefills to it (`install`: the sequential engine's `generate`, the
+batched engine with FAST_DECODE=false). Every token's arithmetic is the same whatever else its pass carries, so a
+greedy request gives the same tokens on both engines, alone or in a batch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -39,97 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.native_build import NativeBuildError, _Model, build_library
+from inference.passes import DecodeRows, PromptRow
+
 logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).parent / "native" / "decode_step.c"
-MAX_ROWS = 32  # decode_step.c's MAX_ROWS
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [
-        ("layers", ctypes.c_int),
-        ("hidden", ctypes.c_int),
-        ("heads", ctypes.c_int),
-        ("kv_heads", ctypes.c_int),
-        ("head_dim", ctypes.c_int),
-        ("inter", ctypes.c_int),
-        ("threads", ctypes.c_int),
-        ("rope_scaling", ctypes.c_float),
-        ("attn_scale", ctypes.c_float),
-        ("inv_freq", ctypes.c_void_p),
-        ("embedding", ctypes.c_void_p),
-        ("final_norm", ctypes.c_void_p),
-        ("final_eps", ctypes.c_float),
-        ("norm1", ctypes.c_void_p),
-        ("norm2", ctypes.c_void_p),
-        ("eps1", ctypes.c_void_p),
-        ("eps2", ctypes.c_void_p),
-        ("qkv", ctypes.c_void_p),
-        ("o", ctypes.c_void_p),
-        ("gate_up", ctypes.c_void_p),
-        ("down", ctypes.c_void_p),
-        ("head", ctypes.c_void_p),
-        ("vocab", ctypes.c_int),
-    ]
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def build_library(cache_dir: Path | None, extra_flags: Sequence[str] = ()) -> ctypes.CDLL | None:
-    """decode_step.c compiled for this CPU (cached in `cache_dir`), or None with a warning when it cannot be.
-
-    `extra_flags` go to the compiler after the others (tests build the AVX2-only variant with them)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    flags = _cpu_flags().split()
-    if compiler is None or platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= set(flags):
-        logger.warning("no C compiler, or not x86-64 with AVX2: the native decoding step is off, torch's int4 serves")
-        return None
-    try:
-        sources = [path.read_text() for path in sorted(SOURCE.parent.iterdir()) if path.suffix in (".c", ".h")]
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        recipe = [*sources, version, " ".join([*_FLAGS, *extra_flags]), " ".join(flags), torch.__version__]
-        key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
-        directory = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / f"decode_step-{key}.so"
-        if not target.exists():
-            with tempfile.TemporaryDirectory(dir=directory) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run(
-                    [compiler, *_FLAGS, *extra_flags, "-o", str(built), str(SOURCE), "-lm"],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                )
-                if result.returncode != 0:
-                    logger.warning(
-                        "building the native decoding step failed; torch's int4 path serves:\n%s", result.stderr[-2000:]
-                    )
-                    return None
-                os.replace(built, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        logger.warning("the native decoding step is off (%s); torch's int4 path serves", error)
-        return None
-    library.native_new.restype = ctypes.c_void_p
-    library.native_new.argtypes = [ctypes.POINTER(_Model)]
-    library.native_free.argtypes = [ctypes.c_void_p]
-    library.native_step.restype = ctypes.c_int
-    pointer = ctypes.c_void_p
-    library.native_step.argtypes = [pointer, ctypes.c_int] + [pointer] * 5 + [ctypes.c_int64, pointer, pointer]
-    return library
-
-
-GROUP = 8  # output rows interleaved per group (decode_step.c)
+GROUP = 8  # output rows interleaved per group (native/matmul.h)
 
 
 def _by_group(raw: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +52,7 @@ def _by_group(raw: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray
 
 
 def interleave(raw: np.ndarray) -> np.ndarray:
-    """Q4_1 blocks (rows, blocks * 20 bytes) regrouped for decode_step.c: per 8 rows and block, the 8 fp16 scales,
+    """Q4_1 blocks (rows, blocks * 20 bytes) regrouped for forward.c: per 8 rows and block, the 8 fp16 scales,
     the 8 fp16 minimums, then 4 chunks of 32 bytes where byte 4j+i of chunk c holds row j's code 8c+i (low nibble)
     and 8c+4+i (high nibble). The same bytes (rows * blocks * 20), moved."""
     data, scales = _by_group(raw, 20)
@@ -159,7 +67,7 @@ def interleave(raw: np.ndarray) -> np.ndarray:
 
 
 def interleave_q8_0(raw: np.ndarray) -> np.ndarray:
-    """Q8_0 blocks (rows, blocks * 34 bytes) regrouped for decode_step.c's head: per 8 rows and block, the 8 fp16
+    """Q8_0 blocks (rows, blocks * 34 bytes) regrouped for forward.c's head: per 8 rows and block, the 8 fp16
     scales, then 8 chunks of 32 bytes where byte 4j+i of chunk k holds row j's code 4k+i plus 128 (unsigned)."""
     data, scales = _by_group(raw, 34)
     groups, _, blocks, _ = data.shape
@@ -173,11 +81,11 @@ def _pointers(arrays: Sequence[Any]) -> np.ndarray:
 
 
 class NativeStep:
-    """The native decoding step of one Llama model; `logits(tokens, positions, starts, cache)` per pass.
+    """The native forward pass of one Llama model: `forward(decode, prompts)` per pass, `logits` for decoding rows.
 
     `blocks` maps (layer, module name as in transformers, e.g. "self_attn.q_proj") to that linear's Q4_1 blocks,
-    (rows, bytes) in transformers' row order (inference.gguf_int4.q4_1_blocks). The model's other weights (bf16
-    embedding and norms) are read in place; the blocks are concatenated per fused matmul (~60 MB).
+    (rows, bytes) in transformers' row order (inference.gguf_blocks.q4_1_blocks). The model's embedding is read in
+    place (bf16 or float32); norms are copied as float32; the blocks are concatenated per fused matmul (~60 MB).
     """
 
     def __init__(
@@ -189,6 +97,7 @@ class NativeStep:
         self.head = model.lm_head
         self.layer_count = len(decoder.layers)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.kv_heads, self.head_dim = int(config.num_key_value_heads), head_dim
         keep: list[Any] = []  # everything the C side points into
 
         def hold(value: Any) -> Any:
@@ -198,6 +107,9 @@ class NativeStep:
         def fused(layer: int, names: list[str]) -> np.ndarray:
             return hold(interleave(np.concatenate([blocks[(layer, name)] for name in names])))
 
+        def as_f32(weight: torch.Tensor) -> torch.Tensor:
+            return hold(weight.detach().float().contiguous())
+
         qkv, o, gate_up, down = [], [], [], []
         for index in range(self.layer_count):
             qkv.append(fused(index, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]))
@@ -205,24 +117,25 @@ class NativeStep:
             gate_up.append(fused(index, ["mlp.gate_proj", "mlp.up_proj"]))
             down.append(fused(index, ["mlp.down_proj"]))
         layers = decoder.layers
-        norm1 = [hold(layer.input_layernorm.weight.detach().contiguous()) for layer in layers]
-        norm2 = [hold(layer.post_attention_layernorm.weight.detach().contiguous()) for layer in layers]
+        norm1 = [as_f32(layer.input_layernorm.weight) for layer in layers]
+        norm2 = [as_f32(layer.post_attention_layernorm.weight) for layer in layers]
         rotary = decoder.rotary_emb
         embedding = hold(decoder.embed_tokens.weight.detach().contiguous())
-        final_norm = hold(decoder.norm.weight.detach().contiguous())
+        if embedding.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"the native path takes bf16 or float32 models, not {embedding.dtype}")
+        self.dtype = embedding.dtype  # the caches' dtype too
+        final_norm = as_f32(decoder.norm.weight)
         inv_freq = hold(rotary.inv_freq.detach().float().contiguous())
         arrays = [hold(_pointers(group)) for group in (norm1, norm2, qkv, o, gate_up, down)]
         eps1 = hold(np.array([layer.input_layernorm.variance_epsilon for layer in layers], dtype=np.float32))
-        head_blocks = hold(interleave_q8_0(head)) if head is not None else None
-        self.vocab = int(decoder.embed_tokens.weight.shape[0])
-        if head is not None and head.shape[0] != self.vocab:
-            head_blocks = None
         eps2 = hold(np.array([layer.post_attention_layernorm.variance_epsilon for layer in layers], dtype=np.float32))
+        self.vocab = int(decoder.embed_tokens.weight.shape[0])
+        head_blocks = hold(interleave_q8_0(head)) if head is not None and head.shape[0] == self.vocab else None
         self._model = _Model(
             layers=self.layer_count,
             hidden=int(config.hidden_size),
             heads=int(config.num_attention_heads),
-            kv_heads=int(config.num_key_value_heads),
+            kv_heads=self.kv_heads,
             head_dim=head_dim,
             inter=int(config.intermediate_size),
             threads=torch.get_num_threads(),
@@ -242,6 +155,8 @@ class NativeStep:
             down=arrays[5].ctypes.data,
             head=None if head_blocks is None else head_blocks.ctypes.data,
             vocab=self.vocab,
+            embedding_f32=int(self.dtype == torch.float32),
+            cache_f32=int(self.dtype == torch.float32),
         )
         self._keep = keep
         self._weights = [(w, w.data_ptr(), w._version) for w in self._sources(model)]
@@ -275,54 +190,115 @@ class NativeStep:
             self._free(context)
 
     def logits(self, tokens: torch.Tensor, positions: torch.Tensor, starts: Sequence[int], cache: Any) -> torch.Tensor:
-        """(rows, vocab) logits of one new token per row (float32; bf16 from torch's head where the head is not
-        native); appends each row's key and value to `cache`.
+        """(rows, vocab) float32 logits of one new token per row over a shared right-aligned `cache` (whose row r
+        starts at column `starts[r]`, after its left padding); appends each row's key and value to it."""
+        rows = int(tokens.shape[0])
+        if rows < 1 or len(starts) != rows or positions.shape != tokens.shape:
+            raise ValueError("the native step takes 1 or more rows, each with a position and a start")
+        mask = torch.ones((rows, 1), dtype=torch.long)  # only its row count is read (with `starts`)
+        with self._lock:
+            logits, _ = self._forward(DecodeRows(tokens, positions, mask, cache), [], list(starts))
+        assert logits is not None
+        return logits
 
-        `cache` is a transformers cache whose layers hold the rows' keys and values right-aligned, `starts[r]` the
-        first column of row r that is not left padding. One call at a time (the scratch memory is shared).
-        """
+    def forward(
+        self, decode: DecodeRows | None, prompts: Sequence[PromptRow]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One pass, as inference.fast_decode.LlamaDecoder.forward: the next-token logits (float32) of the decoding
+        rows (rows, vocab) and of each prompt chunk's last token (prompts, vocab); every cache gets its new keys and
+        values. Nothing is appended when the arguments are refused (ValueError)."""
+        if decode is None and not prompts:
+            raise ValueError("a pass needs decoding rows or prompts")
+        starts = [] if decode is None else decode.mask.argmax(dim=1).tolist()  # each row's first real column
+        with self._lock:
+            return self._forward(decode, prompts, starts)
+
+    def _forward(
+        self, decode: DecodeRows | None, prompts: Sequence[PromptRow], starts: list[int]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         from inference.kv_cache import reserve_columns
 
-        rows = int(tokens.shape[0])
-        if not 1 <= rows <= MAX_ROWS or len(starts) != rows or positions.shape != tokens.shape:
-            raise ValueError(f"the native step takes 1 to {MAX_ROWS} rows, each with a position and a start")
-        with self._lock:
-            return self._logits(rows, tokens, positions, starts, cache, reserve_columns)
+        layers, dtype = self.layer_count, self.dtype
+        element = torch.finfo(dtype).bits // 8
+        tokens: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        segment: list[np.ndarray] = []
+        column: list[np.ndarray] = []
+        start: list[np.ndarray] = []
+        keys: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        capacity: list[np.ndarray] = []
+        finish: list[tuple[list[Any], list[tuple[Any, Any]], int]] = []  # (cache layers, buffers, new length)
+        segments = 0
 
-    def _logits(
-        self, rows: int, tokens: torch.Tensor, positions: torch.Tensor, starts: Sequence[int], cache: Any, reserve: Any
-    ) -> torch.Tensor:
-        layers = cache.layers
-        length, buffers = reserve(layers, rows, 1)
-        if any(not 0 <= start <= length for start in starts):
-            raise ValueError("a row starts past the end of the cache")
-        tokens64 = tokens.to(torch.int64).contiguous()
-        positions64 = positions.to(torch.int64).contiguous()
-        keys = np.array([k.data_ptr() for k, _ in buffers], dtype=np.uint64)
-        values = np.array([v.data_ptr() for _, v in buffers], dtype=np.uint64)
-        capacity = np.array([k.shape[2] for k, _ in buffers], dtype=np.int64)
-        starts64 = np.asarray(starts, dtype=np.int64)
-        if self.native_head:
-            out = torch.empty((rows, self.vocab), dtype=torch.float32)
-        else:
-            out = torch.empty((rows, self.hidden), dtype=torch.bfloat16)
-        status = self.library.native_step(
+        def add_segments(buffers: list[tuple[Any, Any]], rows: int) -> None:
+            key_base = np.array([k.data_ptr() for k, _ in buffers], dtype=np.uint64)
+            value_base = np.array([v.data_ptr() for _, v in buffers], dtype=np.uint64)
+            row_bytes = np.array([k.stride(0) * element for k, _ in buffers], dtype=np.uint64)
+            offsets = np.arange(rows, dtype=np.uint64)[:, None] * row_bytes[None, :]  # (rows, layers)
+            keys.append((key_base[None, :] + offsets).reshape(-1))
+            values.append((value_base[None, :] + offsets).reshape(-1))
+            room = np.array([k.shape[2] for k, _ in buffers], dtype=np.int64)
+            capacity.append(np.broadcast_to(room, (rows, layers)).reshape(-1))
+
+        decoding = 0
+        if decode is not None:
+            decoding = int(decode.tokens.shape[0])
+            cache_layers = list(decode.cache.layers)
+            length, buffers = reserve_columns(cache_layers, decoding, 1)
+            if any(not 0 <= first <= length for first in starts):
+                raise ValueError("a row starts past the end of the cache")
+            tokens.append(decode.tokens.to(torch.int64))
+            positions.append(decode.positions.to(torch.int64))
+            segment.append(np.arange(decoding, dtype=np.int32))
+            column.append(np.full(decoding, length, dtype=np.int64))
+            start.append(np.asarray(starts, dtype=np.int64))
+            add_segments(buffers, decoding)
+            finish.append((cache_layers, buffers, length + 1))
+            segments = decoding
+        outputs = list(range(decoding))
+        count = decoding
+        for prompt in prompts:
+            first, end = prompt.span()
+            cache_layers = list(prompt.cache.layers)
+            length, buffers = reserve_columns(cache_layers, 1, end - first, (dtype, self.kv_heads, self.head_dim))
+            if length != first:
+                raise ValueError(f"the prompt's cache holds {length} tokens, not the chunk's start {first}")
+            tokens.append(prompt.ids[first:end].to(torch.int64))
+            positions.append(torch.arange(first, end, dtype=torch.int64))
+            segment.append(np.full(end - first, segments, dtype=np.int32))
+            column.append(np.arange(first, end, dtype=np.int64))
+            start.append(np.zeros(end - first, dtype=np.int64))
+            add_segments(buffers, 1)
+            finish.append((cache_layers, buffers, end))
+            segments += 1
+            count += end - first
+            outputs.append(count - 1)
+        token_ids = torch.cat(tokens).contiguous()
+        position_ids = torch.cat(positions).contiguous()
+        arrays = [np.ascontiguousarray(np.concatenate(a)) for a in (segment, column, start, keys, values, capacity)]
+        wanted = np.asarray(outputs, dtype=np.int32)
+        width = self.vocab if self.native_head else self.hidden
+        out = torch.empty((len(outputs), width), dtype=torch.float32)
+        status = self.library.native_forward(
             self._context,
-            rows,
-            tokens64.data_ptr(),
-            positions64.data_ptr(),
-            keys.ctypes.data,
-            values.ctypes.data,
-            capacity.ctypes.data,
-            ctypes.c_int64(length),
-            starts64.ctypes.data,
+            count,
+            token_ids.data_ptr(),
+            position_ids.data_ptr(),
+            *(a.ctypes.data for a in arrays[:3]),
+            segments,
+            *(a.ctypes.data for a in arrays[3:]),
+            len(outputs),
+            wanted.ctypes.data,
             out.data_ptr(),
         )
         if status != 0:
-            raise ValueError("the native decoding step refused its arguments (a token outside the vocabulary?)")
-        for layer, (key, value) in zip(layers, buffers, strict=True):
-            layer.keys, layer.values = key[:, :, : length + 1], value[:, :, : length + 1]
-        return out if self.native_head else self.head(out)
+            raise ValueError("the native forward pass refused its arguments (a token outside the vocabulary?)")
+        for cache_layers, buffers, length in finish:
+            for layer, (key, value) in zip(cache_layers, buffers, strict=True):
+                layer.keys, layer.values = key[:, :, :length], value[:, :, :length]
+        logits = out if self.native_head else self.head(out.to(self.head.weight.dtype)).float()
+        return (logits[:decoding] if decoding else None), (logits[decoding:] if prompts else None)
 
 
 # model -> its NativeStep (kept outside the model: a deepcopy or `.to(...)` of the model gets none)
@@ -336,7 +312,7 @@ def native_step(model: Any) -> NativeStep | None:
         return None
     if not step.current():
         del _steps[model]
-        logger.warning("the model's weights changed: the native decoding step is off for it")
+        logger.warning("the model's weights changed: the native forward pass is off for it")
         return None
     return step
 
@@ -346,18 +322,19 @@ def install(
     blocks: dict[tuple[int, str], np.ndarray],
     head: np.ndarray | None,
     cache_dir: Path | None,
-) -> NativeStep | None:
-    """Build the native step for `model` and route its single-token forward passes through it (`model.generate`).
+    isa: str = "auto",
+) -> NativeStep:
+    """Build the native step for `model` and route its plain decoding and prefill calls through it.
 
-    None (the torch path serves) when the library cannot be built or a linear has no Q4_1 blocks.
+    NativeBuildError when the library cannot be built or a linear has no Q4_1 blocks (the path falls back).
     """
     config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 8:
+        raise NativeBuildError(f"head_dim {head_dim} is not a multiple of 8 (forward.c's attention)")
     if len(blocks) != 7 * config.num_hidden_layers:
-        return None
-    library = build_library(cache_dir)
-    if library is None:
-        return None
-    step = NativeStep(library, model, blocks, head)
+        raise NativeBuildError(f"{7 * config.num_hidden_layers - len(blocks)} linear layers have no Q4_1 blocks")
+    step = NativeStep(build_library(cache_dir, isa), model, blocks, head)
     _steps[model] = step
     if not getattr(type(model), "_routes_to_native_step", False):
         model.__class__ = _routing_class(type(model))
@@ -366,26 +343,24 @@ def install(
 
 @functools.cache
 def _routing_class(base: type) -> type:
-    """`base` (a transformers causal LM class) whose forward hands plain decoding steps to the model's native step.
+    """`base` (a transformers causal LM class) whose forward hands plain decoding steps and single-row prefills to
+    the model's native step. Named `Native<base>` so a reader of the model's type sees it.
 
     A class, not a wrapper on the instance: a deepcopy of the model shares the class but has no native step of its
     own (`native_step` is per model object), so its forward is transformers' again.
     """
 
-    class RoutesToNativeStep(base):  # type: ignore[misc,valid-type]
-        _routes_to_native_step = True
+    @functools.wraps(base.forward)  # `generate` reads the signature to know which arguments the model takes
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        logits = _native_call(self, args, kwargs)
+        if logits is None:
+            return base.forward(self, *args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        @functools.wraps(base.forward)  # `generate` reads the signature to know which arguments the model takes
-        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-            logits = _decode_step(self, args, kwargs)
-            if logits is None:
-                return base.forward(self, *args, **kwargs)
-            from transformers.modeling_outputs import CausalLMOutputWithPast
+        return CausalLMOutputWithPast(logits=logits[:, None, :], cache=kwargs["cache"])
 
-            return CausalLMOutputWithPast(logits=logits[:, None, :], cache=kwargs["cache"])
-
-    RoutesToNativeStep.__name__ = RoutesToNativeStep.__qualname__ = base.__name__
-    return RoutesToNativeStep
+    name = f"Native{base.__name__}"
+    return type(name, (base,), {"forward": forward, "_routes_to_native_step": True, "__qualname__": name})
 
 
 _PLAIN = {
@@ -402,20 +377,32 @@ _PLAIN = {
 }
 
 
-def _decode_step(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """Logits (rows, vocab) when this forward call is a plain decoding step the native step can take: one new token
-    per row over a filled cache, rows left-padded at most (as `generate` and the batched engine call it)."""
+def _native_call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Logits (rows, vocab) when this forward call is one the native step can take: one new token per row over a
+    filled cache, rows left-padded at most (as `generate` and the batched engine call it), or one row's prompt (or
+    its continuation) with only its last logits wanted. None: transformers' forward runs it."""
     if args or torch.is_grad_enabled() or not set(kwargs) <= _PLAIN:
         return None
     if kwargs.get("output_attentions") or kwargs.get("output_hidden_states") or kwargs.get("use_cache") is False:
         return None
     input_ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
-    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or not hasattr(cache, "layers"):
+    if input_ids is None or input_ids.dim() != 2 or not hasattr(cache, "layers"):
         return None
-    rows = int(input_ids.shape[0])
-    step = native_step(model) if rows <= MAX_ROWS else None
+    step = native_step(model)
     if step is None:
         return None
+    try:
+        if input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
+            return _decoding_step(step, input_ids, cache, kwargs)
+        if input_ids.shape[0] == 1 and kwargs.get("logits_to_keep") == 1:
+            return _prefill(step, input_ids, cache, kwargs)
+    except ValueError as error:  # a cache it cannot take (say, partly filled layers): transformers' code runs it
+        logger.debug("forward pass left to transformers: %s", error)
+    return None
+
+
+def _decoding_step(step: NativeStep, input_ids: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> Any:
+    rows = int(input_ids.shape[0])
     length = cache.get_seq_length()
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if mask is None:
@@ -433,8 +420,17 @@ def _decode_step(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
         positions = positions[:, 0]
     else:
         return None
-    try:
-        return step.logits(input_ids[:, 0], positions, starts, cache)
-    except ValueError as error:  # a cache it cannot take (say, partly filled layers): transformers' code runs it
-        logger.debug("decoding step left to transformers: %s", error)
+    return step.logits(input_ids[:, 0], positions, starts, cache)
+
+
+def _prefill(step: NativeStep, input_ids: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> Any:
+    length, count = cache.get_seq_length(), int(input_ids.shape[1])
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is not None and not bool(mask.all()):
         return None
+    expected = torch.arange(length, length + count)
+    if positions is not None and not torch.equal(positions.reshape(-1).cpu(), expected):
+        return None
+    ids = torch.cat([torch.zeros(length, dtype=torch.long), input_ids[0].cpu()])  # only [length:] is read
+    _, logits = step.forward(None, [PromptRow(ids, cache, start=length)])
+    return logits

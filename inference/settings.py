@@ -49,22 +49,24 @@ class EngineSettings(BaseSettings):
         description="Before loading, estimate the weights' size for QUANTIZATION from the model's config and refuse "
         "a model that does not fit in the available RAM (free GPU memory on CUDA), naming the QUANTIZATION that fits.",
     )
+    cpu_isa: Literal["auto", "avx512", "avx2"] = Field(
+        "auto",
+        description="The CPU instruction sets the service may use: `auto` (all the CPU has), `avx512` (no AMX) or "
+        "`avx2` (AVX2+FMA+F16C only, as on an AVX2-only CPU: float32 instead of bf16, no bf16 prepack, the native "
+        "build for x86-64-v3; also caps torch's kernels when ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA are unset). "
+        "The path in force is in the ready log line and /metrics (docs/cpu-paths.md).",
+    )
     pack_cpu_weights: bool = Field(
         True,
-        description="On CPU in bf16, prepack the linear layers' weights for oneDNN once at load (~1.5x faster "
-        "matmuls, same results; about 270 MB more memory for the embedded model).",
+        description="On a CPU with native bf16 matmuls (AVX-512 BF16 or AMX) and a bf16 model not on the native "
+        "path, prepack the linear layers' weights for oneDNN once at load (faster matmuls, same results; about "
+        "270 MB more memory for the embedded model).",
     )
     gguf_int4: bool = Field(
         True,
-        description="Embedded model on CPU with PACK_CPU_WEIGHTS: decoding passes of few rows read the GGUF's own "
-        "4-bit blocks, not the bf16 weights: the native step (NATIVE_DECODE), else torch's int4 kernel for passes "
-        "under 8 rows. Both engines take the same kernels.",
-    )
-    native_decode: bool = Field(
-        True,
-        description="With GGUF_INT4: decoding passes of up to 32 rows run as one C call (inference/native/"
-        "decode_step.c, built at first start by the system C compiler, cached in MODEL_CACHE_DIR): a 1-row step "
-        "~2.7x faster than torch's int4 path; ~96 MB of blocks. Without a compiler torch's int4 kernel serves.",
+        description="The embedded model on an x86-64 CPU with AVX2: every forward pass runs as one C call over the "
+        "GGUF's own 4-bit blocks (the `native` path: inference/native/forward.c, built at first start by the system "
+        "C compiler, cached in MODEL_CACHE_DIR). `false`, or no compiler: torch on the dequantised weights.",
     )
     model_cache_dir: Path = Field(
         default_factory=default_cache_dir,
@@ -75,10 +77,10 @@ class EngineSettings(BaseSettings):
     # Engine
     fast_decode: bool = Field(
         True,
-        description="Batched engine on CPU with a bf16 Llama model (the embedded one): run each iteration as one "
-        "lean forward pass that carries the running rows' next tokens and the newcomers' prompts together, with "
-        "far fewer tensor calls than transformers' forward (~1.3x faster steps, ~2x cheaper joins; a lone "
-        "request gets the same bits; ~140 MB more memory for the embedded model).",
+        description="Batched engine on CPU (the native path, or a bf16 Llama model where bf16 is native): run each "
+        "iteration as one lean forward pass that carries the running rows' next tokens and the newcomers' prompts "
+        "together; `false`: transformers' forward per prefill and per step (the native path still takes its plain "
+        "steps).",
     )
     engine: Literal["batched", "sequential", "remote"] = Field(
         "batched",
@@ -90,6 +92,14 @@ class EngineSettings(BaseSettings):
         "auto",
         description="Most requests generating together (batched engine); `auto` is 16 on CPU and 8 on a GPU, "
         "where each running request holds its KV cache in GPU memory.",
+    )
+    prefix_cache_tokens: int = Field(
+        2048,
+        ge=0,
+        description="Batched engine on the native path: keep the KV of recent prompts, up to this many tokens in "
+        "all, and start a new prompt from the longest prefix it shares with one (the chat template and system "
+        "message, a conversation's earlier turns). Exact: the replies do not change, the first token comes sooner. "
+        "0 turns it off.",
     )
     max_queue: int = Field(
         32, ge=0, description="Most requests waiting for a free slot; beyond it requests get 503 with Retry-After."

@@ -434,13 +434,13 @@ def test_prefill_groups_trade_padding_against_passes() -> None:
 
 def test_cpu_weights_are_aligned(embedded_model: LoadedModel) -> None:
     """Weights memory-mapped from safetensors (the model cache) are copied to aligned memory at load: a
-    misaligned model decoded 5-10x slower on this CPU (see inference.loading.align_cpu_weights)."""
+    misaligned model decoded 5-10x slower on this CPU (see inference.memory.align_cpu_weights)."""
     import torch
 
     assert all(p.data_ptr() % 64 == 0 for p in embedded_model.model.parameters() if p.device.type == "cpu")
     weights = torch.nn.Linear(4, 4, bias=False)
     weights.weight.data = torch.zeros(17)[1:].view(4, 4)  # 4 bytes off
-    from inference.loading import align_cpu_weights
+    from inference.memory import align_cpu_weights
 
     assert align_cpu_weights(weights) == 1 and weights.weight.data_ptr() % 64 == 0
     assert align_cpu_weights(weights) == 0

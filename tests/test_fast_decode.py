@@ -1,4 +1,6 @@
-"""The lean Llama decoder (inference/fast_decode.py) vs transformers' forward, on the real embedded model in bf16."""
+"""The lean passes: the lean Llama decoder (inference/fast_decode.py, the `lean` path) vs transformers' forward on the
+real embedded model with GGUF_INT4=false (bf16 where the CPU has native bf16 matmuls, else float32), and the batched
+engine's lean loop on the engine users get (the `native` path: its arithmetic is tested in test_native_step.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine
-from inference.fast_decode import DecodeRows, LlamaDecoder, PromptRow, bucket_rows
+from inference.fast_decode import LlamaDecoder, bucket_rows
 from inference.kv_cache import new_cache
-from inference.loading import LoadedModel
+from inference.loading import LoadedModel, load_model
+from inference.passes import DecodeRows, PromptRow
 from inference.types import GenerationFailed, TextDelta
 from webapp.settings import Settings
 
@@ -22,6 +24,15 @@ PROMPTS = [
     "Write one sentence about the sea.",
     "Sebutkan tiga pulau besar di Indonesia beserta penjelasan singkat tentang masing-masing pulau.",
 ]
+
+
+@pytest.fixture(scope="module")
+def lean_model(settings: Settings) -> LoadedModel:
+    """The embedded model on the lean path (GGUF_INT4=false): prepacked linears in transformers' forward and in the
+    lean decoder alike."""
+    loaded = load_model(settings.model_copy(update={"gguf_int4": False}))
+    assert loaded.info.decode_path == "lean"
+    return loaded
 
 
 def prefill(loaded: LoadedModel, texts: list[str]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,20 +53,18 @@ def prefill(loaded: LoadedModel, texts: list[str]) -> tuple[Any, torch.Tensor, t
 
 
 @pytest.mark.parametrize("texts", [PROMPTS, PROMPTS[:1]], ids=["padded batch", "one row"])
-def test_decoder_steps_equal_transformers_forward_bit_for_bit(embedded_model: LoadedModel, texts: list[str]) -> None:
-    """The torch path (`int4=False`: bf16 weights; the native step that serves these passes: test_native_step.py)."""
-    model = embedded_model.model
+def test_decoder_steps_equal_transformers_forward_bit_for_bit(lean_model: LoadedModel, texts: list[str]) -> None:
+    model = lean_model.model
     assert LlamaDecoder.supports(model)
-    decoder = LlamaDecoder(model, int4=False)
+    decoder = LlamaDecoder(model)
     with torch.inference_mode():
-        cache, tokens, positions, mask = prefill(embedded_model, texts)
+        cache, tokens, positions, mask = prefill(lean_model, texts)
         lean_cache = copy.deepcopy(cache)
         lean_tokens = tokens
         for _ in range(6):
             mask = torch.cat([mask, mask.new_ones((len(texts), 1))], dim=1)
-            # transformers' own forward: the served model's `forward` routes decoding steps to the native step
-            reference = LlamaForCausalLM.forward(
-                model, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache
+            reference = model(
+                input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache
             ).logits[:, -1]
             logits = decoder.step(lean_tokens, positions, mask, lean_cache)
             assert logits.dtype == reference.dtype and logits.shape == (len(texts), model.config.vocab_size)
@@ -67,36 +76,27 @@ def test_decoder_steps_equal_transformers_forward_bit_for_bit(embedded_model: Lo
 
 
 @pytest.mark.parametrize("long_prompt", [False, True], ids=["23 rows", "50 rows with filler"])
-def test_a_mixed_pass_gives_each_part_what_it_gets_alone(embedded_model: LoadedModel, long_prompt: bool) -> None:
+def test_a_mixed_pass_gives_each_part_what_it_gets_alone(lean_model: LoadedModel, long_prompt: bool) -> None:
     """Three decoding rows and two prompts in one pass vs each part in a pass of its own.
 
     Parts in passes that take the same kernels match bit for bit: oneDNN runs matmuls of up to 32 rows with one
-    kernel and larger ones with another, which rounds differently in bf16, and decoding passes of up to 32 rows
-    (here the three decoding rows alone) multiply by the GGUF's 4-bit blocks (the native step). So with bf16
-    weights everywhere (`int4=False`) and up to 32 rows the parts must match bit for bit; above (3 + 8 + 39 rows,
-    bucketed to 52 with filler rows), or with the served decoder's native step, up to rounding, with the same
-    greedy choices.
+    kernel and larger ones with another, which rounds differently. So up to 32 rows the parts must match bit for
+    bit; above (3 + 8 + 39 rows, bucketed to 52 with filler rows), up to rounding, with the same greedy choices.
     """
-    served = LlamaDecoder(embedded_model.model)
-    decoder = LlamaDecoder(embedded_model.model, int4=False)
-    config, tokenizer = embedded_model.model.config, embedded_model.tokenizer
+    decoder = LlamaDecoder(lean_model.model)
+    config, tokenizer = lean_model.model.config, lean_model.tokenizer
     second = PROMPTS[2] + " " + PROMPTS[1] if long_prompt else "Sebutkan tiga pulau besar di Indonesia."
     newcomers = [torch.tensor(tokenizer.encode(text)) for text in ("Halo! Apa kabar?", second)]
     rows = 3 + sum(len(ids) for ids in newcomers)
     assert (rows > 32 and bucket_rows(rows) > rows) if long_prompt else rows <= 32
     with torch.inference_mode():
-        cache, tokens, positions, mask = prefill(embedded_model, PROMPTS)
+        cache, tokens, positions, mask = prefill(lean_model, PROMPTS)
         mask = torch.cat([mask, mask.new_ones((len(PROMPTS), 1))], dim=1)
         apart_cache, mixed_cache = copy.deepcopy(cache), copy.deepcopy(cache)
         alone = decoder.step(tokens, positions, mask, apart_cache)
         prompts_alone = torch.cat([decoder.forward(None, [PromptRow(ids, new_cache(config))])[1] for ids in newcomers])
         parts = [PromptRow(ids, new_cache(config)) for ids in newcomers]
         mixed, mixed_prompts = decoder.forward(DecodeRows(tokens, positions, mask, mixed_cache), parts)
-        served_alone = served.step(tokens, positions, mask, copy.deepcopy(cache))
-    assert served_alone is not None and mixed is not None
-    # the served decoder's native step (4-bit blocks, float32 logits) vs bf16: rounding apart
-    torch.testing.assert_close(served_alone.float(), alone.float(), atol=1.0, rtol=0.05)
-    assert torch.equal(served_alone.argmax(-1), alone.argmax(-1))
     assert mixed is not None and mixed_prompts is not None and mixed_prompts.shape[0] == 2
     if long_prompt:
         torch.testing.assert_close(mixed, alone, atol=1.0, rtol=0.05)
@@ -116,22 +116,23 @@ def test_row_buckets_bound_the_matmul_shapes() -> None:
     assert len(sizes) < 32 + 8 * 8  # ~8 sizes per power of two above 32
 
 
-def test_decoder_applies_only_to_bf16_llama_on_cpu(embedded_model: LoadedModel) -> None:
-    assert LlamaDecoder.supports(embedded_model.model)
-    assert not LlamaDecoder.supports(copy.deepcopy(embedded_model.model).to(torch.float32))
+def test_decoder_applies_only_to_bf16_or_float32_llama_on_cpu(lean_model: LoadedModel) -> None:
+    assert LlamaDecoder.supports(lean_model.model)
+    other = torch.float32 if lean_model.model.dtype == torch.bfloat16 else torch.bfloat16
+    assert LlamaDecoder.supports(copy.deepcopy(lean_model.model).to(other))
+    assert not LlamaDecoder.supports(copy.deepcopy(lean_model.model).to(torch.float16))
     assert not LlamaDecoder.supports(object())
-    with pytest.raises(ValueError, match="bf16 Llama"):
-        LlamaDecoder(copy.deepcopy(embedded_model.model).to(torch.float32))
+    with pytest.raises(ValueError, match="bf16 or float32 Llama"):
+        LlamaDecoder(copy.deepcopy(lean_model.model).to(torch.float16))
 
 
 async def test_batched_engine_uses_it_unless_turned_off(settings: Settings, embedded_model: LoadedModel) -> None:
     """FAST_DECODE on (the default) and off: off runs transformers' forward.
 
-    Requests one at a time get the same greedy texts on both, bit for bit: a prefill in bf16, then decoding steps on
-    the native step either way (the model's forward routes them there). A concurrent batch runs on both, but how its
-    rows share passes depends on when each arrives (on, a newcomer's prefill carries the running rows' step in bf16;
-    off, prompts are prefilled together), and rounding apart, greedy texts may part after a while: only their start
-    is compared.
+    Requests one at a time get the same greedy texts on both, bit for bit: the model's forward routes a lone
+    prompt's prefill and every decoding step to the native path, as the lean loop does. A concurrent batch runs on
+    both, but off, prompts that arrive together are prefilled together, left-padded, by transformers' forward on the
+    dequantised weights, so greedy texts may part after a while: only their start is compared.
     """
     requests = [
         GenerationRequest(messages=(Message("user", text),), max_new_tokens=10, temperature=0.0) for text in PROMPTS
@@ -196,8 +197,8 @@ async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
         assert failed_passes == [1, 0]  # the mixed pass, then the newcomer alone
         assert not misaligned  # the failed pass's append was undone
         assert first.text + "".join(deltas) == result.text
-        # A lone greedy request decodes with transformers' bits: had the failed pass's append stayed in its cache,
-        # the text would differ from the sequential engine's.
+        # A lone greedy request gets the same bits on both engines: had the failed pass's append stayed in its
+        # cache, the text would differ from the sequential engine's.
         sequential = SequentialEngine(settings, loader=lambda _settings: embedded_model)
         sequential.load()
         try:
@@ -224,10 +225,10 @@ async def collect(stream: Any) -> tuple[list[str], GenerationResult]:
     raise AssertionError("the stream ended without a result")
 
 
-def test_a_prompt_prefilled_in_chunks_matches_it_prefilled_whole(embedded_model: LoadedModel) -> None:
-    decoder = LlamaDecoder(embedded_model.model)
-    config = embedded_model.model.config
-    ids = torch.tensor(embedded_model.tokenizer.encode(PROMPTS[2] + " " + PROMPTS[1] + " " + PROMPTS[0]))
+def test_a_prompt_prefilled_in_chunks_matches_it_prefilled_whole(lean_model: LoadedModel) -> None:
+    decoder = LlamaDecoder(lean_model.model)
+    config = lean_model.model.config
+    ids = torch.tensor(lean_model.tokenizer.encode(PROMPTS[2] + " " + PROMPTS[1] + " " + PROMPTS[0]))
     with torch.inference_mode():
         _, whole = decoder.forward(None, [PromptRow(ids, new_cache(config))])
         cache = new_cache(config)
@@ -237,7 +238,7 @@ def test_a_prompt_prefilled_in_chunks_matches_it_prefilled_whole(embedded_model:
             decoder.forward(None, [PromptRow(ids, new_cache(config), 5, 5)])
     assert whole is not None and last is not None
     assert all(layer.keys.shape[-2] == len(ids) for layer in cache.layers)
-    # Other matmul shapes and masks round differently in bf16; a wrong mask or position would be far off.
+    # Other matmul shapes and masks round differently; a wrong mask or position would be far off.
     torch.testing.assert_close(last, whole, atol=1.0, rtol=0.05)
     assert torch.equal(last.argmax(-1), whole.argmax(-1))
 

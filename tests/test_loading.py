@@ -16,7 +16,6 @@ from bench.gemma_shape import TINY_SHAPE, gemma2_config, write_model_dir
 from inference import Engine, GenerationRequest, GenerationResult, Message, build_engine, loading
 from inference.engine import LocalEngine
 from inference.loading import (
-    LoadedModel,
     build_quantization_config,
     choose_model,
     load_model,
@@ -170,12 +169,24 @@ def test_dtype_setting_overrides(name: str, has_cuda: bool) -> None:
     assert resolve_dtype(make_settings(dtype=name), has_cuda) == getattr(torch, name)
 
 
-@pytest.mark.parametrize(("native_bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+@pytest.mark.parametrize(
+    ("flags", "cpu_isa", "expected"),
+    [
+        ("avx2 fma f16c avx512f avx512bw avx512vl avx512_bf16", "auto", torch.bfloat16),
+        ("avx2 fma f16c avx512f avx512bw avx512vl amx_bf16 amx_tile", "auto", torch.bfloat16),
+        ("avx2 fma f16c avx512f avx512bw avx512vl avx512_bf16", "avx2", torch.float32),  # the cap rules
+        ("avx2 fma f16c avx512f avx512bw avx512vl", "auto", torch.float32),  # AVX-512 without bf16
+        ("avx2 fma f16c", "auto", torch.float32),  # AVX2 only (Zen 2/3 class)
+        ("", "auto", torch.float32),  # no /proc/cpuinfo (not Linux) or an aarch64 CPU
+    ],
+)
 def test_cpu_dtype_is_bf16_only_where_native(
-    native_bf16: bool, expected: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    flags: str, cpu_isa: str, expected: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: native_bf16)
-    assert resolve_dtype(make_settings(), has_cuda=False) == expected
+    from inference import cpu_path
+
+    monkeypatch.setattr(cpu_path, "cpu_flags", lambda: frozenset(flags.split()))
+    assert resolve_dtype(make_settings(cpu_isa=cpu_isa), has_cuda=False) == expected
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
@@ -279,14 +290,18 @@ def greedy_reply(engine: Engine) -> GenerationResult:
     return asyncio.run(engine.generate(request))
 
 
-def test_pack_cpu_weights_off_serves_with_plain_linears(settings: Settings, embedded_model: LoadedModel) -> None:
-    """PACK_CPU_WEIGHTS=false: the engine app.py builds loads plain `nn.Linear`s, and they give the same replies."""
-    from inference.cpu_kernels import PackedLinear, is_packed, packing_available
+def test_pack_cpu_weights_off_serves_with_plain_linears(settings: Settings) -> None:
+    """PACK_CPU_WEIGHTS=false (on the torch paths: GGUF_INT4=false here, as the native path packs nothing): the engine
+    app.py builds loads plain `nn.Linear`s on the transformers path, and they give the same replies as the lean path's
+    prepacked ones (bit for bit in bf16; float32's blocked sgemm may round a tie otherwise: then the same length)."""
+    from inference.cpu_kernels import PackedLinear, is_packed
 
-    unpacked = build_engine(settings.model_copy(update={"pack_cpu_weights": False}))
+    torch_paths = settings.model_copy(update={"gguf_int4": False})
+    unpacked = build_engine(torch_paths.model_copy(update={"pack_cpu_weights": False}))
     unpacked.load()  # the service's own load (from the model cache the session warmed)
     try:
-        assert isinstance(unpacked, LocalEngine)
+        assert isinstance(unpacked, LocalEngine) and unpacked.info is not None
+        assert unpacked.info.decode_path == "transformers" and "PACK_CPU_WEIGHTS=false" in unpacked.cpu_path.reason
         linears = [m for m in unpacked.model.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(type(m) is torch.nn.Linear and not is_packed(m) for m in linears)
         plain_reply = greedy_reply(unpacked)
@@ -294,12 +309,19 @@ def test_pack_cpu_weights_off_serves_with_plain_linears(settings: Settings, embe
         unpacked.close()
     assert plain_reply.output_length == 12 and plain_reply.text.strip()
 
-    # The default packs them (where oneDNN can), and the packed model answers the same, token for token.
-    if packing_available() and embedded_model.info.dtype == "bfloat16":
-        assert any(type(m) is PackedLinear for m in embedded_model.model.modules())
-    packed = type(unpacked)(settings, loader=lambda _settings: embedded_model)
+    # The default packs them (the lean path), and the packed model answers the same, token for token.
+    packed = build_engine(torch_paths)
     packed.load()
     try:
-        assert greedy_reply(packed).text == plain_reply.text
+        assert isinstance(packed, LocalEngine) and packed.info is not None and packed.info.decode_path == "lean"
+        assert any(type(m) is PackedLinear for m in packed.model.modules())
+        reply = greedy_reply(packed)
+        if packed.info.dtype == "bfloat16":
+            assert reply.text == plain_reply.text
+        else:
+            assert (
+                reply.output_length == plain_reply.output_length
+                and reply.text.split()[:3] == plain_reply.text.split()[:3]
+            )
     finally:
         packed.close()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from inference.cpu_path import isa_in_force, native_bf16
 from inference.engine import LocalEngine
 from inference.loading import LoadedModel
 from tests.conftest import API_KEY, AUTH, engine_for
@@ -46,7 +46,7 @@ def test_metrics_can_be_public(settings: Settings, embedded_model: LoadedModel) 
     assert value(samples, "sahabat_engine_state", state="ready") == 1
 
 
-def test_model_and_engine_metrics_are_present(client: TestClient) -> None:
+def test_model_and_engine_metrics_are_present(client: TestClient, settings: Settings) -> None:
     samples = scrape(client)
     info = [labels for (name, labels) in samples if name == "sahabat_model_info"]
     assert len(info) == 1
@@ -56,17 +56,13 @@ def test_model_and_engine_metrics_are_present(client: TestClient) -> None:
         "dtype": dict(info[0])["dtype"],
         "device": "cpu",
         "engine": "batched",  # the default engine
+        "decode_path": "native",  # the path in force: every CI machine is x86-64 with AVX2 and a C compiler
+        "cpu_isa": isa_in_force(settings.cpu_isa),  # the instruction-set class it runs at (CPU_ISA caps it)
         "context_length": "8192",
     }
-    assert dict(info[0])["dtype"] in ("bfloat16", "float32")
-    # the GGUF's 4-bit blocks serve decoding passes of few rows where bf16 runs: natively where a C compiler is
-    assert dict(info[0])["quantization"] == (
-        "none (dequantised from Q4_1 GGUF)"
-        if dict(info[0])["dtype"] != "bfloat16"
-        else "Q4_1 GGUF (native step for up to 32 decoding rows, Q8_0 head; else dequantised to bf16)"
-        if shutil.which("cc")
-        else "Q4_1 GGUF (int4 for passes under 8 rows, else dequantised to bf16)"
-    )
+    # the model's dtype follows the CPU: bf16 where bf16 matmuls are native, else float32
+    assert dict(info[0])["dtype"] == ("bfloat16" if native_bf16(settings.cpu_isa) else "float32")
+    assert dict(info[0])["quantization"].startswith("Q4_1 GGUF (native forward passes over its blocks")
     assert value(samples, "sahabat_model_load_seconds") >= 0
     assert value(samples, "sahabat_engine_queue_depth") == 0
     assert value(samples, "sahabat_engine_running_requests") == 0

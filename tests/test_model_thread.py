@@ -1,4 +1,5 @@
-"""The local engines load and run the model on one thread, and bf16 CPU linears run oneDNN's prepacked kernel.
+"""The local engines load and run the model on one thread, and CPU linears run oneDNN's prepacked kernel where the
+path in force packs them (bf16 where bf16 matmuls are native, float32 anywhere; not on the native path).
 
 Both are speed measures (see LocalEngine.run_on_model_thread and inference/cpu_kernels.py; the timings are in
 bench/cpu_kernels.py); these tests check the behaviour they rest on, not the speed.
@@ -7,6 +8,7 @@ bench/cpu_kernels.py); these tests check the behaviour they rest on, not the spe
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Callable
 
@@ -15,7 +17,8 @@ import torch
 
 from inference import BatchedEngine, GenerationRequest, Message, SequentialEngine
 from inference.cpu_kernels import PackedLinear, is_packed, pack_linears, packing_available
-from inference.loading import LoadedModel
+from inference.cpu_path import native_bf16
+from inference.loading import LoadedModel, load_model
 from webapp.settings import Settings
 
 
@@ -74,43 +77,60 @@ async def test_a_failed_load_on_the_decode_thread_is_reported(settings: Settings
 needs_onednn = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN linear packing")
 
 
+def packed_dtype(settings: Settings) -> torch.dtype:
+    """The dtype this CPU prepacks natively: bf16 where bf16 matmuls are native (CPU_ISA in force), else float32."""
+    return torch.bfloat16 if native_bf16(settings.cpu_isa) else torch.float32
+
+
 @needs_onednn
-def test_packed_linears_give_the_same_output_and_fall_back_when_they_must() -> None:
+def test_packed_linears_give_the_same_output_and_fall_back_when_they_must(settings: Settings) -> None:
+    dtype = packed_dtype(settings)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False))
-    model = model.to(torch.bfloat16).eval()
-    inputs = torch.randn(5, 64, dtype=torch.bfloat16)
+    model = model.to(dtype).eval()
+    inputs = torch.randn(5, 64, dtype=dtype)
     with torch.inference_mode():
         expected = model(inputs)
-    assert pack_linears(model) == 2
+    assert pack_linears(model, (dtype,)) == 2
     assert isinstance(model[0], PackedLinear) and is_packed(model[0])
     with torch.inference_mode():
-        assert torch.equal(model(inputs), expected)
-        assert torch.equal(model(inputs[None]), expected[None])  # (batch, tokens, features) too
+        # bf16: the same bits as F.linear (measured); float32: oneDNN's blocked sgemm sums in another order
+        same = torch.equal if dtype == torch.bfloat16 else functools.partial(torch.allclose, atol=1e-5, rtol=1e-5)
+        assert same(model(inputs), expected)
+        assert same(model(inputs[None]), expected[None])  # (batch, tokens, features) too
     # With gradients on, the plain kernel runs (the packed one has no backward).
     inputs.requires_grad_(False)
     trained = model(inputs.clone())
-    assert trained.requires_grad and torch.allclose(trained.detach(), expected)
-    # A float32 copy (as the equality tests make) is a plain model again, not stale bf16 weights.
-    copy32 = copy.deepcopy(model).to(torch.float32)
-    assert not is_packed(copy32[0])
+    assert trained.requires_grad and torch.allclose(trained.detach(), expected, atol=1e-5)
+    # A copy in another dtype (as the equality tests make) is a plain model again, not stale packed weights.
+    other = torch.float64
+    copied = copy.deepcopy(model).to(other)
+    assert not is_packed(copied[0])
     with torch.inference_mode():
-        assert torch.allclose(copy32(inputs.float()), expected.float(), atol=0.1)
-    # Weights converted in place are not served from the stale packed copy either.
-    model.to(torch.float32)
+        assert torch.allclose(copied(inputs.to(other)), expected.to(other), atol=0.1)
+    # Weights converted in place are not served from the stale packed copy either (nor repacked in a dtype this
+    # CPU may not pack).
+    model.to(other)
     with torch.inference_mode():
-        assert model(inputs.float()).dtype == torch.float32
+        assert model(inputs.to(other)).dtype == other
 
 
 @needs_onednn
-def test_only_bf16_cpu_linears_are_packed() -> None:
+def test_only_the_dtypes_asked_for_are_packed() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16))
-    assert pack_linears(model) == 1
-    assert not is_packed(model[0]) and is_packed(model[1])
+    assert pack_linears(model, (torch.float32,)) == 1
+    assert is_packed(model[0]) and not is_packed(model[1])
+    half = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.float16))
+    assert pack_linears(half, (torch.float16,)) == 0  # oneDNN's prepack is used for bf16 and float32 only
 
 
-def test_the_embedded_model_is_packed_when_it_runs_in_bf16(embedded_model: LoadedModel) -> None:
+def test_the_embedded_model_is_packed_where_its_path_packs(settings: Settings, embedded_model: LoadedModel) -> None:
+    """The native path serves every pass from the GGUF's blocks: nothing is prepacked (the memory is saved). The lean
+    path (GGUF_INT4=false) prepacks every linear, in the dtype this CPU runs."""
+    assert embedded_model.info.decode_path == "native"
     linears = [m for m in embedded_model.model.modules() if isinstance(m, torch.nn.Linear)]
-    if embedded_model.info.dtype != "bfloat16" or not packing_available():
-        pytest.skip(f"the embedded model runs in {embedded_model.info.dtype} here")
+    assert linears and not any(is_packed(m) for m in linears)
+    lean = load_model(settings.model_copy(update={"gguf_int4": False}))
+    assert lean.info.decode_path == "lean" and lean.model.dtype == packed_dtype(settings)
+    linears = [m for m in lean.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(is_packed(m) for m in linears)

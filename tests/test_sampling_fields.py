@@ -108,8 +108,8 @@ async def test_min_p_one_is_greedy(shared_engines: dict[str, LocalEngine], kind:
 
 def forward_logprobs(engine: LocalEngine, req: GenerationRequest, text: str) -> tuple[list[int], Any]:
     """The reply's ids (re-encoded) and the model's own log_softmax at each of their positions, computed as a lone
-    request is: the prompt in one forward pass, then one token per pass over the cache (in bf16 a pass of few rows
-    multiplies by the GGUF's int4 blocks, a long one by the bf16 weights: GGUF_INT4)."""
+    request is: the prompt in one forward pass (its last logits only, as `generate` asks), then one token per pass
+    over the cache (on the native path the model's forward routes both to the GGUF's blocks)."""
     import torch
     from transformers import DynamicCache
 
@@ -118,7 +118,8 @@ def forward_logprobs(engine: LocalEngine, req: GenerationRequest, text: str) -> 
     model = engine.model
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        logits = [model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True).logits[0, -1]]
+        first = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True, logits_to_keep=1)
+        logits = [first.logits[0, -1]]
         for token in ids[:-1]:
             logits.append(model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1])
     return ids, torch.stack(logits).float().log_softmax(-1)
@@ -134,8 +135,8 @@ async def test_logprobs_are_the_models_and_cover_every_token(engine: LocalEngine
     assert_each_token_rides_where_its_text_ends([(d.text, [t.token for t in d.logprobs]) for d in deltas])
     ids, direct = forward_logprobs(engine, req, result.text)
     assert [engine.tokenizer.decode([i]) for i in ids] == [t.token for t in tokens]
-    # bf16: the batched engine's lean passes and transformers' forward take the same kernels here; the re-encoded
-    # reply can split differently at the end, and the logprobs are float32 of bf16 logits (bound measured before)
+    # the batched engine's lean passes and the model's forward take the same path here; the re-encoded reply can split
+    # differently at the end, and the logprobs may be float32 of bf16 logits (bound measured before)
     gaps = [
         abs(float(direct[i, token_id]) - t.logprob) for i, (token_id, t) in enumerate(zip(ids, tokens, strict=True))
     ]

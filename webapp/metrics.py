@@ -68,6 +68,8 @@ class EngineCollector(Collector):
                     "dtype": info.dtype,
                     "device": info.device,
                     "engine": info.engine,
+                    "decode_path": info.decode_path,
+                    "cpu_isa": info.cpu_isa,
                     "context_length": str(info.context_length),
                 },
             )

@@ -1,16 +1,17 @@
-"""The embedded GGUF's own blocks, read and checked at load: for the native step (inference/native_step.py), and
-as torch int4 copies of the model's linear layers (inference.cpu_kernels) where that step cannot be built.
+"""The embedded GGUF's own blocks, read and checked at load, for the native path (inference/native_step.py).
 
 The embedded model is published as a Q4_1 GGUF: every linear weight of its 30 layers is stored in blocks of 32
 inputs, each a 4-bit code per weight with an fp16 scale `d` and minimum `m` (`w = d * q + m`). transformers
-dequantises them to bf16 when it loads the file. Here the same blocks are repacked, not re-quantised, into torch's
-CPU int4 layout, whose groups compute `(q - 8) * scale + zero`: scale = d, zero = m + 8 d (both rounded to bf16,
-the activations' dtype). A token then reads ~66 MB of layer weights instead of ~212 MB.
+dequantises them when it loads the file; the native path multiplies by the blocks themselves, so a token reads
+~66 MB of layer weights instead of ~212 MB in bf16.
 
-Each copy is checked against the weight transformers loaded (the dequantised blocks, rounded to bf16, must be that
-weight exactly), which also checks the name mapping and llama.cpp's row order for the query and key projections.
-The token embedding and the tied output head are Q8_0 in this file, not Q4_1: the native step reads those blocks
-too (`q8_0_head`), torch's path keeps them bf16.
+Each tensor's blocks are checked against the weight transformers loaded (the dequantised blocks, rounded to the
+model's dtype, must be that weight exactly), which also checks the name mapping and llama.cpp's row order for the
+query and key projections. The token embedding and the tied output head are Q8_0 in this file (`q8_0_head`).
+
+torch's own int4 kernel over the same blocks (`_weight_int4pack_mm_for_cpu`) served passes of few rows before the
+native path; it is gone: it needs bf16 activations (AVX-512), and wherever it ran the native path is 2.5-3x faster
+(docs/cpu-paths.md).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from inference.cpu_kernels import Int4Weight, PackedLinear, attach_int4, int4_available
 
 logger = logging.getLogger(__name__)
 
@@ -142,19 +141,12 @@ def llama_rows(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows)
 
 
-def int4_weight(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> Int4Weight:
-    """Pack Q4_1 codes and their block scales and minimums into torch's CPU int4 layout (bf16 scales and zeros)."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 1)
-    scales_zeros = np.stack([d, m + 8 * d], axis=-1).transpose(1, 0, 2)  # (blocks, rows, 2)
-    return Int4Weight(packed, torch.from_numpy(np.ascontiguousarray(scales_zeros)).to(torch.bfloat16))
-
-
 def matches(codes: np.ndarray, d: np.ndarray, m: np.ndarray, weight: torch.Tensor) -> bool:
-    """True when the blocks, dequantised as transformers does (float32, then bf16), are exactly `weight`."""
+    """True when the blocks, dequantised as transformers does (float32, then the weight's dtype), are `weight`."""
     rows, columns = codes.shape
     blocks = codes.reshape(rows, columns // _BLOCK, _BLOCK).astype(np.float32)
     values = blocks * d[..., None] + m[..., None]
-    return torch.equal(torch.from_numpy(values.reshape(rows, columns)).to(torch.bfloat16), weight.detach())
+    return torch.equal(torch.from_numpy(values.reshape(rows, columns)).to(weight.dtype), weight.detach())
 
 
 def q4_1_blocks(model: Any, gguf: Path | list[GGUFTensor]) -> dict[tuple[int, str], np.ndarray]:
@@ -163,7 +155,7 @@ def q4_1_blocks(model: Any, gguf: Path | list[GGUFTensor]) -> dict[tuple[int, st
 
     Keys are (layer, module name under the layer, e.g. "self_attn.q_proj"); values the raw blocks (rows, bytes) in
     transformers' row order. A tensor that is not Q4_1, or whose blocks are not the loaded weight, is left out with a
-    warning: that linear keeps its bf16 kernel for every pass.
+    warning (then the native path is off: it needs them all).
     """
     if getattr(model.config, "model_type", None) != "llama":
         return {}
@@ -179,7 +171,7 @@ def q4_1_blocks(model: Any, gguf: Path | list[GGUFTensor]) -> dict[tuple[int, st
         module = layers[int(parts[1])].get_submodule(_MODULES[parts[2]])
         if tensor.kind != GGMLQuantizationType.Q4_1:
             kind = GGMLQuantizationType(tensor.kind).name
-            logger.warning("%s is %s, not Q4_1: its linear stays bf16", tensor.name, kind)
+            logger.warning("%s is %s, not Q4_1: the native path needs Q4_1 blocks", tensor.name, kind)
             continue
         raw = tensor.data
         if parts[2] in ("attn_q", "attn_k"):
@@ -187,28 +179,10 @@ def q4_1_blocks(model: Any, gguf: Path | list[GGUFTensor]) -> dict[tuple[int, st
             raw = raw[llama_rows(raw.shape[0], heads)]
         codes, d, m = q4_1_codes(raw, int(tensor.shape[0]))  # GGUF lists dimensions innermost first
         if codes.shape != tuple(module.weight.shape) or not matches(codes, d, m, module.weight):
-            logger.warning("%s is not the loaded weight of %s: that linear stays bf16", tensor.name, parts[2])
+            logger.warning("%s is not the loaded weight of %s: the native path is off", tensor.name, parts[2])
             continue
         found[(int(parts[1]), _MODULES[parts[2]])] = raw
     return found
-
-
-def attach_gguf_int4(model: Any, blocks: dict[tuple[int, str], np.ndarray]) -> int:
-    """Give each prepacked linear of a Llama `model` an int4 copy of its Q4_1 `blocks` (`q4_1_blocks`).
-
-    Returns how many linears got one.
-    """
-    if not int4_available():
-        return 0
-    attached = 0
-    layers = model.model.layers
-    for (index, name), raw in blocks.items():
-        module = layers[index].get_submodule(name)
-        if not isinstance(module, PackedLinear):
-            continue
-        attach_int4(module, int4_weight(*q4_1_codes(raw, int(module.weight.shape[1]))))
-        attached += 1
-    return attached
 
 
 def q8_0_head(model: Any, gguf: Path | list[GGUFTensor]) -> np.ndarray | None:
@@ -229,31 +203,25 @@ def q8_0_head(model: Any, gguf: Path | list[GGUFTensor]) -> np.ndarray | None:
     data = np.ascontiguousarray(tensor.data).reshape(tensor.data.shape[0], columns // _BLOCK, 34)
     d = data[:, :, 0:2].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
     codes = data[:, :, 2:].view(np.int8).astype(np.float32)
-    values = torch.from_numpy((codes * d).reshape(data.shape[0], columns)).to(torch.bfloat16)
+    values = torch.from_numpy((codes * d).reshape(data.shape[0], columns)).to(weight.dtype)
     if not torch.equal(values, weight.detach()):
-        logger.warning("%s is not the loaded output head: the head stays bf16", tensor.name)
+        logger.warning("%s is not the loaded output head: the native path runs torch's head", tensor.name)
         return None
     return tensor.data
 
 
-def serve_gguf_blocks(model: Any, gguf: Path, native: bool, cache_dir: Path | None) -> str | None:
-    """Serve the decoding passes of few rows of `model` (loaded from `gguf`) from the file's own 4-bit blocks: the
-    native step (`native`, inference/native_step.py) where it builds, else torch's int4 copies. The quantization
-    label to report, or None when neither applies."""
-    from inference.cpu_kernels import INT4_BELOW_ROWS
+def serve_gguf_blocks(model: Any, gguf: Path, cache_dir: Path | None, isa: str) -> Any:
+    """Build the native path for `model` (loaded from `gguf`) from the file's own blocks: its NativeStep.
+
+    inference.native_step.NativeBuildError when it cannot be (a tensor that is not the loaded weight, no compiler).
+    """
+    from inference.native_build import NativeBuildError
+    from inference.native_step import install
 
     tensors = gguf_tensors(gguf)  # the index, read once for both
     blocks = q4_1_blocks(model, tensors)
     if not blocks:
-        return None
-    if native:
-        from inference.native_step import MAX_ROWS, install
-
-        step = install(model, blocks, q8_0_head(model, tensors), cache_dir)
-        if step is not None:
-            head = "Q8_0 head" if step.native_head else "bf16 head"
-            logger.debug("native decoding step: %.0f MB of blocks", step.nbytes / 1e6)
-            return f"Q4_1 GGUF (native step for up to {MAX_ROWS} decoding rows, {head}; else dequantised to bf16)"
-    int4 = attach_gguf_int4(model, blocks)
-    logger.debug("%d linear layers take the GGUF's Q4_1 blocks (int4) for passes of few rows", int4)
-    return f"Q4_1 GGUF (int4 for passes under {INT4_BELOW_ROWS} rows, else dequantised to bf16)" if int4 else None
+        raise NativeBuildError("the model's linear layers have no Q4_1 blocks")
+    step = install(model, blocks, q8_0_head(model, tensors), cache_dir, isa)
+    logger.debug("native forward pass: %.0f MB of blocks", step.nbytes / 1e6)
+    return step
