@@ -155,6 +155,9 @@ def test_a_token_gets_the_same_bits_whatever_its_pass_carries(served: LoadedMode
     assert expected is not None and prompts is not None and decoded is not None
     assert torch.equal(last, expected) and torch.equal(prompts[1:], expected)
     assert torch.equal(decoded, alone)
+    keys = whole.layers[3].keys
+    assert keys.dtype == step.dtype  # the cache is in the model's dtype, float32 kept to full precision there
+    assert step.dtype == torch.bfloat16 or not torch.equal(keys, keys.to(torch.bfloat16).float())
     for layer in range(len(whole.layers)):
         assert torch.equal(chunked.layers[layer].keys, whole.layers[layer].keys)
         assert torch.equal(mixed.layers[layer].values, whole.layers[layer].values)
