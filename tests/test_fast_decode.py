@@ -270,8 +270,12 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
         result = await batched.generate(long_request)
         _, running_result = await collect(running)
         ends = [end for _, end, _ in chunks_seen]
-        assert [start for start, _, _ in chunks_seen] == [0, *ends[:-1]] and ends[-1] == len(long_ids)
-        assert len(chunks_seen) >= len(long_ids) // 16 and all(end - start <= 16 for start, end, _ in chunks_seen)
+        # the first chunk starts after the prefix a recent prompt shared (the chat template: PREFIX_CACHE_TOKENS)
+        first = chunks_seen[0][0]
+        assert batched.runner.prefixes is not None and 0 < first == batched.runner.prefixes.hit_tokens
+        assert [start for start, _, _ in chunks_seen] == [first, *ends[:-1]] and ends[-1] == len(long_ids)
+        assert len(chunks_seen) >= (len(long_ids) - first) // 16
+        assert all(end - start <= 16 for start, end, _ in chunks_seen)
         assert all(rows == 1 for _, _, rows in chunks_seen)  # the running request got a token in every pass
         assert result.output_length > 0 and result.text
         assert running_result.output_length == 40
