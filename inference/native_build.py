@@ -77,8 +77,7 @@ def build_library(cache_dir: Path | None, isa: str = "auto", extra_flags: Sequen
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         recipe = [*sources, version, " ".join(flags), " ".join(sorted(cpu_flags())), torch.__version__]
         key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
-        directory = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = _writable_directory(cache_dir)
         target = directory / f"native-forward-{key}.so"
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=directory) as scratch:
@@ -100,3 +99,18 @@ def build_library(cache_dir: Path | None, isa: str = "auto", extra_flags: Sequen
     # ctx, n, tokens, positions, segment, column, start, segments, keys, values, capacity, n_out, out_rows, out
     library.native_forward.argtypes = [pointer, int_, *[pointer] * 5, int_, *[pointer] * 3, int_, pointer, pointer]
     return library
+
+
+def _writable_directory(cache_dir: Path | None) -> Path:
+    """MODEL_CACHE_DIR where it can be written, else the temporary directory (the build takes ~1 s either way)."""
+    if cache_dir is not None:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            if os.access(cache_dir, os.W_OK):
+                return Path(cache_dir)
+        except OSError:
+            pass
+        logger.info(
+            "MODEL_CACHE_DIR %s cannot be written: the native library is built in the temporary directory", cache_dir
+        )
+    return Path(tempfile.gettempdir())

@@ -199,7 +199,11 @@ class PromptSpy:
             original_pass = engine.decoder.forward
 
             def lean_pass(decode: Any, prompts: list) -> Any:
-                self.calls += [prompt.ids.tolist() for prompt in prompts if prompt.start == 0]
+                # each prompt once, at its first chunk (which starts after a cached prefix: PREFIX_CACHE_TOKENS)
+                for prompt in prompts:
+                    if not getattr(prompt, "spied", False):
+                        self.calls.append(prompt.ids.tolist())
+                        prompt.spied = True
                 return original_pass(decode, prompts)
 
             patch.setattr(engine.decoder, "forward", lean_pass)
