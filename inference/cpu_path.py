@@ -158,10 +158,14 @@ def _lean_or_not(
     return CpuPath("lean", f"lean passes on prepacked {dtype} weights", level)
 
 
-def packs_weights(path: CpuPath, bf16: bool, pack_cpu_weights: bool, isa: str) -> bool:
-    """Whether the model's linears are prepacked for oneDNN: not on the native path; float32 anywhere, bf16 where bf16
-    matmuls are native."""
-    return path.name != "native" and pack_cpu_weights and (not bf16 or native_bf16(isa))
+def packs_weights(path_name: str, bf16: bool, llama: bool, pack_cpu_weights: bool, isa: str) -> bool:
+    """Whether the model's linears are prepacked for oneDNN (a second copy of their weights): never on the native
+    path; bf16 weights where bf16 matmuls are native (as before issue 25); float32 weights of a Llama model, the
+    lean path's (~2x faster matmuls on the AVX2 class). Other float32 models (sahabat-ai's Gemma2 on an AVX2 CPU)
+    keep one copy: its 3.7 GB head alone would double."""
+    if path_name == "native" or not pack_cpu_weights:
+        return False
+    return native_bf16(isa) if bf16 else llama
 
 
 def fell_back(path: CpuPath, why: str, *, llama: bool, bf16: bool, pack: bool, fast_decode: bool, isa: str) -> CpuPath:

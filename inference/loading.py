@@ -315,7 +315,7 @@ def _set_up_cpu_path(
         except NativeBuildError as error:
             path = cpu_path.fell_back(path, str(error), **facts)
             logger.warning("the native forward path is off: %s; serving with %s", error, path.name)
-    if cpu_path.packs_weights(path, facts["bf16"], settings.pack_cpu_weights, settings.cpu_isa):
+    if cpu_path.packs_weights(path.name, facts["bf16"], facts["llama"], settings.pack_cpu_weights, settings.cpu_isa):
         from inference.cpu_kernels import pack_linears
 
         dtypes = (torch.float32, torch.bfloat16) if cpu_path.native_bf16(settings.cpu_isa) else (torch.float32,)
@@ -448,8 +448,10 @@ def check_memory(settings: EngineSettings, source: str, quantization: str, dtype
         logger.warning("could not estimate the size of %s (%s); loading without a memory check", source, error)
         return
     dtype_bytes = torch.finfo(dtype).bits // 8
-    packable = dtype != torch.bfloat16 or cpu_path.native_bf16(settings.cpu_isa)
-    packing = not has_cuda and settings.pack_cpu_weights and packable
+    llama = getattr(config, "model_type", None) == "llama"  # the embedded model too: its native path packs nothing
+    packing = not has_cuda and cpu_path.packs_weights(
+        "", dtype == torch.bfloat16, llama, settings.pack_cpu_weights, settings.cpu_isa
+    )
     choices = memory.options(counts, dtype_bytes, packing)
     available, where = available_memory(has_cuda)
     needs = dict(choices)[f"QUANTIZATION={quantization}"]

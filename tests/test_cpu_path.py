@@ -98,3 +98,22 @@ def test_the_native_build_and_torch_follow_the_cap() -> None:
     assert cpu_path.apply_torch_caps("avx2", environ) == {"ATEN_CPU_CAPABILITY": "avx2"}
     assert environ == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx2"}
     assert cpu_path.apply_torch_caps("auto", environ) == {}
+
+
+@pytest.mark.parametrize(
+    ("path", "bf16", "llama", "flags", "packs"),
+    [
+        ("native", True, True, ZEN4, False),  # the native path reads the GGUF's blocks: no second copy
+        ("lean", True, True, ZEN4, True),
+        ("lean", False, True, ZEN3, True),  # float32 Llama (the fallback): ~2x faster matmuls on AVX2
+        ("transformers", True, False, ZEN4, True),  # bf16 sahabat-ai where bf16 is native, as before issue 25
+        ("transformers", False, False, ZEN3, False),  # float32 Gemma2: its 3.7 GB head is not doubled
+        ("transformers", True, False, ZEN3, False),  # bf16 forced on a CPU whose oneDNN cannot pack it
+    ],
+)
+def test_which_weights_get_a_prepacked_copy(
+    path: str, bf16: bool, llama: bool, flags: frozenset[str], packs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_path, "cpu_flags", lambda: flags)
+    assert cpu_path.packs_weights(path, bf16, llama, True, "auto") is packs
+    assert not cpu_path.packs_weights(path, bf16, llama, False, "auto")  # PACK_CPU_WEIGHTS=false

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from bench.gemma_shape import END_OF_TURN, TINY_SHAPE, gemma2_config, write_model_dir
 from inference import BatchedEngine, EngineBusy, SequentialEngine, loading
 from inference.cpu_kernels import PackedLinear
+from inference.cpu_path import native_bf16
 from inference.fast_decode import LlamaDecoder
 from inference.loading import LoadedModel, build_quantization_config, load_model, resolve_quantization
 from inference.model_cache import load_directory
@@ -97,11 +98,12 @@ def test_cpu_honours_quantization_and_auto_stays_unquantized() -> None:
 def test_tiny_gemma2_loads_with_bitsandbytes_layers(gemma: tuple[Settings, LoadedModel], gemma_dir: Path) -> None:
     settings, loaded = gemma
     info = loaded.info
+    bf16 = native_bf16(settings.cpu_isa)  # the dtype follows the CPU: bf16 where bf16 matmuls are native
     assert (info.model_id, info.quantization, info.device, info.dtype) == (
         str(gemma_dir),
         settings.quantization,
         "cpu",
-        "bfloat16",
+        "bfloat16" if bf16 else "float32",
     )
     model = loaded.model
     expected = BNB_CLASSES[settings.quantization]
@@ -109,11 +111,12 @@ def test_tiny_gemma2_loads_with_bitsandbytes_layers(gemma: tuple[Settings, Loade
         linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]
         linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
         assert {type(linear).__name__ for linear in linears} == {expected}
-    # The output head stays a bf16 linear (bitsandbytes skips it) and is the only prepacked one:
-    # PACK_CPU_WEIGHTS never touches a bitsandbytes layer.
-    assert type(model.lm_head) is PackedLinear and model.lm_head.weight.dtype == torch.bfloat16
+    # The output head stays a plain linear (bitsandbytes skips it) and, in bf16, is the only prepacked one:
+    # PACK_CPU_WEIGHTS never touches a bitsandbytes layer. In float32 a Gemma2 keeps one copy of its head.
+    assert model.lm_head.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert type(model.lm_head) is (PackedLinear if bf16 else torch.nn.Linear)
     assert not any(isinstance(m, PackedLinear) and type(m).__name__ in BNB_CLASSES.values() for m in model.modules())
-    assert [type(m) for m in model.modules() if isinstance(m, PackedLinear)] == [PackedLinear]
+    assert [type(m) for m in model.modules() if isinstance(m, PackedLinear)] == ([PackedLinear] if bf16 else [])
 
 
 async def test_a_lone_greedy_request_gives_the_same_tokens_on_both_engines(gemma: tuple[Settings, LoadedModel]) -> None:
