@@ -58,9 +58,9 @@ class EngineSettings(BaseSettings):
     )
     pack_cpu_weights: bool = Field(
         True,
-        description="On a CPU with native bf16 matmuls (AVX-512 BF16 or AMX) and a bf16 model not on the native "
-        "path, prepack the linear layers' weights for oneDNN once at load (faster matmuls, same results; about "
-        "270 MB more memory for the embedded model).",
+        description="Prepack linear layers' weights for oneDNN once at load, off the native path: bf16 models where "
+        "bf16 matmuls are native (AVX-512 BF16, AMX), float32 Llama models (the lean path). Faster matmuls (~1.5-2x), "
+        "a second copy of those weights.",
     )
     gguf_int4: bool = Field(
         True,
