@@ -282,7 +282,7 @@ def _set_up_cpu_path(
     settings: EngineSettings, model: Any, dtype: Any, embedded: bool, quantization_config: Any
 ) -> cpu_path.CpuPath:
     """Decide the CPU forward path (inference/cpu_path.py) and prepare the model for it: the native step over the
-    GGUF's blocks, or oneDNN-prepacked bf16 linears where bf16 matmuls are native. Returns the path in force."""
+    GGUF's blocks, or oneDNN-prepacked linears (cpu_path.packs_weights). Returns the path in force."""
     import torch
 
     facts = {

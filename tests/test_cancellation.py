@@ -108,7 +108,8 @@ async def test_a_dropped_stream_frees_its_row(batched: BatchedEngine) -> None:
 async def test_a_stream_dropped_unread_frees_its_row(batched: BatchedEngine) -> None:
     before = batched.generated_tokens_total
     stream = await batched.submit(long_request())
-    await asyncio.sleep(0.2)  # let the decode thread admit it
+    while batched.generated_tokens_total == before:  # the decode thread admitted it and it is generating
+        await asyncio.sleep(0.001)
     del stream
     gc.collect()
     at_drop = batched.generated_tokens_total
