@@ -154,6 +154,11 @@ class BatchedEngine(LocalEngine):
         return self.runner.decoder
 
     @property
+    def reused_prompt_tokens_total(self) -> int:
+        prefixes = self.runner.prefixes
+        return 0 if prefixes is None else prefixes.hit_tokens
+
+    @property
     def max_rows_seen(self) -> int:
         """The largest batch a step has run (for tests and benchmarks)."""
         return self.runner.max_rows_seen

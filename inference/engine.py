@@ -59,6 +59,11 @@ class Engine(ABC):
         return self.state == "ready"
 
     @property
+    def reused_prompt_tokens_total(self) -> int:
+        """Prompt tokens taken from the prefix cache instead of computed (PREFIX_CACHE_TOKENS); 0 without one."""
+        return 0
+
+    @property
     def queue_depth(self) -> int:
         """Admitted generations waiting for the model."""
         return 0

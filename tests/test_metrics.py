@@ -101,6 +101,19 @@ def test_counters_and_histograms_increase_after_a_request(client: TestClient) ->
     assert value(after, "sahabat_http_requests_total", method="GET", route="/metrics", status="200") >= 1
 
 
+def test_prompt_tokens_reused_from_the_prefix_cache_are_counted(client: TestClient) -> None:
+    """The spec chat's system message and template, computed for the first request, start the second one's cache."""
+    before = scrape(client)
+    for text in ("Sebutkan satu pulau.", "Sebutkan satu gunung."):
+        response = client.post("/api/v1/chat", headers=AUTH, json={"text": text, "max_new_tokens": 2})
+        assert response.status_code == 200
+    after = scrape(client)
+    reused = value(after, "sahabat_engine_reused_prompt_tokens_total") - value(
+        before, "sahabat_engine_reused_prompt_tokens_total"
+    )
+    assert reused >= response.json()["input_length"] // 2  # the system message is most of this short prompt
+
+
 def test_running_requests_gauge_follows_a_generation(client: TestClient, engine: LocalEngine) -> None:
     results: list[int] = []
     request = threading.Thread(

@@ -50,6 +50,12 @@ class EngineCollector(Collector):
         )
         decoded.add_metric([], engine.generated_tokens_total)
         yield decoded
+        reused = CounterMetricFamily(
+            f"{PREFIX}_engine_reused_prompt_tokens",
+            "Prompt tokens taken from the prefix cache (PREFIX_CACHE_TOKENS) instead of computed.",
+        )
+        reused.add_metric([], engine.reused_prompt_tokens_total)
+        yield reused
         state = GaugeMetricFamily(f"{PREFIX}_engine_state", "1 for the engine's current state.", labels=["state"])
         for name in ENGINE_STATES:
             state.add_metric([name], 1.0 if engine.state == name else 0.0)
