@@ -27,8 +27,8 @@ from pathlib import Path
 
 # CPU_ISA: which instruction sets the service may use. `auto`: all the CPU has (AMX excepted where it faults: that
 # is oneDNN's and ggml's business, not ours); `avx512`: AVX-512 and below (no AMX); `avx2`: AVX2+FMA+F16C and below,
-# as on an AVX2-only CPU (the dtype becomes float32, no bf16 prepack, the native build targets x86-64-v3).
-CPU_ISAS = ("auto", "avx512", "avx2")
+# as on an AVX2-only CPU (the dtype becomes float32, no bf16 prepack, the native build targets x86-64-v3). The values
+# are the CPU_ISA setting's (inference/settings.py).
 NATIVE_NEEDS = frozenset({"avx2", "fma", "f16c"})
 # The environment that caps torch's own kernels the same way; it must be set before torch is imported (app.py does
 # it for CPU_ISA=avx2 when the variables are unset; `make test` sets them for its capped pass).
@@ -121,7 +121,8 @@ def wanted(
     fast_decode: bool,
     flags: frozenset[str] | None = None,
 ) -> CpuPath:
-    """The path to take for a model with these facts, before the native step is built (`built` may still fall back).
+    """The path to take for a model with these facts, before the native step is built (`fell_back` gives the path
+    when that build fails).
 
     `native` for the embedded GGUF wherever it can be built; `lean` for another Llama model whose weights oneDNN can
     prepack here (float32, or bf16 where bf16 matmuls are native); `transformers` otherwise.
