@@ -32,7 +32,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODEL_CACHE_DIR=/data/model-cache \
     HF_HOME=/data/huggingface \
     GRADIO_ANALYTICS_ENABLED=False
-# A C compiler: the embedded model's native forward pass (inference/native/forward.c) is compiled for the host's
+# A C compiler: the embedded model's native forward pass (inference/cpu/native/forward.c) is compiled for the host's
 # CPU at first start (~1 s, cached in MODEL_CACHE_DIR); without one, the lean torch path serves (2-9x slower passes).
 # uid 1000, as Hugging Face Spaces runs it; /data holds the model cache (mount a volume there).
 # hadolint ignore=DL3008

@@ -26,7 +26,7 @@ browser:
 run: install
 	$(PY) app.py
 
-# The tests whose path depends on the CPU (inference/cpu_path.py) run a second time capped at AVX2, so a machine with
+# The tests whose path depends on the CPU (inference/cpu/paths.py) run a second time capped at AVX2, so a machine with
 # AVX-512 or AMX checks the AVX2-only behaviour too (float32, the native build for x86-64-v3, no bf16 prepack).
 CPU_TESTS := tests/test_cpu_path.py tests/test_native_step.py tests/test_fast_decode.py tests/test_gguf_blocks.py \
 	tests/test_model_thread.py tests/test_loading.py tests/test_metrics.py tests/test_batching.py tests/test_faults.py \

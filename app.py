@@ -32,16 +32,16 @@ def resolve_api_keys(settings: Settings) -> list[str]:
 def main() -> None:
     settings = load_settings(sys.argv[1:])
     api_keys = resolve_api_keys(settings)
-    from inference.cpu_path import apply_torch_caps
+    from inference.cpu.paths import apply_torch_caps
 
     capped = apply_torch_caps(settings.cpu_isa)  # before torch is imported: its kernels read these once
 
     import uvicorn
 
     from inference import build_engine
-    from webapp.observability import configure_logging
+    from webapp.middleware.observability import configure_logging
+    from webapp.ops.shutdown import DrainingServer
     from webapp.server import create_app
-    from webapp.shutdown import DrainingServer
 
     configure_logging(settings.log_level, settings.log_format)
     if capped:
@@ -53,7 +53,7 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep the service's handlers (LOG_FORMAT); uvicorn's loggers propagate to them
-        access_log=False,  # webapp.observability writes one line per request instead
+        access_log=False,  # webapp.middleware.observability writes one line per request instead
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),  # DrainingServer adjusts it
     )
     server = DrainingServer(config, engine, settings.shutdown_timeout_s)

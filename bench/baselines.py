@@ -114,8 +114,8 @@ def llama_cpp_python(python: Path, gguf: Path, args: argparse.Namespace, log_dir
 _WEIGHTS_SCRIPT = """
 import json, sys
 from pathlib import Path
-from inference.loading import _load_embedded, embedded_gguf_path, resolve_dtype
-from inference.model_cache import CacheEntry, write_plain_copy
+from inference.model.loading import _load_embedded, embedded_gguf_path, resolve_dtype
+from inference.model.cache import CacheEntry, write_plain_copy
 from inference.settings import EngineSettings
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -357,7 +357,7 @@ def apply_cpu_isa(args: argparse.Namespace) -> None:
     binary is the capped build."""
     if args.cpu_isa != "avx2":
         return
-    from inference.cpu_path import TORCH_CAPS
+    from inference.cpu.paths import TORCH_CAPS
 
     args.env = [("CPU_ISA", "avx2"), *TORCH_CAPS["avx2"].items(), *args.env]
     if args.llama_server == DEFAULT_LLAMA_SERVER:

@@ -8,17 +8,17 @@
    engines loaded the model on their own model thread (LocalEngine.run_on_model_thread).
 
 2. Prepacked linears (`--packed`). Each linear shape of the model, 8 rows, timed with `F.linear` and with
-   oneDNN's prepacked kernel (inference/cpu_kernels.py), plus a whole decoding step with the model's linears
+   oneDNN's prepacked kernel (inference/cpu/packed.py), plus a whole decoding step with the model's linears
    packed and unpacked. The weights cycle through several copies so the timings read from memory, as a
    decoding step does, not from the CPU cache.
 
-3. The lean decoder (`--lean`, inference/fast_decode.py). A decoding step of 1, 8 and 16 left-padded rows with
+3. The lean decoder (`--lean`, inference/cpu/lean_forward.py). A decoding step of 1, 8 and 16 left-padded rows with
    transformers' forward and with the lean decoder, and a newcomer joining 8 running rows: a step plus a prefill
    pass (transformers', then lean) vs one lean pass that carries both.
 
-4. The CPU paths (`--paths`, inference/cpu_path.py). A pass of 1-32 decoding rows, prompt passes of 8-512 tokens
+4. The CPU paths (`--paths`, inference/cpu/paths.py). A pass of 1-32 decoding rows, prompt passes of 8-512 tokens
    (one prompt, or eight), and one row over caches of 100-3000 tokens: the native path (one C call over the GGUF's
-   blocks, inference/native_step.py) vs the lean torch path on the dequantised weights (prepacked, in the dtype the
+   blocks, inference/cpu/native_forward.py) vs the lean torch path on the dequantised weights (prepacked, in the dtype the
    CPU_ISA in force gives: bf16 where bf16 matmuls are native, else float32). Run it once per CPU class, e.g.
    `CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python bench/cpu_kernels.py --paths`
    for the AVX2 class on a CPU that has more: where docs/cpu-paths.md's choice comes from.
@@ -48,8 +48,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch
 import torch.nn.functional as F
 
-from inference.cpu_kernels import PackedLinear, is_packed, linear_pointwise, pack_linears, packing_available
-from inference.loading import LoadedModel, load_model
+from inference.cpu.packed import PackedLinear, is_packed, linear_pointwise, pack_linears, packing_available
+from inference.model.loading import LoadedModel, load_model
 from webapp.settings import Settings
 
 
@@ -151,7 +151,7 @@ def packed_linears(settings: Settings, repeat: int) -> None:
 
 def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
     """`rows` chat prompts of mixed lengths (36-150 tokens), prefilled left-padded as the batched engine does."""
-    from inference.kv_cache import new_cache
+    from inference.engines.batched.kv_cache import new_cache
 
     texts = ["Apa ibu kota Indonesia?", "Jelaskan apa itu fotosintesis dengan bahasa yang mudah dipahami. " * 4]
     texts += ["Write a short story about a cat who lives in Jakarta and loves to eat fish.", "Halo! Apa kabar?"]
@@ -175,10 +175,10 @@ def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
 
 
 def lean_passes(settings: Settings, repeat: int) -> None:
-    """transformers' forward vs the lean decoder (inference/fast_decode.py): a step, and a newcomer joining."""
-    from inference.fast_decode import LlamaDecoder
-    from inference.kv_cache import new_cache
-    from inference.passes import DecodeRows, PromptRow
+    """transformers' forward vs the lean decoder (inference/cpu/lean_forward.py): a step, and a newcomer joining."""
+    from inference.cpu.lean_forward import LlamaDecoder
+    from inference.cpu.passes import DecodeRows, PromptRow
+    from inference.engines.batched.kv_cache import new_cache
 
     def run() -> None:
         loaded = load_model(settings)
@@ -254,7 +254,7 @@ def decoding_step(decoder: Any, cache: Any, tokens: Any, positions: Any, mask: A
 
 def time_pass(executor: Any, decode: Any, prompts: list[Any], repeat: int, config: Any = None) -> float:
     """Median ms of one pass of `executor` (NativeStep or LlamaDecoder), every cache rewound after each call."""
-    from inference.kv_cache import new_cache
+    from inference.engines.batched.kv_cache import new_cache
 
     caches = [] if decode is None else [decode.cache]
     lengths = [[layer.keys.shape[-2] for layer in cache.layers] for cache in caches]
@@ -278,11 +278,11 @@ def cpu_paths(settings: Settings, repeat: int) -> None:
     OpenMP runtime, and passes that alternate between the two wait on each other's spinning threads (measured: a
     lean 8-row pass 27 ms alone, 48 ms right after native passes). The service runs one path per model.
     """
-    from inference.cpu_path import isa_in_force
-    from inference.fast_decode import LlamaDecoder
-    from inference.kv_cache import new_cache
-    from inference.native_step import native_step as native_of
-    from inference.passes import DecodeRows, PromptRow
+    from inference.cpu.lean_forward import LlamaDecoder
+    from inference.cpu.native_forward import native_step as native_of
+    from inference.cpu.passes import DecodeRows, PromptRow
+    from inference.cpu.paths import isa_in_force
+    from inference.engines.batched.kv_cache import new_cache
 
     rows_counts, prompt_shapes, cache_lengths = (1, 2, 4, 8, 16, 32), [], (100, 1000, 3000)
     for count in (8, 32, 64, 128, 256, 512):

@@ -3,7 +3,7 @@
 Writes a checkpoint with sahabat-ai's exact configuration (9,241,705,984 parameters, bench.gemma_shape) and the
 real Gemma2 chat template shard by shard (one ~2 GB shard of random bf16 tensors in memory at a time, never the
 whole model), then, for each QUANTIZATION, loads it in a fresh process through the service's own path
-(`BatchedEngine.load` -> `inference.loading.load_model`, memory pre-check included) and reports:
+(`BatchedEngine.load` -> `inference.model.loading.load_model`, memory pre-check included) and reports:
 
 - load time, peak RSS while loading (VmHWM) and the sampled peaks of anonymous (RssAnon) and file-backed
   (RssFile: the memory-mapped shards, which the kernel can drop) memory,
@@ -314,7 +314,7 @@ def precheck(settings: Any) -> dict[str, Any]:
     """What the service's memory pre-check says for this mode (the load runs it again; this records it)."""
     import torch
 
-    from inference import loading, memory
+    from inference.model import loading, memory
     from inference.types import ModelLoadError
 
     has_cuda = torch.cuda.is_available()
@@ -348,7 +348,7 @@ def mode_settings(mode: str, plan: Plan) -> Any:
 def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
     import torch
 
-    from inference.batched import BatchedEngine
+    from inference.engines.batched.engine import BatchedEngine
 
     cuda = torch.cuda.is_available()
     settings = mode_settings(mode, plan)

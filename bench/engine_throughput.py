@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine, TextDelta
-from inference.engine import LocalEngine
-from inference.loading import LoadedModel, load_model
+from inference.engines.base import LocalEngine
+from inference.model.loading import LoadedModel, load_model
 from webapp.settings import Settings
 
 PROMPTS = [

@@ -3,7 +3,7 @@
 The hub is out of reach, so this builds a model with sahabat-ai's exact architecture (Gemma2: hidden 3584,
 42 layers, 16 heads / 8 KV heads, head dim 256, intermediate 14336, vocab 256000, sliding window 4096,
 context 8192, soft-capping 50/30) and random weights, writes it as safetensors to a local directory, and
-loads that directory through the service's own loader (`inference.loading.load_model`) with
+loads that directory through the service's own loader (`inference.model.loading.load_model`) with
 QUANTIZATION=8bit and QUANTIZATION=none (bf16), `device_map="auto"`. For each it reports load time, GPU
 memory after load and at peak during generation (prompts of 512 and 4096 tokens), single-stream TTFT and
 decode tok/s, and aggregate tok/s at 8 concurrent requests, side by side, as a markdown table.
@@ -240,13 +240,13 @@ def decode_rate(result: Any) -> float | None:
 
 def concurrent_engine(settings: Any, loaded: Any) -> tuple[Any, str]:
     """The batched engine when the service has one, else the sequential engine (and a note saying so)."""
-    from inference.sequential import SequentialEngine
+    from inference.engines.sequential import SequentialEngine
 
     try:
-        from inference.batched import BatchedEngine  # type: ignore[import-not-found]
+        from inference.engines.batched.engine import BatchedEngine  # type: ignore[import-not-found]
     except ImportError:
         engine = SequentialEngine(settings, loader=lambda _settings: loaded)
-        return engine, "sequential (inference.batched.BatchedEngine does not exist yet)"
+        return engine, "sequential (inference.engines.batched.engine.BatchedEngine does not exist yet)"
     try:
         engine = BatchedEngine(settings, loader=lambda _settings: loaded)
     except TypeError as error:
@@ -299,8 +299,8 @@ async def measure_engine(engine: Any, plan: Plan, concurrent: bool) -> dict[str,
 
 
 def run_mode(mode: str, plan: Plan, cuda: bool) -> dict[str, Any]:
-    from inference.loading import load_model
-    from inference.sequential import SequentialEngine
+    from inference.engines.sequential import SequentialEngine
+    from inference.model.loading import load_model
     from webapp.settings import Settings
 
     settings = Settings(  # type: ignore[call-arg]

@@ -25,7 +25,7 @@ from typing import Any
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, ResponseFormat, sampling
 from inference import grammar as grammar_module
-from inference.loading import LoadedModel, load_model
+from inference.model.loading import LoadedModel, load_model
 from webapp.settings import Settings
 
 PROMPTS = [

@@ -1,6 +1,6 @@
 """How close the embedded model's 4-bit path (the GGUF's own Q4_1 blocks, GGUF_INT4) is to its dequantised weights.
 
-Two copies of the embedded model are loaded: the served one (every pass on the native path, inference/native_step.py,
+Two copies of the embedded model are loaded: the served one (every pass on the native path, inference/cpu/native_forward.py,
 where it can be built) and one with GGUF_INT4=false (the dequantised weights, prepacked, in the dtype the CPU runs:
 bf16 where bf16 matmuls are native, else float32). On every benchmark prompt (chat template, as the service sends it):
 
@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch
 
 from bench.loadgen import DEFAULT_PROMPTS, load_prompts
-from inference.loading import load_model
+from inference.model.loading import load_model
 from webapp.settings import Settings
 
 

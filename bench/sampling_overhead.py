@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.engine_throughput import PROMPTS, one_request
 from inference import BatchedEngine, GenerationRequest, Message
-from inference.loading import load_model
+from inference.model.loading import load_model
 from webapp.settings import Settings
 
 

@@ -1,9 +1,9 @@
 """Model loading, prompt building and generation engines. Knows nothing of HTTP or UIs."""
 
-from inference.batched import BatchedEngine
-from inference.engine import Engine
-from inference.factory import build_engine
-from inference.sequential import SequentialEngine
+from inference.engines.base import Engine
+from inference.engines.batched.engine import BatchedEngine
+from inference.engines.factory import build_engine
+from inference.engines.sequential import SequentialEngine
 from inference.settings import EngineSettings
 from inference.types import (
     ENGINE_STATES,

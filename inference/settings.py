@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from inference.model_cache import default_cache_dir
+from inference.model.cache import default_cache_dir
 
 SAHABAT_AI_MODEL_ID = "GoToCompany/gemma2-9b-cpt-sahabatai-v1-instruct"
 EMBEDDED_MODEL_ID = "embedded"
@@ -65,7 +65,7 @@ class EngineSettings(BaseSettings):
     gguf_int4: bool = Field(
         True,
         description="The embedded model on an x86-64 CPU with AVX2: every forward pass runs as one C call over the "
-        "GGUF's own 4-bit blocks (the `native` path: inference/native/forward.c, built at first start by the system "
+        "GGUF's own 4-bit blocks (the `native` path: inference/cpu/native/forward.c, built at first start by the system "
         "C compiler, cached in MODEL_CACHE_DIR). `false`, or no compiler: torch on the dequantised weights.",
     )
     model_cache_dir: Path = Field(

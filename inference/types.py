@@ -98,7 +98,9 @@ class ModelInfo:
     context_length: int
     is_embedded_demo: bool
     engine: str = "sequential"
-    decode_path: str = "transformers"  # the CPU forward path in force (inference/cpu_path.py), or on a GPU transformers
+    decode_path: str = (
+        "transformers"  # the CPU forward path in force (inference/cpu/paths.py), or on a GPU transformers
+    )
     cpu_isa: str = ""  # the instruction-set class the CPU path uses (cpu_path.isa_in_force); empty on a GPU
     extra: dict[str, str] = field(default_factory=dict)
 

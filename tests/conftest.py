@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from bench.loadgen import free_port
 from inference import BatchedEngine, Engine, SequentialEngine
-from inference.engine import LocalEngine
-from inference.loading import LoadedModel, load_model
+from inference.engines.base import LocalEngine
+from inference.model.loading import LoadedModel, load_model
 from webapp.server import create_app
 from webapp.settings import Settings
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from inference import BatchedEngine, EngineBusy, GenerationRequest, GenerationResult, Message, SequentialEngine
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from inference.types import StreamEvent, TextDelta
 from webapp.settings import Settings
 
@@ -419,7 +419,7 @@ async def test_default_dtype_batched_engine(
 
 
 def test_prefill_groups_trade_padding_against_passes() -> None:
-    from inference.scheduling import plan_prefill_groups
+    from inference.engines.batched.scheduling import plan_prefill_groups
 
     lengths = [48, 64, 40, 97, 38, 41, 55]
     groups = plan_prefill_groups(lengths, overhead=100, budget=8192)
@@ -434,13 +434,13 @@ def test_prefill_groups_trade_padding_against_passes() -> None:
 
 def test_cpu_weights_are_aligned(embedded_model: LoadedModel) -> None:
     """Weights memory-mapped from safetensors (the model cache) are copied to aligned memory at load: a
-    misaligned model decoded 5-10x slower on this CPU (see inference.memory.align_cpu_weights)."""
+    misaligned model decoded 5-10x slower on this CPU (see inference.model.memory.align_cpu_weights)."""
     import torch
 
     assert all(p.data_ptr() % 64 == 0 for p in embedded_model.model.parameters() if p.device.type == "cpu")
     weights = torch.nn.Linear(4, 4, bias=False)
     weights.weight.data = torch.zeros(17)[1:].view(4, 4)  # 4 bytes off
-    from inference.memory import align_cpu_weights
+    from inference.model.memory import align_cpu_weights
 
     assert align_cpu_weights(weights) == 1 and weights.weight.data_ptr() % 64 == 0
     assert align_cpu_weights(weights) == 0
@@ -452,7 +452,7 @@ def test_cpu_weights_are_aligned(embedded_model: LoadedModel) -> None:
 async def test_tiny_gemma2_sliding_window_through_the_batched_engine(settings: Settings, tmp_path: Path) -> None:
     """sahabat-ai's architecture (bench.gemma_shape's tiny Gemma2, window 16), loaded by the service's loader."""
     from bench.gemma_shape import TINY_SHAPE, gemma2_config, write_model_dir
-    from inference.loading import load_model
+    from inference.model.loading import load_model
 
     directory = write_model_dir(tmp_path / "gemma2", gemma2_config(TINY_SHAPE), seed=1234)
     gemma_settings = settings.model_copy(update={"model_id": str(directory), "dtype": "float32"})

@@ -273,7 +273,7 @@ def test_the_summary_baseline_sends_the_eight_client_prompts_one_at_a_time() -> 
 
 def test_cpu_kernels_bench_times_both_kernels() -> None:
     from bench import cpu_kernels
-    from inference.cpu_kernels import packing_available
+    from inference.cpu.packed import packing_available
 
     if not packing_available():
         pytest.skip("this torch build has no oneDNN linear packing")

@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inference import GenerationRequest
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from inference.types import TokenLogprob
 from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, engine_for, sse_events_from_lines
-from webapp.completions_routes import legacy_logprobs
+from webapp.api.openai.completions import legacy_logprobs
 from webapp.server import create_app
 from webapp.settings import Settings
 
@@ -221,7 +221,7 @@ def test_logprobs_come_back_in_the_legacy_shape(oai: openai.OpenAI) -> None:
 
 
 def test_response_format_constrains_a_completion_to_the_schema(oai: openai.OpenAI) -> None:
-    """The same `response_format` as the chat route (webapp/response_format.py), on a raw prompt."""
+    """The same `response_format` as the chat route (webapp/api/openai/response_format.py), on a raw prompt."""
     import jsonschema
 
     schema = {

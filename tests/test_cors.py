@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inference import BatchedEngine
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY, AUTH
 from webapp.server import create_app
 from webapp.settings import Settings

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY, engine_for, start_live_server
 from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, serve
 from webapp.settings import Settings

@@ -1,4 +1,4 @@
-"""inference/cpu_path.py: the one place that decides the CPU forward path, for every CPU class a user may have.
+"""inference/cpu/paths.py: the one place that decides the CPU forward path, for every CPU class a user may have.
 
 Pure decisions on given CPU flags (no model): which instruction-set class CPU_ISA leaves, the dtype's bf16 rule, and
 the path for each model and setting. What each path then does is tested where it runs (test_native_step.py,
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference import cpu_path
+from inference.cpu import paths as cpu_path
 
 AVX2 = {"avx2", "fma", "f16c"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}

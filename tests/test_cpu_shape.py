@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from bench import cpu_shape
 from bench.gemma_shape import SAHABAT_AI_SHAPE, TINY_SHAPE, gemma2_config, parameter_count
-from inference import loading
+from inference.model import loading
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -78,8 +78,15 @@ def test_the_readme_is_a_short_front_door_with_a_code_map() -> None:
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= README_MAX_LINES, "README.md grew past its limit: move the long read to docs/"
     code_map = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
-    modules = sorted((ROOT / "inference").glob("*.py")) + sorted((ROOT / "webapp").rglob("*.py"))
+    modules = sorted((ROOT / "inference").rglob("*.py")) + sorted((ROOT / "webapp").rglob("*.py"))
     missing = [
         str(path.relative_to(ROOT)) for path in modules if path.name != "__init__.py" and path.name not in code_map
+    ]
+    # and every folder, as `name/`: the tree in the code map is the tree on disk
+    missing += [
+        str(folder.relative_to(ROOT)) + "/"
+        for package in ("inference", "webapp")
+        for folder in sorted((ROOT / package).rglob("*"))
+        if folder.is_dir() and folder.name != "__pycache__" and f"{folder.name}/" not in code_map
     ]
     assert not missing, f"the README's code map does not name: {', '.join(missing)}"

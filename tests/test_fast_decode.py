@@ -1,4 +1,4 @@
-"""The lean passes: the lean Llama decoder (inference/fast_decode.py, the `lean` path) vs transformers' forward on the
+"""The lean passes: the lean Llama decoder (inference/cpu/lean_forward.py, the `lean` path) vs transformers' forward on the
 real embedded model with GGUF_INT4=false (bf16 where the CPU has native bf16 matmuls, else float32), and the batched
 engine's lean loop on the engine users get (the `native` path: its arithmetic is tested in test_native_step.py)."""
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine
-from inference.fast_decode import LlamaDecoder, bucket_rows
-from inference.kv_cache import new_cache
-from inference.loading import LoadedModel, load_model
-from inference.passes import DecodeRows, PromptRow
+from inference.cpu.lean_forward import LlamaDecoder, bucket_rows
+from inference.cpu.passes import DecodeRows, PromptRow
+from inference.engines.batched.kv_cache import new_cache
+from inference.model.loading import LoadedModel, load_model
 from inference.types import GenerationFailed, TextDelta
 from webapp.settings import Settings
 
@@ -286,7 +286,7 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
 
 
 def test_passes_take_the_shortest_remaining_prompts_first_up_to_the_budget(settings: Settings) -> None:
-    from inference.batch_runner import Slot
+    from inference.engines.batched.runner import Slot
 
     engine = BatchedEngine(settings)  # never loaded: only the planning is exercised
     engine.pass_prompt_tokens = 40

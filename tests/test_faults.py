@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from tests.conftest import (
     AUTH,
     ForcedFault,

@@ -31,7 +31,7 @@ import pytest
 import schemathesis
 from schemathesis.engine import Status, events, from_schema
 
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY, engine_for
 from webapp.server import create_app
 from webapp.settings import Settings

@@ -25,7 +25,7 @@ from bench.gemma_shape import (
     write_model_dir,
 )
 from inference import SequentialEngine
-from inference.prompt import PromptBuilder
+from inference.text.prompt import PromptBuilder
 from inference.types import ContextTooLong, GenerationRequest, GenerationResult, InvalidRequest, Message, TextDelta
 from tests.conftest import API_KEY, AUTH
 from webapp.server import create_app
@@ -44,7 +44,7 @@ def gemma_settings(directory: Path) -> Settings:
 
 
 def fresh_engine(directory: Path) -> SequentialEngine:
-    """A SequentialEngine that loads the directory through the real loader (inference.loading.load_model)."""
+    """A SequentialEngine that loads the directory through the real loader (inference.model.loading.load_model)."""
     engine = SequentialEngine(gemma_settings(directory))
     engine.load()
     return engine

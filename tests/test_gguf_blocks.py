@@ -1,4 +1,4 @@
-"""The embedded GGUF's own blocks (inference/gguf_blocks.py): the tensor index, the Q4_1 codes, each layer linear's
+"""The embedded GGUF's own blocks (inference/cpu/gguf_blocks.py): the tensor index, the Q4_1 codes, each layer linear's
 blocks checked against its loaded weight; and GGUF_INT4=false, where the lean torch path serves the dequantised
 weights instead of the native path. The native path itself: tests/test_native_step.py.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from inference import BatchedEngine, GenerationRequest, Message, SequentialEngine
-from inference.gguf_blocks import gguf_tensors, llama_rows, q4_1_blocks, q4_1_codes, q8_0_head
-from inference.loading import LoadedModel, embedded_gguf_path, load_model
+from inference.cpu.gguf_blocks import gguf_tensors, llama_rows, q4_1_blocks, q4_1_codes, q8_0_head
+from inference.model.loading import LoadedModel, embedded_gguf_path, load_model
 from tests.conftest import engine_for
 from webapp.settings import Settings
 
@@ -76,7 +76,7 @@ def test_every_layer_linear_gets_the_blocks_of_its_own_weight(embedded_model: Lo
 
 
 def test_gguf_int4_off_serves_the_lean_path(plain_model: LoadedModel) -> None:
-    from inference.native_step import native_step
+    from inference.cpu.native_forward import native_step
 
     assert native_step(plain_model.model) is None
     assert plain_model.info.decode_path == "lean" and plain_model.info.quantization.startswith("none")

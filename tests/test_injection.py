@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 
 from bench.gemma_shape import GEMMA2_CHAT_TEMPLATE
 from inference import SequentialEngine
-from inference.engine import LocalEngine
-from inference.loading import LoadedModel
-from inference.prompt import PromptBuilder
+from inference.engines.base import LocalEngine
+from inference.model.loading import LoadedModel
+from inference.text.prompt import PromptBuilder
 from inference.types import Message, ModelInfo
 from tests.conftest import API_KEY, AUTH, both_engines, engine_for
 from webapp.server import create_app

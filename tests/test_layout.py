@@ -4,7 +4,9 @@ every module is short enough to read in one sitting.
 - No import circle among the project's modules (module-level and function-level imports alike: a lazy import
   inside a function is still a dependency a reader has to follow).
 - `inference/` knows nothing of HTTP or UIs; `webapp/` knows nothing of torch or transformers.
-- No source file in `inference/` or `webapp/` over 500 lines, no class over 300.
+- No source file in `inference/` or `webapp/` over 500 lines, no class over 300, no function over 120.
+- The folder tree is the architecture diagram: no folder holds more than 12 modules directly (a role that grows
+  gets its own folder).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("inference", "webapp")
 MAX_FILE_LINES = 500
 MAX_CLASS_LINES = 300
+MAX_FUNCTION_LINES = 120
+MAX_MODULES_PER_FOLDER = 12
 HTTP_AND_UI = ("webapp", "fastapi", "starlette", "gradio", "gradio_client", "uvicorn", "sse_starlette", "httpx")
 TENSOR_LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "gguf")
 
@@ -120,4 +124,20 @@ def test_modules_and_classes_are_short(package: str) -> None:
                 length = node.end_lineno - node.lineno + 1
                 if length > MAX_CLASS_LINES:
                     too_long.append(f"{path.relative_to(ROOT)}: class {node.name} is {length} lines")
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}: function {node.name} is {length} lines")
     assert not too_long, "; ".join(too_long)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_folder_is_a_heap(package: str) -> None:
+    crowded = []
+    for folder in sorted(p for p in [ROOT / package, *(ROOT / package).rglob("*")] if p.is_dir()):
+        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        if modules and not (folder / "__init__.py").exists():
+            crowded.append(f"{folder.relative_to(ROOT)} has modules but no __init__.py")
+        if len(modules) > MAX_MODULES_PER_FOLDER:
+            crowded.append(f"{folder.relative_to(ROOT)}: {len(modules)} modules (at most {MAX_MODULES_PER_FOLDER})")
+    assert not crowded, "; ".join(crowded)

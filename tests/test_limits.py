@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, engine_for, start_live_server
 from tests.test_streaming import sse_events
 from webapp.server import create_app

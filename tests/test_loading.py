@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from bench.gemma_shape import TINY_SHAPE, gemma2_config, write_model_dir
-from inference import Engine, GenerationRequest, GenerationResult, Message, build_engine, loading
-from inference.engine import LocalEngine
-from inference.loading import (
+from inference import Engine, GenerationRequest, GenerationResult, Message, build_engine
+from inference.engines.base import LocalEngine
+from inference.model import loading
+from inference.model.loading import (
     build_quantization_config,
     choose_model,
     load_model,
@@ -144,7 +145,7 @@ def test_placement_on_one_device() -> None:
 
 def test_placement_with_offloaded_layers_is_said_and_warned(caplog: pytest.LogCaptureFixture) -> None:
     device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": "disk"}
-    with caplog.at_level("WARNING", logger="inference.loading"):
+    with caplog.at_level("WARNING", logger="inference.model.loading"):
         placement = loading.describe_placement(_Placed("cpu", device_map))
     assert placement == "cpu (2 of 4 modules offloaded to cpu and disk)"
     assert "does not fit in GPU memory" in caplog.text and "QUANTIZATION=8bit or 4bit" in caplog.text
@@ -183,7 +184,7 @@ def test_dtype_setting_overrides(name: str, has_cuda: bool) -> None:
 def test_cpu_dtype_is_bf16_only_where_native(
     flags: str, cpu_isa: str, expected: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from inference import cpu_path
+    from inference.cpu import paths as cpu_path
 
     monkeypatch.setattr(cpu_path, "cpu_flags", lambda: frozenset(flags.split()))
     assert resolve_dtype(make_settings(cpu_isa=cpu_isa), has_cuda=False) == expected
@@ -265,7 +266,7 @@ def test_importing_and_loading_on_cpu_never_imports_bitsandbytes(tiny_dir: Path)
     script = (
         "import sys\n"
         "import app, webapp.server, inference\n"
-        "from inference.loading import load_model\n"
+        "from inference.model.loading import load_model\n"
         "from webapp.settings import Settings\n"
         "assert 'bitsandbytes' not in sys.modules, 'imported by the service'\n"
         f"loaded = load_model(Settings(model_id={str(tiny_dir)!r}, quantization='auto', _env_file=None))\n"
@@ -294,7 +295,7 @@ def test_pack_cpu_weights_off_serves_with_plain_linears(settings: Settings) -> N
     """PACK_CPU_WEIGHTS=false (on the torch paths: GGUF_INT4=false here, as the native path packs nothing): the engine
     app.py builds loads plain `nn.Linear`s on the transformers path, and they give the same replies as the lean path's
     prepacked ones (bit for bit in bf16; float32's blocked sgemm may round a tie otherwise: then the same length)."""
-    from inference.cpu_kernels import PackedLinear, is_packed
+    from inference.cpu.packed import PackedLinear, is_packed
 
     torch_paths = settings.model_copy(update={"gguf_int4": False})
     unpacked = build_engine(torch_paths.model_copy(update={"pack_cpu_weights": False}))

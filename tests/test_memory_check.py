@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from bench.gemma_shape import SAHABAT_AI_SHAPE, TINY_SHAPE, gemma2_config, weight_bytes, write_model_dir
-from inference import loading, memory
-from inference.cpu_path import native_bf16
-from inference.loading import load_model
+from inference.cpu.paths import native_bf16
+from inference.model import loading, memory
+from inference.model.loading import load_model
 from inference.types import ModelLoadError
 from webapp.settings import Settings
 
@@ -79,7 +79,7 @@ def test_bf16_that_does_not_fit_names_the_quantization_that_does(
     nine_b_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     inject(monkeypatch, 16 * GB)
-    with caplog.at_level(logging.INFO, logger="inference.loading"):
+    with caplog.at_level(logging.INFO, logger="inference.model.loading"):
         message = refusal(make_settings(nine_b_dir, quantization="none"))
     # bf16 with the prepacked copies: 37 GB of weights + reserve; without them 18.5 GB: neither fits in 16 GB.
     # float32 (no native bf16): 37 GB without prepacked copies.

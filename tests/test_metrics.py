@@ -8,9 +8,9 @@ import time
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.cpu_path import isa_in_force, native_bf16
-from inference.engine import LocalEngine
-from inference.loading import LoadedModel
+from inference.cpu.paths import isa_in_force, native_bf16
+from inference.engines.base import LocalEngine
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY, AUTH, engine_for
 from webapp.server import create_app
 from webapp.settings import Settings

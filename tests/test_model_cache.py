@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from inference import Message
-from inference import loading as loading_module
-from inference.loading import LoadedModel, embedded_gguf_path, load_model, resolve_dtype
-from inference.model_cache import MANIFEST, WEIGHTS, CacheEntry
-from inference.prompt import PromptBuilder, resolve_terminators
+from inference.model import loading as loading_module
+from inference.model.cache import MANIFEST, WEIGHTS, CacheEntry
+from inference.model.loading import LoadedModel, embedded_gguf_path, load_model, resolve_dtype
+from inference.text.prompt import PromptBuilder, resolve_terminators
 from webapp.settings import Settings
 
 CONVERSATION = (Message("system", "Jawab singkat."), Message("user", "Apa ibu kota Indonesia?"))

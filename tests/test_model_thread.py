@@ -1,7 +1,7 @@
 """The local engines load and run the model on one thread, and CPU linears run oneDNN's prepacked kernel where the
 path in force packs them (bf16 where bf16 matmuls are native, float32 anywhere; not on the native path).
 
-Both are speed measures (see LocalEngine.run_on_model_thread and inference/cpu_kernels.py; the timings are in
+Both are speed measures (see LocalEngine.run_on_model_thread and inference/cpu/packed.py; the timings are in
 bench/cpu_kernels.py); these tests check the behaviour they rest on, not the speed.
 """
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from inference import BatchedEngine, GenerationRequest, Message, SequentialEngine
-from inference.cpu_kernels import PackedLinear, is_packed, pack_linears, packing_available
-from inference.cpu_path import native_bf16
-from inference.loading import LoadedModel, load_model
+from inference.cpu.packed import PackedLinear, is_packed, pack_linears, packing_available
+from inference.cpu.paths import native_bf16
+from inference.model.loading import LoadedModel, load_model
 from webapp.settings import Settings
 
 

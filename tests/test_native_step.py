@@ -1,4 +1,4 @@
-"""The native path (inference/native_step.py, inference/native/forward.c) on the real embedded model.
+"""The native path (inference/cpu/native_forward.py, inference/cpu/native/forward.c) on the real embedded model.
 
 It serves every forward pass of the embedded model on every x86-64 CPU with AVX2 and a C compiler, in the model's
 dtype (bf16 where bf16 matmuls are native, else float32): the batched engine's lean loop runs its passes (decoding
@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from inference import GenerationRequest, Message
-from inference.cpu_path import cpu_flags, isa_in_force, native_possible
-from inference.gguf_blocks import q4_1_blocks, q4_1_codes, q8_0_head
-from inference.kv_cache import new_cache
-from inference.loading import LoadedModel, embedded_gguf_path, load_model
-from inference.native_build import NativeBuildError, build_library
-from inference.native_step import NativeStep, install, interleave, native_step
-from inference.passes import DecodeRows, PromptRow
+from inference.cpu.gguf_blocks import q4_1_blocks, q4_1_codes, q8_0_head
+from inference.cpu.native_build import NativeBuildError, build_library
+from inference.cpu.native_forward import NativeStep, install, interleave, native_step
+from inference.cpu.passes import DecodeRows, PromptRow
+from inference.cpu.paths import cpu_flags, isa_in_force, native_possible
+from inference.engines.batched.kv_cache import new_cache
+from inference.model.loading import LoadedModel, embedded_gguf_path, load_model
 from tests.conftest import engine_for
 from webapp.settings import Settings
 
@@ -287,7 +287,7 @@ async def test_without_the_native_path_the_fallback_serves(
 ) -> None:
     """Where the native path cannot be built (no C compiler; aarch64; an x86-64 CPU without AVX2) the path in force
     says so and why, and the lean torch path serves: float32 (or bf16 where native) on prepacked weights."""
-    import inference.cpu_path as cpu_path
+    import inference.cpu.paths as cpu_path
 
     if why == "no compiler":
         monkeypatch.setenv("CC", "/bin/false")
@@ -298,7 +298,7 @@ async def test_without_the_native_path_the_fallback_serves(
         monkeypatch.setattr(cpu_path.platform, "machine", lambda: "aarch64")
     else:
         monkeypatch.setattr(cpu_path, "cpu_flags", lambda: frozenset(cpu_flags() - {"avx2"}))
-    with caplog.at_level(logging.INFO, logger="inference.loading"):
+    with caplog.at_level(logging.INFO, logger="inference.model.loading"):
         loaded = load_model(settings)
     assert native_step(loaded.model) is None and loaded.info.decode_path == "lean"
     assert loaded.path is not None and "native path off" in loaded.path.reason
@@ -349,7 +349,7 @@ async def test_a_prompt_starts_from_the_prefix_a_recent_prompt_shared_and_gets_t
 
 
 def test_the_prefix_cache_keeps_its_budget_and_never_hands_out_a_whole_prompt(served: LoadedModel) -> None:
-    from inference.prefix_cache import PrefixCache
+    from inference.engines.batched.prefix_cache import PrefixCache
 
     step = native_step(served.model)
     assert step is not None

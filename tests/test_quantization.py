@@ -25,12 +25,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from bench.gemma_shape import END_OF_TURN, TINY_SHAPE, gemma2_config, write_model_dir
-from inference import BatchedEngine, EngineBusy, SequentialEngine, loading
-from inference.cpu_kernels import PackedLinear
-from inference.cpu_path import native_bf16
-from inference.fast_decode import LlamaDecoder
-from inference.loading import LoadedModel, build_quantization_config, load_model, resolve_quantization
-from inference.model_cache import load_directory
+from inference import BatchedEngine, EngineBusy, SequentialEngine
+from inference.cpu.lean_forward import LlamaDecoder
+from inference.cpu.packed import PackedLinear
+from inference.cpu.paths import native_bf16
+from inference.model import loading
+from inference.model.cache import load_directory
+from inference.model.loading import LoadedModel, build_quantization_config, load_model, resolve_quantization
 from inference.types import GenerationRequest, GenerationResult, Message, ModelLoadError, StreamEvent
 from tests.conftest import API_KEY, AUTH, sse_events_from_lines
 from webapp.server import create_app

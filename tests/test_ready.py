@@ -8,7 +8,7 @@ import time
 from fastapi.testclient import TestClient
 
 from inference import SequentialEngine
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from inference.types import ModelLoadError
 from tests.conftest import API_KEY, AUTH
 from webapp.server import create_app

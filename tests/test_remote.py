@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from inference import EngineNotReady, Message, UpstreamError
-from inference.loading import LoadedModel
-from inference.prompt import fold_system_messages
-from inference.remote import RemoteEngine, redact_url
+from inference.engines.remote import RemoteEngine, redact_url
+from inference.model.loading import LoadedModel
+from inference.text.prompt import fold_system_messages
 from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, free_port, start_live_server
 from tests.test_streaming import sse_events
 from webapp.settings import Settings

@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inference import GenerationRequest, GenerationResult
-from inference.engine import LocalEngine
-from inference.loading import LoadedModel
+from inference.engines.base import LocalEngine
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY, AUTH, ForcedFault, engine_for
-from webapp.observability import JsonFormatter, TextFormatter
+from webapp.middleware.observability import JsonFormatter, TextFormatter
 from webapp.server import create_app
 from webapp.settings import Settings
 

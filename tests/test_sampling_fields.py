@@ -20,8 +20,8 @@ import openai
 import pytest
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine, TextDelta
-from inference.engine import LocalEngine
-from inference.loading import LoadedModel
+from inference.engines.base import LocalEngine
+from inference.model.loading import LoadedModel
 from inference.types import TokenLogprob
 from tests.conftest import API_KEY, AUTH, LiveServer
 from webapp.settings import Settings

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from webapp.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, AUTH, LiveServer, sse_events_from_lines
-from webapp import sse
+from webapp.api import sse
 
 PING_SECONDS = 0.001
 

@@ -23,8 +23,8 @@ import pytest
 
 from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, ResponseFormat, sampling
 from inference import grammar as grammar_module
-from inference.loading import LoadedModel
-from inference.remote import RemoteEngine
+from inference.engines.remote import RemoteEngine
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY, LiveServer, both_engines, engine_for, start_live_server
 from webapp.settings import Settings
 

@@ -1,7 +1,7 @@
-"""Tool calls on /v1/chat/completions (webapp/tool_calls.py): the generic format, constrained calls, history, errors.
+"""Tool calls on /v1/chat/completions (webapp/api/openai/tools.py): the generic format, constrained calls, history, errors.
 
 The tests marked `needs_grammar` need constrained decoding in the engines (GenerationRequest.response_format,
-inference/grammar.py): `required` and named tool choices are forced through it, so they pass once the engines honour
+inference/sampling/grammar.py): `required` and named tool choices are forced through it, so they pass once the engines honour
 `response_format`. The rest (parsing, prompt rendering on both templates, streaming of text replies, errors) do not.
 """
 
@@ -18,13 +18,13 @@ import pytest
 
 from bench.gemma_shape import build_tokenizer
 from inference import GenerationResult, Message, TextDelta
-from inference.loading import LoadedModel
-from inference.prompt import PromptBuilder
+from inference.model.loading import LoadedModel
+from inference.text.prompt import PromptBuilder
 from tests.conftest import AUTH, LiveServer
-from webapp.schemas import OpenAIChatCompletionRequest
-from webapp.tool_calls import ToolCalls, ToolUse, call_schema
+from webapp.api.openai.protocol import OpenAIChatCompletionRequest
+from webapp.api.openai.tools import ToolCalls, ToolUse, call_schema
 
-# Constrained decoding (helper G's inference/grammar.py) is what forces `required` and named choices.
+# Constrained decoding (helper G's inference/sampling/grammar.py) is what forces `required` and named choices.
 needs_grammar = pytest.mark.needs_grammar
 
 WEATHER = {

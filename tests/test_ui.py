@@ -30,8 +30,8 @@ from inference import (
     StreamEvent,
     TextDelta,
 )
-from inference.loading import LoadedModel
-from webapp.schemas import SamplingParams
+from inference.model.loading import LoadedModel
+from webapp.api.spec.protocol import SamplingParams
 from webapp.settings import Settings
 from webapp.ui.chat import (
     ChatOptions,

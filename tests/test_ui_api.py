@@ -12,7 +12,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from inference import GenerationRequest
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from tests.conftest import AUTH, LiveServer, engine_for, start_live_server
 from webapp.settings import DEFAULT_CHAT_SYSTEM_MESSAGE, Settings
 

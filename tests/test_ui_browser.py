@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from inference import BatchedEngine, GenerationRequest, SequentialEngine, StreamEvent
-from inference.loading import LoadedModel
+from inference.model.loading import LoadedModel
 from tests.conftest import API_KEY
 from webapp.server import create_app
 from webapp.settings import Settings

@@ -11,12 +11,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from inference import Engine
-from webapp import completions_routes, openai_routes, ops, spec_routes
-from webapp.cors import ApiCORSMiddleware
+from webapp.api.openai import chat as openai_routes
+from webapp.api.openai import completions as completions_routes
+from webapp.api.openai import models as openai_models
+from webapp.api.openapi import install_openapi
+from webapp.api.spec import routes as spec_routes
 from webapp.errors import install_error_handlers, install_unmatched_routes
-from webapp.limits import BodySizeLimitMiddleware, install_openapi
-from webapp.metrics import ServiceMetrics
-from webapp.observability import RequestObserver, RequestObserverMiddleware
+from webapp.middleware.body_limit import BodySizeLimitMiddleware
+from webapp.middleware.cors import ApiCORSMiddleware
+from webapp.middleware.observability import RequestObserver, RequestObserverMiddleware
+from webapp.ops import health as ops
+from webapp.ops.metrics import ServiceMetrics
 from webapp.settings import Settings
 from webapp.ui.layout import mount_ui
 
@@ -67,6 +72,7 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(spec_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(openai_models.router)
     app.include_router(completions_routes.router)
     install_unmatched_routes(app)  # after every API route, before the page's mount at /
     install_openapi(app, settings)

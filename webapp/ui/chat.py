@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gradio as gr
 
@@ -17,15 +17,15 @@ from inference import (
     EngineBusy,
     EngineNotReady,
     GenerationFailed,
+    GenerationRequest,
     GenerationResult,
     InferenceError,
     InvalidRequest,
     Message,
     TextDelta,
 )
-from webapp.observability import new_request_id
-from webapp.request_builders import page_request
-from webapp.schemas import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from webapp.api.fields import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from webapp.middleware.observability import new_request_id
 from webapp.settings import Settings
 from webapp.ui.texts import format_number, language_of, tr
 
@@ -91,6 +91,37 @@ class ChatOptions:
             1.0 if self.repetition_penalty is None else self.repetition_penalty,
             self.seed,
         )
+
+
+class PageOptions(Protocol):
+    """What `page_request` reads of the page's settings (`webapp.ui.chat.ChatOptions`, clamped to the API's ranges;
+    None means the API's default)."""
+
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def top_k(self) -> int | None: ...
+    @property
+    def repetition_penalty(self) -> float | None: ...
+    @property
+    def seed(self) -> int | None: ...
+
+
+def page_request(options: PageOptions, messages: Sequence[Message], *, request_id: str) -> GenerationRequest:
+    return GenerationRequest(
+        messages=tuple(messages),
+        max_new_tokens=options.max_new_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        repetition_penalty=options.repetition_penalty,
+        seed=options.seed,
+        request_id=request_id,
+    )
 
 
 def _float(value: Any, default: float) -> float:

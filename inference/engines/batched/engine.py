@@ -1,0 +1,358 @@
+"""ENGINE=batched, continuous batching: one decode loop in one thread serves every running request in shared passes.
+
+How it works
+- `submit` validates, then admits the request into a bounded waiting queue (`MAX_QUEUE`); a full queue
+  is `EngineBusy` before any response byte, and a request that waits longer than `QUEUE_TIMEOUT` ends
+  with `EngineBusy` too.
+- The decode thread owns the model. Each iteration it first admits waiting requests into free slots
+  (at most `MAX_BATCH` running), then hands them to its `BatchRunner` (`inference.engines.batched.runner`), which
+  prefills them and runs one pass over every running row (one token each). The batch's KV cache is in
+  `inference.engines.batched.kv_cache`, per-row sampling in `inference.sampling.sampler`, pass planning in `inference.engines.batched.scheduling`.
+- Token ids go to each request's asyncio queue; the consumer side detokenizes them with the same
+  `TextStreamer` logic as the sequential engine and applies stop sequences (`inference.text.reply.ReplyAssembler`),
+  so greedy texts match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from inference.engines.base import LocalEngine
+from inference.engines.batched.runner import BatchRunner, Done, Slot
+from inference.engines.batched.scheduling import AUTO_MAX_BATCH_ACCELERATOR, AUTO_MAX_BATCH_CPU
+from inference.model.loading import LoadedModel, load_model
+from inference.sampling.logprobs import ScoredToken, token_logprob
+from inference.settings import EngineSettings
+from inference.text.reply import ReplyAssembler
+from inference.types import EngineBusy, EngineNotReady, GenerationRequest, InferenceError, StreamEvent
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _collector_class() -> type:
+    from transformers import TextStreamer
+
+    class TextCollector(TextStreamer):
+        """transformers' TextStreamer chunking (the sequential engine's), collecting pieces instead of printing."""
+
+        def __init__(self, tokenizer: Any) -> None:
+            super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+            self.pieces: list[str] = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                self.pieces.append(text)
+
+        def feed(self, token_id: int) -> list[str]:
+            import torch
+
+            self.put(torch.tensor([token_id]))
+            return self.take()
+
+        def finish(self) -> list[str]:
+            self.end()
+            return self.take()
+
+        def take(self) -> list[str]:
+            out, self.pieces = self.pieces, []
+            return out
+
+    return TextCollector
+
+
+class BatchedEngine(LocalEngine):
+    """Continuous (iteration-level) batching over the model, in one decode thread."""
+
+    name = "batched"
+
+    def __init__(self, settings: EngineSettings, loader: Callable[[EngineSettings], LoadedModel] = load_model) -> None:
+        super().__init__(settings, loader)
+        self.max_batch = 8 if settings.max_batch == "auto" else settings.max_batch  # "auto" is settled at load
+        self.max_queue = settings.max_queue
+        self.queue_timeout_s = settings.queue_timeout
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Slot] = collections.deque()
+        self._active = 0  # admitted and not yet finished (being prefilled or in the batch)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._mean_duration_s = 10.0  # running estimate of one request's time in the batch, for Retry-After
+        self.runner = BatchRunner(
+            self._release, self._post_many, self._count_tokens
+        )  # the decode thread's batch and passes
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def on_loaded(self) -> None:
+        device = self.model.get_input_embeddings().weight.device
+        if self.settings.max_batch == "auto":
+            self.max_batch = AUTO_MAX_BATCH_CPU if device.type == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
+        decoder = lean_executor(self.cpu_path, self.model, self.settings.fast_decode)
+        prefixes = None
+        if decoder is not None and self.cpu_path.name == "native" and self.settings.prefix_cache_tokens:
+            from inference.engines.batched.prefix_cache import PrefixCache
+
+            prefixes = PrefixCache(self.settings.prefix_cache_tokens)  # exact on the native path only
+        self.runner.attach(self.model, device, decoder, self.terminators, self._pad_token_id(), prefixes)
+        logger.debug("passes run on %s", type(decoder).__name__ if decoder else "transformers' forward")
+
+    def run_on_model_thread(self, work: Callable[[], None]) -> None:
+        """The decode thread runs `work` (the load) first, then its loop; wait for `work` here."""
+        if self._thread is not None:
+            raise RuntimeError("the batched engine's decode thread is already running")
+        loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def main() -> None:
+            try:
+                work()
+            except BaseException as error:
+                loaded.set_exception(error)
+                return
+            loaded.set_result(None)
+            self._run()
+
+        self._thread = threading.Thread(target=main, name="batched-decode", daemon=True)
+        self._thread.start()
+        loaded.result()
+
+    def close(self) -> None:
+        super().close()
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        self._post_many((slot, EngineNotReady("the service is shutting down")) for slot in waiting)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)  # the current step finishes, then the running rows are failed
+
+    # ---- the event-loop side ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted but still waiting for a slot in the batch."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._active
+
+    @property
+    def decoder(self) -> Any:
+        """The lean decoder (inference.cpu.lean_forward.LlamaDecoder) where it applies, else None: transformers' forward."""
+        return self.runner.decoder
+
+    @property
+    def reused_prompt_tokens_total(self) -> int:
+        prefixes = self.runner.prefixes
+        return 0 if prefixes is None else prefixes.hit_tokens
+
+    @property
+    def max_rows_seen(self) -> int:
+        """The largest batch a step has run (for tests and benchmarks)."""
+        return self.runner.max_rows_seen
+
+    @max_rows_seen.setter
+    def max_rows_seen(self, rows: int) -> None:
+        self.runner.max_rows_seen = rows
+
+    @property
+    def pass_prompt_tokens(self) -> int:
+        """The prompt tokens one lean pass carries at most (`scheduling.PASS_PROMPT_TOKENS`)."""
+        return self.runner.pass_prompt_tokens
+
+    @pass_prompt_tokens.setter
+    def pass_prompt_tokens(self, tokens: int) -> None:
+        self.runner.pass_prompt_tokens = tokens
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        prompt_ids = self.prepare(request)
+        loop = asyncio.get_running_loop()
+        slot = Slot(
+            request=request,
+            prompt_ids=prompt_ids,
+            loop=loop,
+            queue=asyncio.Queue(),
+            submitted_at=time.perf_counter(),
+            grammar=self.grammar_for(request),
+        )
+        if request.repetition_penalty not in (None, 1.0):
+            slot.history = list(prompt_ids)
+        with self._cond:
+            if self._stopping:
+                raise EngineNotReady("the service is shutting down")
+            if self._active + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise EngineBusy(
+                    f"the server is busy ({self._active} generating, {len(self._waiting)} waiting); retry shortly",
+                    retry_after_s=self._retry_after_s(),
+                )
+            self._waiting.append(slot)
+            self._cond.notify()
+        stream = self._stream(slot)
+        weakref.finalize(stream, self._cancel, slot)  # a stream dropped before it is iterated frees its slot
+        return stream
+
+    def _retry_after_s(self) -> int:
+        rounds = (len(self._waiting) + 1) / max(1, self.max_batch)
+        return max(1, min(60, math.ceil(self._mean_duration_s * rounds)))
+
+    def _cancel(self, slot: Slot) -> None:
+        slot.cancelled = True
+        with self._cond, contextlib.suppress(ValueError):  # not waiting any more
+            self._waiting.remove(slot)
+
+    async def _stream(self, slot: Slot) -> AsyncIterator[StreamEvent]:
+        request = slot.request
+        collector = _collector_class()(self.tokenizer)
+        reply = ReplyAssembler(request.stop, slot.submitted_at)
+        consumed = 0
+        finish = "stop"
+        try:
+            while True:
+                event = await slot.queue.get()
+                if isinstance(event, int):
+                    consumed += 1
+                    pieces = collector.feed(event)
+                elif isinstance(event, ScoredToken):  # a row with logprobs
+                    consumed += 1
+                    reply.add_tokens([token_logprob(self.tokenizer, event)])
+                    pieces = collector.feed(event.token)
+                elif isinstance(event, Done):
+                    finish = event.finish_reason
+                    pieces = collector.finish()
+                else:
+                    raise event
+                for piece in pieces:
+                    delta = reply.feed(piece)
+                    if delta is not None:
+                        yield delta
+                    if reply.stopped:
+                        break
+                if reply.stopped:
+                    finish = "stop"
+                    self._cancel(slot)
+                    break
+                if isinstance(event, Done):
+                    break
+            tail = reply.flush()
+            if tail is not None:
+                yield tail
+        finally:
+            self._cancel(slot)  # a consumer that leaves early frees its row at the next step
+        result = reply.result(len(slot.prompt_ids), consumed, "stop" if finish == "stop" else "length")
+        self.report_result(request, result)
+        yield result
+
+    # ---- thread -> event loop --------------------------------------------------------------------------
+
+    def _post_many(self, items: Iterable[tuple[Slot, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Slot, Any]]] = {}
+        for slot, event in items:
+            by_loop.setdefault(slot.loop, []).append((slot, event))
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                for slot, _event in events:
+                    slot.cancelled = True
+
+    # ---- the decode thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        runner = self.runner
+        try:
+            with torch.inference_mode():
+                while True:
+                    newcomers = self._take_newcomers()
+                    if newcomers is None:
+                        break
+                    runner.run_once(newcomers)
+        except BaseException:  # never expected; keep the service honest about it
+            logger.exception("the batched decode loop died")
+            self.state, self.state_reason = "failed", "the decode loop stopped unexpectedly"
+            raise
+        finally:
+            self._fail_all(EngineNotReady("the service is shutting down"))
+
+    def _take_newcomers(self) -> list[Slot] | None:
+        """Waiting requests for the free rows (blocks while there is nothing to do); None to stop."""
+        expired: list[Slot] = []
+        with self._cond:
+            while not self._stopping and not self._waiting and self.runner.idle:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            now = time.perf_counter()
+            while self._waiting and (
+                self._waiting[0].cancelled or now - self._waiting[0].submitted_at > self.queue_timeout_s
+            ):
+                slot = self._waiting.popleft()
+                if not slot.cancelled:
+                    expired.append(slot)
+            newcomers: list[Slot] = []
+            while self._waiting and self._active < self.max_batch:
+                slot = self._waiting.popleft()
+                if slot.cancelled:
+                    continue
+                slot.admitted_at = now
+                newcomers.append(slot)
+                self._active += 1
+        if expired:
+            message = f"the request waited {self.queue_timeout_s:g} s for a free slot (QUEUE_TIMEOUT); retry shortly"
+            self._post_many((slot, EngineBusy(message, retry_after_s=self._retry_after_s())) for slot in expired)
+        return newcomers
+
+    def _release(self, slots: list[Slot]) -> None:
+        if not slots:
+            return
+        now = time.perf_counter()
+        with self._cond:
+            self._active = max(0, self._active - len(slots))
+        for slot in slots:
+            if slot.admitted_at is not None and not slot.cancelled:
+                self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * (now - slot.admitted_at)
+
+    def _count_tokens(self, count: int) -> None:
+        self.generated_tokens_total += count
+
+    def _fail_all(self, error: InferenceError) -> None:
+        slots = self.runner.drop_all()
+        with self._cond:
+            slots += list(self._waiting)
+            self._waiting.clear()
+            self._active = 0
+        self._post_many((slot, error) for slot in slots)
+
+
+def lean_executor(path: Any, model: Any, fast_decode: bool) -> Any:
+    """What runs the lean passes for the CPU path in force (inference/cpu/paths.py): the native step (`native`), the
+    LlamaDecoder (`lean`), or None (transformers' forward, a prefill and a step per iteration)."""
+    if path is None or not fast_decode:
+        return None
+    if path.name == "native":
+        from inference.cpu.native_forward import native_step
+
+        return native_step(model)
+    if path.name == "lean":
+        from inference.cpu.lean_forward import LlamaDecoder
+
+        return LlamaDecoder(model) if LlamaDecoder.supports(model) else None
+    return None
+
+
+def _deliver(events: list[tuple[Slot, Any]]) -> None:
+    for slot, event in events:
+        slot.queue.put_nowait(event)

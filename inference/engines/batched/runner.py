@@ -1,0 +1,380 @@
+"""The batched engine's decode thread: the passes that run the batch, one per loop iteration.
+
+Each iteration (`BatchRunner.run_once`) first admits the newcomers the engine handed over, then runs the batch:
+- With transformers' forward: the newcomers' prompts are prefilled together (left-padded, in the groups
+  `scheduling.plan_prefill_groups` picks) into a fresh KV cache, their first token is sampled straight from the
+  prefill logits, and they are merged into the running batch. Then ONE decode step runs for every running row
+  (one token each).
+- With a lean executor (FAST_DECODE on CPU: the native path's NativeStep, or the lean path's LlamaDecoder;
+  inference/cpu/paths.py decides which) an iteration is ONE pass: the running
+  rows' decode step and the newcomers' prompts (unpadded, at most `PASS_PROMPT_TOKENS` in all) share the matmuls;
+  a newcomer joins the batch after the pass that completes its prompt. A longer prompt is prefilled in chunks over
+  several passes while the running rows keep decoding (chunked prefill). A failing pass is rolled back and its
+  parts rerun alone, so the failure stays with the request that causes it.
+Rows that end (terminator, `max_new_tokens`, cancelled) leave the batch right after the step; a step needs a
+single device-to-host copy (the chosen token ids), which the engine hands to each request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference.engines.batched.kv_cache import Batch, cache_layers, keep_rows, merge_batches, new_cache, truncate_cache
+from inference.engines.batched.scheduling import (
+    PASS_PROMPT_TOKENS,
+    PREFILL_OVERHEAD_TOKENS_ACCELERATOR,
+    PREFILL_OVERHEAD_TOKENS_CPU,
+    PREFILL_TOKEN_BUDGET,
+    plan_prefill_groups,
+    plan_prompt_chunks,
+)
+from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE, choose
+from inference.types import GenerationFailed, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Done:
+    """The decode thread's last word on a row: why it ended."""
+
+    finish_reason: str  # "stop" (terminator) or "length"
+
+
+@dataclass(eq=False)
+class Slot:
+    """One request inside the engine: what the decode thread needs, and where its tokens go."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+    submitted_at: float
+    cancelled: bool = False
+    generated: int = 0  # tokens sampled so far, the terminator excluded
+    admitted_at: float | None = None
+    generator: Any = None  # torch.Generator, made on the logits' device at the first sample
+    history: list[int] = field(default_factory=list)  # prompt + output ids, kept for repetition_penalty only
+    counts: dict[int, int] | None = None  # output ids' counts, for presence/frequency_penalty only (sampling.choose)
+    scored: Any = None  # the last token's inference.sampling.logprobs.ScoredToken, for rows with logprobs only
+    prompt: Any = None  # inference.cpu.passes.PromptRow while the lean executor prefills it, chunk by chunk
+    prefilled: int = 0  # prompt tokens in `prompt.cache` so far
+    grammar: Any = None  # inference.sampling.grammar.RowGrammar of a constrained request (response_format), else None
+
+    @property
+    def greedy(self) -> bool:
+        # Tiny temperatures divide logits into inf/NaN: treat them as greedy, as the sequential engine does.
+        return self.request.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+class BatchRunner:
+    """The running batch and the rows being prefilled, and the passes over them. Touched only by the decode thread.
+
+    The engine owns admission and delivery: it hands newcomers to `run_once`; the runner sends each row's events
+    (token ids, `Done`, errors) through `post_many`, gives rows back through `release` when they end, and reports
+    the tokens it emitted through `count_tokens`.
+    """
+
+    def __init__(
+        self,
+        release: Callable[[list[Slot]], None],
+        post_many: Callable[[Iterable[tuple[Slot, Any]]], None],
+        count_tokens: Callable[[int], None],
+    ) -> None:
+        self._release = release
+        self._post_many = post_many
+        self._count_tokens = count_tokens
+        self.batch = Batch()
+        self.prefilling: list[Slot] = []  # admitted, prompt not yet fully prefilled (lean decoder only)
+        self.pass_prompt_tokens = PASS_PROMPT_TOKENS
+        self.max_rows_seen = 0  # the largest batch a step has run (for tests and metrics)
+        self.model: Any = None
+        self.device: Any = None
+        self.decoder: Any = None  # the lean executor (NativeStep or LlamaDecoder) where one applies, else None
+        self.prefixes: Any = (
+            None  # inference.engines.batched.prefix_cache.PrefixCache on the native path (PREFIX_CACHE_TOKENS)
+        )
+        self.terminators: frozenset[int] = frozenset()
+        self.pad_token_id = 0
+
+    def attach(
+        self,
+        model: Any,
+        device: Any,
+        decoder: Any,
+        terminators: Iterable[int],
+        pad_token_id: int,
+        prefixes: Any = None,
+    ) -> None:
+        """The loaded model to run (once, before the first `run_once`)."""
+        self.model, self.device, self.decoder, self.prefixes = model, device, decoder, prefixes
+        self.terminators = frozenset(terminators)
+        self.pad_token_id = pad_token_id
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing being prefilled: the decode thread may sleep."""
+        return not len(self.batch) and not self.prefilling
+
+    def run_once(self, newcomers: list[Slot]) -> None:
+        """One iteration of the decode loop: admit `newcomers`, then one pass (lean) or prefills and one step."""
+        if self.decoder is not None:
+            for slot in newcomers:
+                self._start_from_a_cached_prefix(slot)
+            self.prefilling += newcomers
+            self._pass(self.plan_prompt_chunks())
+            return
+        if newcomers:
+            self._admit(newcomers)
+        if len(self.batch):
+            self._step()
+
+    def _start_from_a_cached_prefix(self, slot: Slot) -> None:
+        """A newcomer's prompt cache starts with the longest prefix a recent prompt shares with it (the native path)."""
+        if self.prefixes is None:
+            return
+        import torch
+
+        from inference.cpu.passes import PromptRow
+        from inference.engines.batched.kv_cache import new_cache
+
+        cache = new_cache(self.model.config)
+        shared = self.prefixes.take(slot.prompt_ids, cache)
+        if shared:
+            slot.prompt = PromptRow(torch.tensor(slot.prompt_ids, dtype=torch.long, device=self.device), cache)
+            slot.prefilled = shared
+
+    def drop_all(self) -> list[Slot]:
+        """Every running and prefilling row, removed (the engine fails them when the loop ends)."""
+        slots = list(self.batch.slots) + self.prefilling
+        self.batch.clear()
+        self.prefilling = []
+        return slots
+
+    def _admit(self, slots: list[Slot]) -> None:
+        """Prefill the newcomers in length-sorted groups (shortest first), each merged as soon as it is done."""
+        overhead = PREFILL_OVERHEAD_TOKENS_CPU if self.device.type == "cpu" else PREFILL_OVERHEAD_TOKENS_ACCELERATOR
+        groups = plan_prefill_groups([len(s.prompt_ids) for s in slots], overhead, PREFILL_TOKEN_BUDGET)
+        for group in groups:
+            self._admit_group([slots[i] for i in group])
+
+    def _admit_group(self, slots: list[Slot]) -> None:
+        """Prefill `slots` together, sample their first tokens and merge the live ones into the batch."""
+        try:
+            new = self._prefill(slots)
+        except Exception as error:  # this prompt's problem (e.g. out of memory): the running batch carries on
+            self._fail_prefill(slots, error)
+            return
+        try:
+            self._emit_and_retire(new)
+            if len(new):
+                merge_batches(self.batch, new)
+        except Exception as error:
+            self._fail_running(error, extra=new.slots)
+
+    def _prefill(self, slots: list[Slot]) -> Batch:
+        import torch
+
+        device = self.device
+        longest = max(len(s.prompt_ids) for s in slots)
+        pad = self.pad_token_id
+        ids = torch.full((len(slots), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(slots), longest), dtype=torch.long)
+        positions = torch.zeros((len(slots), longest), dtype=torch.long)
+        for row, slot in enumerate(slots):
+            n = len(slot.prompt_ids)
+            ids[row, longest - n :] = torch.tensor(slot.prompt_ids, dtype=torch.long)
+            mask[row, longest - n :] = 1
+            positions[row, longest - n :] = torch.arange(n)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        cache = new_cache(self.model.config)
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        new = Batch()
+        new.slots, new.cache, new.mask = list(slots), cache, mask
+        new.positions = mask.sum(1)  # the next token's position: the prompt length
+        new.next_tokens = choose(new.slots, output.logits[:, -1, :]).to(device)
+        return new
+
+    def _step(self) -> None:
+        import torch
+
+        batch = self.batch
+        try:
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+            output = self.model(
+                input_ids=batch.next_tokens[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.positions[:, None],
+                cache=batch.cache,
+                use_cache=True,
+            )
+            batch.positions = batch.positions + 1
+            batch.next_tokens = choose(batch.slots, output.logits[:, -1, :]).to(self.device)
+            self.max_rows_seen = max(self.max_rows_seen, len(batch))
+            self._emit_and_retire(batch)
+        except Exception as error:
+            self._fail_running(error)
+
+    def plan_prompt_chunks(self) -> list[tuple[Slot, int]]:
+        """The prompt chunks of the next pass (see `scheduling.plan_prompt_chunks`), cancelled prompts dropped first."""
+        cancelled = [slot for slot in self.prefilling if slot.cancelled]
+        if cancelled:
+            self.prefilling = [slot for slot in self.prefilling if not slot.cancelled]
+            self._release(cancelled)
+        return plan_prompt_chunks(self.prefilling, self.pass_prompt_tokens)
+
+    def _pass(self, chunks: list[tuple[Slot, int]], with_running: bool = True) -> None:
+        """One lean forward (`decoder.forward`): the running rows' next tokens and the prompt chunks together.
+
+        A slot whose chunk ends its prompt gets its first token from the prompt's last logits and joins the batch
+        after the pass. If the pass fails, nobody knows whose fault it was: every cache it touched is rolled back,
+        the running rows run a pass alone, then each chunk alone, so a failure stays with the request causing it.
+        """
+        import torch
+
+        from inference.cpu.passes import DecodeRows, PromptRow
+
+        batch = self.batch
+        decode = None
+        if with_running and len(batch):
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+            decode = DecodeRows(batch.next_tokens, batch.positions, mask, batch.cache)
+            lengths = [layer.keys.shape[-2] for layer in cache_layers(batch.cache)]
+        if decode is None and not chunks:
+            return
+        config, device = self.model.config, self.device
+        for slot, end in chunks:
+            if slot.prompt is None:
+                slot.prompt = PromptRow(
+                    torch.tensor(slot.prompt_ids, dtype=torch.long, device=device), new_cache(config)
+                )
+            slot.prompt.start, slot.prompt.end = slot.prefilled, end
+        try:
+            decode_logits, prompt_logits = self.decoder.forward(decode, [slot.prompt for slot, _ in chunks])
+        except Exception as error:
+            if decode is not None:
+                truncate_cache(batch.cache, lengths)
+            for slot, _ in chunks:  # back to what the cache held before the pass
+                if slot.prefilled:
+                    truncate_cache(slot.prompt.cache, [slot.prefilled] * len(cache_layers(slot.prompt.cache)))
+                else:
+                    slot.prompt.cache = new_cache(config)
+            if decode is not None and chunks:
+                self._pass([])
+                for chunk in chunks:
+                    self._pass([chunk], with_running=False)
+            elif decode is not None:
+                self._fail_running(error)
+            elif len(chunks) > 1:
+                for chunk in chunks:
+                    self._pass([chunk], with_running=False)
+            else:
+                slot = chunks[0][0]
+                self.prefilling.remove(slot)
+                slot.prompt = None
+                self._fail_prefill([slot], error)
+            return
+        completed = [(row, slot) for row, (slot, end) in enumerate(chunks) if end == len(slot.prompt_ids)]
+        try:
+            if decode is not None:
+                batch.mask = decode.mask
+                batch.positions = batch.positions + 1
+                batch.next_tokens = choose(batch.slots, decode_logits).to(self.device)
+                self.max_rows_seen = max(self.max_rows_seen, len(batch))
+                self._emit_and_retire(batch)
+            for slot, end in chunks:
+                slot.prefilled = end
+            if completed:
+                done = [slot for _, slot in completed]
+                self.prefilling = [slot for slot in self.prefilling if slot not in done]
+                rows = torch.tensor([row for row, _ in completed], device=prompt_logits.device)
+                first_tokens = choose(done, prompt_logits.index_select(0, rows)).to(self.device)
+                joining: list[Batch] = []
+                for row, slot in enumerate(done):
+                    if self.prefixes is not None:
+                        self.prefixes.store(slot.prompt_ids, slot.prompt.cache)
+                    new = Batch()
+                    new.slots, new.cache = [slot], slot.prompt.cache
+                    slot.prompt = None
+                    new.mask = torch.ones((1, len(slot.prompt_ids)), dtype=torch.long, device=self.device)
+                    new.positions = torch.tensor([len(slot.prompt_ids)], dtype=torch.long, device=self.device)
+                    new.next_tokens = first_tokens[row : row + 1]
+                    self._emit_and_retire(new)
+                    joining.append(new)
+                merge_batches(self.batch, *joining)
+        except Exception as error:
+            extra = [slot for slot, _ in chunks]
+            self.prefilling = [slot for slot in self.prefilling if slot not in extra]
+            self._fail_running(error, extra=extra)
+
+    def _fail_prefill(self, slots: list[Slot], error: Exception) -> None:
+        logger.error("generation failed (request %s)", request_ids(slots), exc_info=error)
+        self._release(slots)
+        self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
+
+    def _fail_running(self, error: Exception, extra: Iterable[Slot] = ()) -> None:
+        slots = list(dict.fromkeys([*self.batch.slots, *extra]))
+        # One shared pass failed: every row in it fails (nobody can tell whose fault it was); the log names them all.
+        logger.error("generation failed (request %s)", request_ids(slots), exc_info=error)
+        self.batch.clear()
+        self._release(slots)
+        self._post_many((slot, GenerationFailed(f"generation failed: {type(error).__name__}")) for slot in slots)
+
+    def _emit_and_retire(self, batch: Batch) -> None:
+        """Send each row its new token (one host copy for the whole batch), then drop the rows that ended."""
+        tokens: list[int] = batch.next_tokens.tolist()
+        terminators = self.terminators
+        events: list[tuple[Slot, Any]] = []
+        keep: list[int] = []
+        ended: list[Slot] = []
+        emitted = 0
+        for row, (slot, token) in enumerate(zip(batch.slots, tokens, strict=True)):
+            if slot.cancelled:
+                ended.append(slot)
+                continue
+            if token in terminators:
+                events.append((slot, Done("stop")))
+                ended.append(slot)
+                continue
+            slot.generated += 1
+            emitted += 1
+            if slot.scored is not None:
+                events.append((slot, slot.scored))
+            else:
+                events.append((slot, token))
+            if slot.history:
+                slot.history.append(token)
+            if slot.counts is not None:
+                slot.counts[token] = slot.counts.get(token, 0) + 1
+            if slot.grammar is not None and slot.grammar.advance(token):  # the JSON is complete
+                events.append((slot, Done("stop")))
+                ended.append(slot)
+                continue
+            if slot.generated >= slot.request.max_new_tokens:
+                events.append((slot, Done("length")))
+                ended.append(slot)
+                continue
+            keep.append(row)
+        self._count_tokens(emitted)
+        try:
+            if ended:  # free the rows first, so a client that has its result sees the capacity back
+                keep_rows(batch, keep)
+                self._release(ended)
+        finally:
+            self._post_many(events)
+
+
+def request_ids(slots: Iterable[Slot]) -> str:
+    """The failure log's names for these rows: the request ids the clients saw, `-` where a request has none."""
+    return ", ".join(slot.request.request_id or "-" for slot in slots)

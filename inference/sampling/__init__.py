@@ -1,0 +1,1 @@
+"""Per-row choices inside a pass: sampling, penalties, logprobs, grammar masks."""

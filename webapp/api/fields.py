@@ -1,0 +1,72 @@
+"""What every protocol's bodies share: strict request models, valid Unicode text, stop sequences, defaults."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+DEFAULT_TEMPERATURE = 0.7
+
+
+def _valid_unicode(value: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (`"\\ud800"`); they are not text and no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = ord(value[error.start])
+        raise ValueError(
+            f"contains an unpaired UTF-16 surrogate (U+{bad:04X}) at character {error.start}: not valid Unicode text"
+        ) from None
+    return value
+
+
+# Every string that reaches the tokenizer or comes back in a response.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class RequestModel(BaseModel):
+    """Request bodies are validated strictly: `"stream": 0`, `"max_new_tokens": "5"` or `"temperature": true`
+    are type errors (400), not values quietly converted. Integers are accepted for number fields, and whole
+    numbers written as floats (`5.0`) for integer fields, as JSON Schema defines `integer`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_floats_to_int(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        integer_fields = {name for name, f in cls.model_fields.items() if f.annotation in (int, int | None)}
+        return {
+            key: int(value) if key in integer_fields and isinstance(value, float) and value.is_integer() else value
+            for key, value in data.items()
+        }
+
+
+def _stop_schema(schema: dict[str, Any]) -> None:
+    """Document the `stop` rules checked by the validators: non-empty strings, at most 4."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch["maxItems"] = 4
+            branch.setdefault("items", {})["minLength"] = 1
+
+
+def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty strings")
+    for stop in stops:
+        _valid_unicode(stop)
+    return value
+
+
+class ErrorResponse(BaseModel):
+    detail: str

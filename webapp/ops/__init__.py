@@ -1,0 +1,1 @@
+"""Operations: /health, /ready, /metrics and the graceful shutdown."""
