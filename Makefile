@@ -28,7 +28,7 @@ run: install
 
 # The tests whose path depends on the CPU (inference/cpu/paths.py) run a second time capped at AVX2, so a machine with
 # AVX-512 or AMX checks the AVX2-only behaviour too (float32, the native build for x86-64-v3, no bf16 prepack).
-CPU_TESTS := tests/test_cpu_path.py tests/test_native_step.py tests/test_fast_decode.py tests/test_gguf_blocks.py \
+CPU_TESTS := tests/test_cpu_path.py tests/test_native_forward.py tests/test_lean_forward.py tests/test_gguf_blocks.py \
 	tests/test_model_thread.py tests/test_loading.py tests/test_metrics.py tests/test_batching.py tests/test_faults.py \
 	tests/test_quantization.py tests/test_memory_check.py
 AVX2_CAP := CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2

@@ -18,8 +18,8 @@
 
 4. The CPU paths (`--paths`, inference/cpu/paths.py). A pass of 1-32 decoding rows, prompt passes of 8-512 tokens
    (one prompt, or eight), and one row over caches of 100-3000 tokens: the native path (one C call over the GGUF's
-   blocks, inference/cpu/native_forward.py) vs the lean torch path on the dequantised weights (prepacked, in the dtype the
-   CPU_ISA in force gives: bf16 where bf16 matmuls are native, else float32). Run it once per CPU class, e.g.
+   blocks, inference/cpu/native_forward.py) vs the lean torch path on the dequantised weights (prepacked, in the
+   dtype the CPU_ISA in force gives: bf16 where bf16 matmuls are native, else float32). Run it once per CPU class, e.g.
    `CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python bench/cpu_kernels.py --paths`
    for the AVX2 class on a CPU that has more: where docs/cpu-paths.md's choice comes from.
 
@@ -176,17 +176,17 @@ def padded_batch(loaded: LoadedModel, rows: int) -> tuple[Any, Any, Any, Any]:
 
 def lean_passes(settings: Settings, repeat: int) -> None:
     """transformers' forward vs the lean decoder (inference/cpu/lean_forward.py): a step, and a newcomer joining."""
-    from inference.cpu.lean_forward import LlamaDecoder
+    from inference.cpu.lean_forward import LeanForward
     from inference.cpu.passes import DecodeRows, PromptRow
     from inference.engines.batched.kv_cache import new_cache
 
     def run() -> None:
         loaded = load_model(settings)
         model = loaded.model
-        if not LlamaDecoder.supports(model):
+        if not LeanForward.supports(model):
             print("the lean decoder does not apply to this model (bf16 or float32 Llama on CPU only)")
             return
-        decoder = LlamaDecoder(model)
+        decoder = LeanForward(model)
 
         def rewinding(work: Callable[[], Any], cache: Any) -> Callable[[], None]:
             lengths = [layer.keys.shape[-2] for layer in cache.layers]
@@ -253,7 +253,7 @@ def decoding_step(decoder: Any, cache: Any, tokens: Any, positions: Any, mask: A
 
 
 def time_pass(executor: Any, decode: Any, prompts: list[Any], repeat: int, config: Any = None) -> float:
-    """Median ms of one pass of `executor` (NativeStep or LlamaDecoder), every cache rewound after each call."""
+    """Median ms of one pass of `executor` (NativeForward or LeanForward), every cache rewound after each call."""
     from inference.engines.batched.kv_cache import new_cache
 
     caches = [] if decode is None else [decode.cache]
@@ -278,8 +278,8 @@ def cpu_paths(settings: Settings, repeat: int) -> None:
     OpenMP runtime, and passes that alternate between the two wait on each other's spinning threads (measured: a
     lean 8-row pass 27 ms alone, 48 ms right after native passes). The service runs one path per model.
     """
-    from inference.cpu.lean_forward import LlamaDecoder
-    from inference.cpu.native_forward import native_step as native_of
+    from inference.cpu.lean_forward import LeanForward
+    from inference.cpu.native_forward import native_forward_of as native_of
     from inference.cpu.passes import DecodeRows, PromptRow
     from inference.cpu.paths import isa_in_force
     from inference.engines.batched.kv_cache import new_cache
@@ -307,10 +307,10 @@ def cpu_paths(settings: Settings, repeat: int) -> None:
 
     def run() -> None:
         lean_model = load_model(settings.model_copy(update={"gguf_int4": False}))
-        if not LlamaDecoder.supports(lean_model.model):
+        if not LeanForward.supports(lean_model.model):
             print(f"the lean path does not apply here ({lean_model.info.decode_path}): nothing to compare")
             return
-        lean = measure(lean_model, LlamaDecoder(lean_model.model))
+        lean = measure(lean_model, LeanForward(lean_model.model))
         served = load_model(settings)
         native_executor = native_of(served.model)
         if native_executor is None:

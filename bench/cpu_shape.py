@@ -395,7 +395,7 @@ def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
         later = sum(1 for times, _ in timed for t in times if together is not None and t > together)
         out["streams"] = {
             "streams": len(timed),
-            "rows_seen": engine.max_rows_seen,
+            "rows_seen": engine.runner.max_rows_seen,
             "prompt_tokens": [r.input_length for _, r in timed],
             "output_tokens": [r.output_length for _, r in timed],
             "ttft_s": [r.time_to_first_token_s for _, r in timed],

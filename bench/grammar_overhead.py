@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, ResponseFormat, sampling
-from inference import grammar as grammar_module
+from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, ResponseFormat
 from inference.model.loading import LoadedModel, load_model
+from inference.sampling import grammar as grammar_module
+from inference.sampling import sampler as sampling
 from webapp.settings import Settings
 
 PROMPTS = [

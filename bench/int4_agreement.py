@@ -1,8 +1,9 @@
 """How close the embedded model's 4-bit path (the GGUF's own Q4_1 blocks, GGUF_INT4) is to its dequantised weights.
 
-Two copies of the embedded model are loaded: the served one (every pass on the native path, inference/cpu/native_forward.py,
-where it can be built) and one with GGUF_INT4=false (the dequantised weights, prepacked, in the dtype the CPU runs:
-bf16 where bf16 matmuls are native, else float32). On every benchmark prompt (chat template, as the service sends it):
+Two copies of the embedded model are loaded: the served one (every pass on the native path,
+inference/cpu/native_forward.py, where it can be built) and one with GGUF_INT4=false (the dequantised weights,
+prepacked, in the dtype the CPU runs: bf16 where bf16 matmuls are native, else float32). On every benchmark prompt (chat
+template, as the service sends it):
 
 - greedy replies: `generate` (the sequential engine's loop) on each copy, MAX_TOKENS tokens; how many replies are
   identical, and how many tokens the two replies share before they first differ;

@@ -59,14 +59,14 @@ class EngineSettings(BaseSettings):
     pack_cpu_weights: bool = Field(
         True,
         description="Prepack linear layers' weights for oneDNN once at load, off the native path: bf16 models where "
-        "bf16 matmuls are native (AVX-512 BF16, AMX), float32 Llama models (the lean path). Faster matmuls (~1.5-2x), "
-        "a second copy of those weights.",
+        "bf16 matmuls are native (AVX-512 BF16, AMX), float32 Llama models (the lean path). Faster matmuls "
+        "(docs/cpu-paths.md), a second copy of those weights.",
     )
     gguf_int4: bool = Field(
         True,
         description="The embedded model on an x86-64 CPU with AVX2: every forward pass runs as one C call over the "
-        "GGUF's own 4-bit blocks (the `native` path: inference/cpu/native/forward.c, built at first start by the system "
-        "C compiler, cached in MODEL_CACHE_DIR). `false`, or no compiler: torch on the dequantised weights.",
+        "GGUF's own 4-bit blocks (the `native` path: inference/cpu/native/forward.c, built at first start by the "
+        "system C compiler, cached in MODEL_CACHE_DIR). `false`, or no compiler: torch on the dequantised weights.",
     )
     model_cache_dir: Path = Field(
         default_factory=default_cache_dir,

@@ -52,7 +52,6 @@ class GenerationRequest:
     min_p: float | None = None  # drop tokens below min_p x the top token's probability
     logprobs: int | None = None  # None: off; k (0-20): each token's logprob and the k most likely alternatives
     response_format: ResponseFormat | None = None
-    tools: str | None = None  # the OpenAI `tools` list as JSON text, for chat templates that render tools themselves
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,9 @@ class ModelInfo:
     decode_path: str = (
         "transformers"  # the CPU forward path in force (inference/cpu/paths.py), or on a GPU transformers
     )
-    cpu_isa: str = ""  # the instruction-set class the CPU path uses (cpu_path.isa_in_force); empty on a GPU
+    cpu_isa: str = (
+        ""  # the instruction-set class the CPU path uses (inference/cpu/paths.py isa_in_force); empty on a GPU
+    )
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,51 +1,43 @@
-"""Shared fixtures: the embedded model is loaded once per test session and shared by every engine."""
+"""Shared fixtures: the embedded model is loaded once per test session and shared by every engine.
+
+Every fixture used by more than one test module is here, and only here (tests/test_tests_layout.py checks that no
+fixture is defined twice); plain helpers and constants are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import os
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
+import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from bench.loadgen import free_port
-from inference import BatchedEngine, Engine, SequentialEngine
+from bench.gemma_shape import TINY_SHAPE, gemma2_config, write_model_dir
 from inference.engines.base import LocalEngine
-from inference.model.loading import LoadedModel, load_model
+from inference.model.loading import LoadedModel
+from tests.helpers import (
+    API_KEY,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LiveServer,
+    engine_for,
+    on_a_loader_thread,
+    openai_client,
+    start_live_server,
+)
 from webapp.server import create_app
 from webapp.settings import Settings
 
-API_KEY = "test-key-0123456789"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-
-def sse_events_from_lines(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs from SSE lines, parsed the way `curl -N` users read them (lazily, so a test can
-    stop reading mid-stream). A last event without its blank line still counts."""
-    event, data = "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    if data:
-        yield event, "\n".join(data)
 
 
 class _Memo(dict):
@@ -67,25 +59,7 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def embedded_model(settings: Settings) -> LoadedModel:
-    # Loaded on a throw-away thread: a thread that ran torch's parallel kernels keeps an OpenMP team alive, and
-    # two live teams on the 2-core CPU make every engine thread's forward passes slower (see LocalEngine.load).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
-        return pool.submit(load_model, settings).result()
-
-
-ENGINE_KINDS = ("batched", "sequential")
-# `pytestmark = both_engines` runs a module's tests on each engine behind the shared fixtures (engine, client,
-# live_server); without it they run on the engine users get, the default ENGINE=batched. Grouped by module, so each
-# module runs all its tests on one engine, then on the other.
-both_engines = pytest.mark.parametrize("engine_kind", ENGINE_KINDS, indirect=True, scope="module")
-
-
-def engine_for(settings: Settings, loaded: LoadedModel, kind: str = "batched") -> LocalEngine:
-    """A loaded engine of `kind` over an already loaded model (the default: the engine users get)."""
-    engine_class = {"batched": BatchedEngine, "sequential": SequentialEngine}[kind]
-    engine = engine_class(settings, loader=lambda _settings: loaded)
-    engine.load()
-    return engine
+    return on_a_loader_thread(settings)
 
 
 @pytest.fixture(scope="module")
@@ -123,47 +97,6 @@ def client(shared_clients: dict[str, TestClient], engine_kind: str) -> TestClien
     return shared_clients[engine_kind]
 
 
-@dataclass
-class LiveServer:
-    base_url: str
-    engine: Engine
-    server: uvicorn.Server
-
-
-def start_live_server(
-    settings: Settings,
-    engine,
-    api_keys: list[str] | None = None,
-    port: int | None = None,
-    send_buffer_bytes: int | None = None,
-) -> LiveServer:
-    """A real uvicorn server on a loopback port (a free one unless given), in a thread.
-
-    `send_buffer_bytes` fixes the kernel's send buffer of its connections (Linux otherwise grows it up to 4 MB on
-    loopback, more than any reply here), so that a test can make the server wait on a slow reader."""
-    port = port or free_port()
-    app = create_app(settings, engine, api_keys or [API_KEY])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    sockets = None
-    if send_buffer_bytes is not None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)  # accepted sockets inherit it
-        listener.bind(("127.0.0.1", port))
-        sockets = [listener]
-    threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True).start()
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                return LiveServer(base_url, engine, server)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("live server did not start")
-
-
 @pytest.fixture(scope="session")
 def shared_live_servers(settings: Settings, embedded_model: LoadedModel) -> Iterator[dict[str, LiveServer]]:
     """Real servers, one per engine kind, each with its own engine instance (sharing the loaded model)."""
@@ -179,63 +112,36 @@ def live_server(shared_live_servers: dict[str, LiveServer], engine_kind: str) ->
     return shared_live_servers[engine_kind]
 
 
-class ForcedFault:
-    """Makes an engine's own forward pass raise, as a CUDA fault would: for requests whose prompt carries `marker`
-    (every request when None), before their first token, or once they have generated `after` tokens.
+@pytest.fixture(scope="module")
+def oai(live_server: LiveServer) -> openai.OpenAI:
+    """The official openai client on the module's live server."""
+    return openai_client(live_server)
 
-    A fake only to force a fault the real model cannot produce on demand. It sits where each engine runs the model:
-    the sequential engine's `model.generate`, the batched engine's forward pass (the lean decoder's, which carries
-    the running rows and the newcomers' prompts together). Use it as a context manager.
-    """
 
-    def __init__(self, engine: Engine, marker: str | None = None, after: int = 0) -> None:
-        self.engine, self.marker, self.after = engine, marker, after
-        self._patch = pytest.MonkeyPatch()
+@pytest.fixture(scope="module")
+def model32(embedded_model: LoadedModel) -> LoadedModel:
+    """The embedded model in float32, a copy of the loaded one: batched greedy rows equal lone ones whatever the
+    batch holds (in bf16 they round differently; see tests/test_batching.py)."""
+    import torch
 
-    def _carries(self, text: str) -> bool:
-        return self.marker is None or self.marker in text
+    model = copy.deepcopy(embedded_model.model).to(torch.float32).eval()
+    return LoadedModel(model, embedded_model.tokenizer, dataclasses.replace(embedded_model.info, dtype="float32"))
 
-    def __enter__(self) -> ForcedFault:
-        engine = self.engine
-        if isinstance(engine, SequentialEngine):
-            self._patch.setattr(engine.model, "generate", self._faulty_generate(engine.model.generate))
-        else:
-            assert isinstance(engine, BatchedEngine) and engine.decoder is not None, "the lean decoder's pass"
-            self._patch.setattr(engine.decoder, "forward", self._faulty_pass(engine.decoder.forward))
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._patch.undo()
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma2 saved in a directory of the module's own. Its lm_head is untied (a plain linear in every
+    quantization mode), so one output row can be changed without touching the input embeddings."""
+    config = gemma2_config(TINY_SHAPE, tie_word_embeddings=False)
+    return write_model_dir(tmp_path_factory.mktemp("tiny-gemma2"), config, seed=1234)
 
-    def _faulty_generate(self, original: Callable[..., object]) -> Callable[..., object]:
-        def generate(*args: object, **kwargs: object) -> object:
-            if self._carries(self.engine.tokenizer.decode(kwargs["input_ids"][0])):  # type: ignore[index]
-                if not self.after:
-                    raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
-                steps = 0
 
-                def bomb(*_args: object, **_kwargs: object) -> bool:
-                    nonlocal steps
-                    steps += 1
-                    if steps > self.after:
-                        raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
-                    return False
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright (a module using it calls helpers.skip_without_chromium)."""
+    from playwright.sync_api import sync_playwright
 
-                kwargs["stopping_criteria"].append(bomb)  # type: ignore[attr-defined]
-            return original(*args, **kwargs)
-
-        return generate
-
-    def _faulty_pass(self, original: Callable[..., object]) -> Callable[..., object]:
-        def forward(decode: object, prompts: list) -> object:
-            engine = self.engine
-            if not self.after and any(self._carries(engine.tokenizer.decode(p.ids[p.start :])) for p in prompts):
-                raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
-            if self.after and decode is not None:
-                for slot in engine.runner.batch.slots:  # the decoding rows of this pass, in order
-                    text = "".join(message.content for message in slot.request.messages)
-                    if self._carries(text) and slot.generated >= self.after:
-                        raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
-            return original(decode, prompts)
-
-        return forward
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import AUTH, ForcedFault, both_engines
+from tests.helpers import AUTH, ForcedFault, both_engines
 
 pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
 

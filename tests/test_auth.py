@@ -19,8 +19,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
 from app import resolve_api_keys
-from tests.conftest import API_KEY, AUTH, ForcedFault
-from tests.test_shutdown import start_server
+from tests.helpers import API_KEY, AUTH, ForcedFault, start_server
 from webapp.server import create_app
 from webapp.settings import Settings
 

@@ -14,10 +14,9 @@ must be the greedy choice up to bf16 rounding (a masking or position bug is off 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ import pytest
 
 from inference import BatchedEngine, EngineBusy, GenerationRequest, GenerationResult, Message, SequentialEngine
 from inference.model.loading import LoadedModel
-from inference.types import StreamEvent, TextDelta
+from inference.types import TextDelta
+from tests.helpers import collect
 from webapp.settings import Settings
 
 PROMPTS = [
@@ -98,15 +98,6 @@ def assert_greedy_up_to_rounding(loaded: LoadedModel, prompt_ids: list[int], out
 
 
 @pytest.fixture(scope="module")
-def model32(embedded_model: LoadedModel) -> LoadedModel:
-    """The embedded model in float32 (see the module docstring): a float32 copy of the loaded one."""
-    import torch
-
-    model = copy.deepcopy(embedded_model.model).to(torch.float32).eval()
-    return LoadedModel(model, embedded_model.tokenizer, dataclasses.replace(embedded_model.info, dtype="float32"))
-
-
-@pytest.fixture(scope="module")
 def sequential(settings: Settings, model32: LoadedModel) -> Iterator[SequentialEngine]:
     engine = SequentialEngine(settings, loader=lambda _settings: model32)
     engine.load()
@@ -122,22 +113,11 @@ def batched(settings: Settings, model32: LoadedModel) -> Iterator[RecordingEngin
 
 
 @pytest.fixture(scope="module")
-def served(settings: Settings, embedded_model: LoadedModel) -> Iterator[RecordingEngine]:
+def served_engine(settings: Settings, embedded_model: LoadedModel) -> Iterator[RecordingEngine]:
     """The served configuration: bf16, FAST_DECODE's lean passes, MAX_BATCH=auto."""
     engine = batched_engine(settings, embedded_model)
     yield engine
     engine.close()
-
-
-async def collect(stream: AsyncIterator[StreamEvent]) -> tuple[list[str], GenerationResult]:
-    deltas: list[str] = []
-    async for event in stream:
-        if isinstance(event, TextDelta):
-            deltas.append(event.text)
-        else:
-            assert isinstance(event, GenerationResult)
-            return deltas, event
-    raise AssertionError("the stream ended without a result")
 
 
 async def wait_until(condition: Any, timeout_s: float = 60.0) -> None:
@@ -165,7 +145,7 @@ async def test_concurrent_greedy_requests_match_sequential(
         assert result.finish_reason == reference.finish_reason
         assert result.input_length == reference.input_length
         assert result.time_to_first_token_s is not None and result.time_to_first_token_s <= result.duration_s
-    assert batched.max_rows_seen >= 2  # they really shared forward passes
+    assert batched.runner.max_rows_seen >= 2  # they really shared forward passes
     assert batched.info is not None and batched.info.engine == "batched"
     await wait_until(lambda: batched.running == 0)
 
@@ -196,7 +176,7 @@ async def run_joins(
     requests = [
         greedy(text, max_new_tokens=JOIN_TOKENS, request_id=f"{tag}-{index}") for index, text in enumerate(texts)
     ]
-    engine.max_rows_seen = 0
+    engine.runner.max_rows_seen = 0
     first = await engine.submit(requests[0])
     head: list[str] = []
     streams = [first]
@@ -209,7 +189,7 @@ async def run_joins(
         streams.append(await engine.submit(request))
     results = list(await asyncio.gather(*map(collect, streams)))
     results[0] = (head + results[0][0], results[0][1])
-    assert engine.max_rows_seen == 3  # all three shared steps: the joins happened mid-way
+    assert engine.runner.max_rows_seen == 3  # all three shared steps: the joins happened mid-way
     for deltas, result in results:
         assert "".join(deltas) == result.text
     await wait_until(lambda: engine.running == 0)
@@ -235,15 +215,15 @@ async def test_requests_joining_at_different_steps_match_sequential(
 
 @pytest.mark.parametrize("order", JOINS)
 async def test_requests_joining_at_different_steps_are_greedy_in_the_served_dtype(
-    served: RecordingEngine, embedded_model: LoadedModel, order: str
+    served_engine: RecordingEngine, embedded_model: LoadedModel, order: str
 ) -> None:
     """bf16 with FAST_DECODE (the default): each token is the unbatched model's greedy pick up to rounding."""
     texts = JOINS[order]
-    results = await run_joins(served, texts, order)
+    results = await run_joins(served_engine, texts, order)
     for index, (text, (_, result)) in enumerate(zip(texts, results, strict=True)):
-        output_ids = served.sent[f"{order}-{index}"]
+        output_ids = served_engine.sent[f"{order}-{index}"]
         assert len(output_ids) == result.output_length >= 30
-        assert_greedy_up_to_rounding(embedded_model, served.prepare(greedy(text)), output_ids)
+        assert_greedy_up_to_rounding(embedded_model, served_engine.prepare(greedy(text)), output_ids)
 
 
 # Below the top token's probability at every step of PROMPTS[2]'s greedy reply at temperature 1 (measured in float32:
@@ -349,7 +329,7 @@ async def test_queue_limit_gives_engine_busy(settings: Settings, model32: Loaded
 async def test_full_queue_is_503_with_retry_after_over_http(settings: Settings, model32: LoadedModel) -> None:
     from fastapi.testclient import TestClient
 
-    from tests.conftest import API_KEY, AUTH
+    from tests.helpers import API_KEY, AUTH
     from webapp.server import create_app
 
     small = batched_engine(settings, model32, max_batch=1, max_queue=0)
@@ -395,27 +375,29 @@ async def test_sequential_engine_queue_limit(settings: Settings, model32: Loaded
 
 
 async def test_default_dtype_batched_engine(
-    settings: Settings, embedded_model: LoadedModel, served: RecordingEngine
+    settings: Settings, embedded_model: LoadedModel, served_engine: RecordingEngine
 ) -> None:
     """The served configuration (bf16, lean passes): a lone request is exactly the sequential one; in a batch, each
     token is the greedy pick up to rounding."""
-    assert settings.max_batch == "auto" and served.max_batch == 16  # MAX_BATCH=auto on CPU
-    assert served.decoder is not None  # FAST_DECODE's lean passes
+    assert settings.max_batch == "auto" and served_engine.max_batch == 16  # MAX_BATCH=auto on CPU
+    assert served_engine.lean_pass is not None  # FAST_DECODE's lean passes
     sequential_bf16 = SequentialEngine(settings, loader=lambda _settings: embedded_model)
     sequential_bf16.load()
     try:
         request = greedy(PROMPTS[0], max_new_tokens=16)
-        assert (await served.generate(request)).text == (await sequential_bf16.generate(request)).text
+        assert (await served_engine.generate(request)).text == (await sequential_bf16.generate(request)).text
     finally:
         sequential_bf16.close()
-    served.max_rows_seen = 0
+    served_engine.runner.max_rows_seen = 0
     requests = [greedy(text, max_new_tokens=8, request_id=f"default-{i}") for i, text in enumerate(PROMPTS)]
-    streams = [await served.submit(request) for request in requests]
+    streams = [await served_engine.submit(request) for request in requests]
     results = [result for _, result in await asyncio.gather(*map(collect, streams))]
     assert all(r.text and 0 < r.output_length <= 8 for r in results)
-    assert served.max_rows_seen >= 2
+    assert served_engine.runner.max_rows_seen >= 2
     for request in requests:
-        assert_greedy_up_to_rounding(embedded_model, served.prepare(request), served.sent[request.request_id])
+        assert_greedy_up_to_rounding(
+            embedded_model, served_engine.prepare(request), served_engine.sent[request.request_id]
+        )
 
 
 def test_prefill_groups_trade_padding_against_passes() -> None:
@@ -484,7 +466,7 @@ async def test_tiny_gemma2_sliding_window_through_the_batched_engine(settings: S
         for (_, result), reference in zip(results, expected, strict=True):
             assert result.text == reference.text
             assert result.output_length == reference.output_length
-        assert batched.max_rows_seen >= 2
+        assert batched.runner.max_rows_seen >= 2
     finally:
         batched.close()
         sequential.close()

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bench import loadgen
-from tests.conftest import API_KEY, LiveServer
+from tests.helpers import API_KEY, LiveServer
 
 PROMPTS = [loadgen.Prompt("id", "Apa ibu kota Indonesia?"), loadgen.Prompt("en", "Name a large island.")]
 

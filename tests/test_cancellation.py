@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, TextDelta
-from tests.conftest import AUTH, LiveServer, sse_events_from_lines
+from inference import BatchedEngine, GenerationRequest, Message, TextDelta
+from tests.helpers import AUTH, LiveServer, result_of, sse_events
 
 LONG_PROMPT = "Hitung dari 1 sampai 400, satu angka per baris."
 LONG_TOKENS = 400
@@ -43,14 +43,14 @@ def long_request(max_new_tokens: int = LONG_TOKENS) -> GenerationRequest:
 
 
 @pytest.fixture(scope="module")
-def batched(engine: BatchedEngine) -> BatchedEngine:
+def default_engine(engine: BatchedEngine) -> BatchedEngine:
     """The engine users get (the shared fixture): default settings (bf16, FAST_DECODE, MAX_BATCH=auto)."""
     assert isinstance(engine, BatchedEngine)
     return engine
 
 
 @pytest.fixture(scope="module")
-def server(live_server: LiveServer) -> LiveServer:
+def default_server(live_server: LiveServer) -> LiveServer:
     """The shared real server, on the engine users get (its own engine instance, batched)."""
     assert isinstance(live_server.engine, BatchedEngine)
     return live_server
@@ -80,69 +80,48 @@ async def read_deltas(stream: AsyncIterator[Any], count: int) -> list[str]:
     raise AssertionError("the stream ended early")
 
 
-async def test_a_closed_stream_frees_its_row_at_once(batched: BatchedEngine) -> None:
-    before = batched.generated_tokens_total
-    stream = await batched.submit(long_request())
-    await read_deltas(stream, 3)
-    assert batched.running == 1
-    await stream.aclose()  # type: ignore[attr-defined]
-    at_close = batched.generated_tokens_total
-    await until_idle(batched)
-    assert batched.generated_tokens_total - at_close <= IN_PROCESS_EXTRA
-    assert batched.generated_tokens_total - before < LEAVER_TOKENS_MAX
+@pytest.mark.parametrize("leave", ["aclose", "drop", "drop unread"])
+async def test_a_stream_left_mid_reply_frees_its_row(default_engine: BatchedEngine, leave: str) -> None:
+    """`aclose`: the consumer closes its stream after 3 deltas; `drop`: it just lets go of it (no aclose) and garbage
+    collection cancels the row; `drop unread`: the same before reading anything, once the row generates. Either way
+    the row stops within a step."""
+    before = default_engine.generated_tokens_total
+    stream = await default_engine.submit(long_request())
+    if leave == "drop unread":
+        while default_engine.generated_tokens_total == before:  # the decode thread admitted it and it generates
+            await asyncio.sleep(0.001)
+    else:
+        await read_deltas(stream, 3)
+    assert default_engine.running == 1
+    if leave == "aclose":
+        await stream.aclose()  # type: ignore[attr-defined]
+    else:
+        del stream
+        gc.collect()
+    at_leave = default_engine.generated_tokens_total
+    await until_idle(default_engine)
+    assert default_engine.generated_tokens_total - at_leave <= IN_PROCESS_EXTRA
+    assert default_engine.generated_tokens_total - before < LEAVER_TOKENS_MAX
 
 
-async def test_a_dropped_stream_frees_its_row(batched: BatchedEngine) -> None:
-    """A consumer that just lets go of its stream (no aclose): garbage collection cancels the row."""
-    before = batched.generated_tokens_total
-    stream = await batched.submit(long_request())
-    await read_deltas(stream, 3)
-    del stream
-    gc.collect()
-    at_drop = batched.generated_tokens_total
-    await until_idle(batched)
-    assert batched.generated_tokens_total - at_drop <= IN_PROCESS_EXTRA
-    assert batched.generated_tokens_total - before < LEAVER_TOKENS_MAX
-
-
-async def test_a_stream_dropped_unread_frees_its_row(batched: BatchedEngine) -> None:
-    before = batched.generated_tokens_total
-    stream = await batched.submit(long_request())
-    while batched.generated_tokens_total == before:  # the decode thread admitted it and it is generating
-        await asyncio.sleep(0.001)
-    del stream
-    gc.collect()
-    at_drop = batched.generated_tokens_total
-    await until_idle(batched)
-    assert batched.generated_tokens_total - at_drop <= IN_PROCESS_EXTRA
-    assert batched.generated_tokens_total - before < LEAVER_TOKENS_MAX
-
-
-async def test_a_leaver_beside_other_rows_stops_counting(batched: BatchedEngine) -> None:
+async def test_a_leaver_beside_other_rows_stops_counting(default_engine: BatchedEngine) -> None:
     """The row that left goes while its neighbours keep generating (they are no cover for a row kept alive).
 
     The neighbours run LONG_PROMPT uncancelled to their limit, more tokens than any bound in this module allows: had
     the prompt ended by itself within a bound, a cancel that did not work would go unseen.
     """
-    before = batched.generated_tokens_total
-    leaver = await batched.submit(long_request())
-    neighbours = [await batched.submit(long_request(max_new_tokens=NEIGHBOUR_TOKENS)) for _ in range(2)]
-    tasks = [asyncio.ensure_future(collect_result(stream)) for stream in neighbours]
+    before = default_engine.generated_tokens_total
+    leaver = await default_engine.submit(long_request())
+    neighbours = [await default_engine.submit(long_request(max_new_tokens=NEIGHBOUR_TOKENS)) for _ in range(2)]
+    tasks = [asyncio.ensure_future(result_of(stream)) for stream in neighbours]
     await read_deltas(leaver, 3)
     await leaver.aclose()  # type: ignore[attr-defined]
     results = await asyncio.gather(*tasks)
-    await until_idle(batched)
+    await until_idle(default_engine)
     assert [(result.output_length, result.finish_reason) for result in results] == [(NEIGHBOUR_TOKENS, "length")] * 2
-    leaver_tokens = batched.generated_tokens_total - before - sum(result.output_length for result in results)
+    leaver_tokens = default_engine.generated_tokens_total - before - sum(result.output_length for result in results)
     # The leaver's tokens: those generated while it read its 3 deltas, and not the hundreds it asked for.
     assert 3 <= leaver_tokens < LEAVER_TOKENS_MAX, leaver_tokens
-
-
-async def collect_result(stream: AsyncIterator[Any]) -> GenerationResult:
-    async for event in stream:
-        if isinstance(event, GenerationResult):
-            return event
-    raise AssertionError("the stream ended without a result")
 
 
 # ---- over HTTP, through a real uvicorn server ----
@@ -153,7 +132,7 @@ def leave_after(server: LiveServer, path: str, body: dict[str, Any], is_delta: A
     with httpx.stream("POST", f"{server.base_url}{path}", headers=AUTH, json=body, timeout=60) as response:
         assert response.status_code == 200, response.read()
         deltas = 0
-        for event, data in sse_events_from_lines(response.iter_lines()):
+        for event, data in sse_events(response):
             assert data != "[DONE]" and event != "complete", "the stream ended by itself"
             deltas += bool(is_delta(event, data))
             if deltas == count:
@@ -163,18 +142,18 @@ def leave_after(server: LiveServer, path: str, body: dict[str, Any], is_delta: A
     return server.engine.generated_tokens_total  # leaving the block closed the connection
 
 
-def test_spec_sse_disconnect_frees_the_row(server: LiveServer) -> None:
-    engine = server.engine
+def test_spec_sse_disconnect_frees_the_row(default_server: LiveServer) -> None:
+    engine = default_server.engine
     before = engine.generated_tokens_total
     body = {"text": LONG_PROMPT, "max_new_tokens": LONG_TOKENS, "temperature": 0, "stream": True}
-    at_close = leave_after(server, "/api/v1/generate-text", body, lambda event, _data: event == "delta")
+    at_close = leave_after(default_server, "/api/v1/generate-text", body, lambda event, _data: event == "delta")
     wait_idle(engine)
     assert engine.generated_tokens_total - at_close <= OVER_HTTP_EXTRA
     assert engine.generated_tokens_total - before < LEAVER_TOKENS_MAX
 
 
-def test_openai_stream_disconnect_frees_the_row(server: LiveServer) -> None:
-    engine = server.engine
+def test_openai_stream_disconnect_frees_the_row(default_server: LiveServer) -> None:
+    engine = default_server.engine
     before = engine.generated_tokens_total
     body = {
         "model": "sahabat-ai",
@@ -187,7 +166,7 @@ def test_openai_stream_disconnect_frees_the_row(server: LiveServer) -> None:
     def is_delta(_event: str, data: str) -> bool:
         return bool(json.loads(data)["choices"][0]["delta"].get("content"))
 
-    at_close = leave_after(server, "/v1/chat/completions", body, is_delta)
+    at_close = leave_after(default_server, "/v1/chat/completions", body, is_delta)
     wait_idle(engine)
     assert engine.generated_tokens_total - at_close <= OVER_HTTP_EXTRA
     assert engine.generated_tokens_total - before < LEAVER_TOKENS_MAX

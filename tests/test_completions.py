@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from inference import GenerationRequest
 from inference.model.loading import LoadedModel
 from inference.types import TokenLogprob
-from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, engine_for, sse_events_from_lines
+from tests.helpers import API_KEY, AUTH, LiveServer, both_engines, engine_for, sse_events_from_lines
 from webapp.api.openai.completions import legacy_logprobs
 from webapp.server import create_app
 from webapp.settings import Settings
@@ -24,11 +24,6 @@ pytestmark = both_engines  # a list of prompts is one batch on the batched engin
 
 SERVED = "SmolLM2-135M-Instruct-Q4_1"
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,"]
-
-
-@pytest.fixture(scope="module")
-def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
 
 
 def complete(oai: openai.OpenAI, prompt: str | list[str], **extra: object):
@@ -221,7 +216,7 @@ def test_logprobs_come_back_in_the_legacy_shape(oai: openai.OpenAI) -> None:
 
 
 def test_response_format_constrains_a_completion_to_the_schema(oai: openai.OpenAI) -> None:
-    """The same `response_format` as the chat route (webapp/api/openai/response_format.py), on a raw prompt."""
+    """The same `response_format` as the chat route (webapp/api/openai/builder.py), on a raw prompt."""
     import jsonschema
 
     schema = {

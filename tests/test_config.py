@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from webapp import cli
 from webapp.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_app(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

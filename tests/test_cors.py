@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from inference import BatchedEngine
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY, AUTH
+from tests.helpers import API_KEY, AUTH
 from webapp.server import create_app
 from webapp.settings import Settings
 

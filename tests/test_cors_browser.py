@@ -2,7 +2,7 @@
 
 Three servers on loopback: the API (the whole app, the embedded model, CORS_ALLOW_ORIGINS naming one origin), and
 two tiny page servers on other ports: the listed origin and one that is not listed. Debian's Chromium, headless,
-driven by Playwright, as in tests/test_ui_browser.py (which also skips this module when Chromium is missing).
+driven by Playwright, as in tests/test_ui_browser.py (this module too is skipped when Chromium is missing).
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY, engine_for, start_live_server
-from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, serve
+from tests.helpers import API_KEY, TIMEOUT_MS, engine_for, serve, skip_without_chromium, start_live_server
 from webapp.settings import Settings
 
 PAGE = """<!doctype html>
@@ -43,6 +42,8 @@ async function callApi(url, key, body) {
 }
 </script></body></html>"""
 
+skip_without_chromium()
+
 CHAT = {"model": "sahabat-ai", "messages": [{"role": "user", "content": "Halo!"}], "max_tokens": 4, "temperature": 0}
 
 
@@ -63,14 +64,6 @@ def api_url(origins: dict[str, str], embedded_model: LoadedModel) -> Iterator[st
     live = start_live_server(settings, engine_for(settings, embedded_model))
     yield live.base_url
     live.server.should_exit = True
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """inference/cpu/paths.py: the one place that decides the CPU forward path, for every CPU class a user may have.
 
 Pure decisions on given CPU flags (no model): which instruction-set class CPU_ISA leaves, the dtype's bf16 rule, and
-the path for each model and setting. What each path then does is tested where it runs (test_native_step.py,
-test_fast_decode.py); `make test` also runs those under CPU_ISA=avx2.
+the path for each model and setting. What each path then does is tested where it runs (test_native_forward.py,
+test_lean_forward.py); `make test` also runs those under CPU_ISA=avx2.
 """
 
 from __future__ import annotations

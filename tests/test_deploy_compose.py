@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import ROOT
 from webapp.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
+DEPLOY = ROOT / "deploy"
 COMPOSE_FILES = sorted(DEPLOY.glob("compose.*.yaml"))
 UPSTREAMS = {"compose.vllm.yaml": ("vllm", 8000), "compose.tgi.yaml": ("tgi", 80)}
 
@@ -94,7 +94,7 @@ def test_upstream_gets_gpus_the_model_and_the_shared_key(name: str) -> None:
 
 
 def test_secret_files_are_examples_only_and_ignored() -> None:
-    ignored = (REPO / ".gitignore").read_text().splitlines()
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
     for name in ("front.env", "upstream.env"):
         assert (DEPLOY / f"{name}.example").is_file()
         assert f"deploy/{name}" in ignored
@@ -109,7 +109,7 @@ def test_front_image_leaves_out_the_model_packages() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "requirements-front.exclude" in dockerfile and 'CMD ["python", "app.py"]' in dockerfile
     excluded = set((DEPLOY / "requirements-front.exclude").read_text().split())
-    pinned = {line.split("==")[0].split("[")[0] for line in (REPO / "requirements.txt").read_text().splitlines()}
+    pinned = {line.split("==")[0].split("[")[0] for line in (ROOT / "requirements.txt").read_text().splitlines()}
     pinned.discard("")
     assert {"torch", "transformers", "bitsandbytes"} <= excluded
     assert excluded <= pinned, excluded - pinned  # every name matches a real pin

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from inference.model.loading import LoadedModel
-from tests.conftest import (
+from tests.helpers import (
     AUTH,
     ForcedFault,
     LiveServer,

@@ -32,7 +32,7 @@ import schemathesis
 from schemathesis.engine import Status, events, from_schema
 
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY, engine_for
+from tests.helpers import API_KEY, engine_for
 from webapp.server import create_app
 from webapp.settings import Settings
 
@@ -171,7 +171,7 @@ def test_fuzz_every_route_against_the_openapi_schema(embedded_model: LoadedModel
     ],
 )
 def test_sampling_knobs_at_their_documented_extremes_generate(client: Any, sampling: dict) -> None:
-    from tests.conftest import AUTH
+    from tests.helpers import AUTH
 
     body = {"text": "Halo, apa kabar?", "max_new_tokens": 2, **sampling}
     response = client.post("/api/v1/generate-text", headers=AUTH, json=body)

@@ -1,6 +1,6 @@
 """The embedded GGUF's own blocks (inference/cpu/gguf_blocks.py): the tensor index, the Q4_1 codes, each layer linear's
 blocks checked against its loaded weight; and GGUF_INT4=false, where the lean torch path serves the dequantised
-weights instead of the native path. The native path itself: tests/test_native_step.py.
+weights instead of the native path. The native path itself: tests/test_native_forward.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from inference import BatchedEngine, GenerationRequest, Message, SequentialEngine
 from inference.cpu.gguf_blocks import gguf_tensors, llama_rows, q4_1_blocks, q4_1_codes, q8_0_head
 from inference.model.loading import LoadedModel, embedded_gguf_path, load_model
-from tests.conftest import engine_for
+from tests.helpers import engine_for
 from webapp.settings import Settings
 
 PROMPTS = [
@@ -76,9 +76,9 @@ def test_every_layer_linear_gets_the_blocks_of_its_own_weight(embedded_model: Lo
 
 
 def test_gguf_int4_off_serves_the_lean_path(plain_model: LoadedModel) -> None:
-    from inference.cpu.native_forward import native_step
+    from inference.cpu.native_forward import native_forward_of
 
-    assert native_step(plain_model.model) is None
+    assert native_forward_of(plain_model.model) is None
     assert plain_model.info.decode_path == "lean" and plain_model.info.quantization.startswith("none")
     assert plain_model.path is not None and "GGUF_INT4=false" in plain_model.path.reason
 
@@ -89,7 +89,7 @@ async def test_a_lone_greedy_request_gives_the_same_text_on_both_engines(
     """The lean path (prepacked linears, the lean decoder): one request at a time, the same tokens on both engines."""
     batched, sequential = engine_for(settings, plain_model, "batched"), engine_for(settings, plain_model, "sequential")
     assert isinstance(batched, BatchedEngine) and isinstance(sequential, SequentialEngine)
-    assert type(batched.decoder).__name__ == "LlamaDecoder"
+    assert type(batched.lean_pass).__name__ == "LeanForward"
     for text in PROMPTS:
         request = GenerationRequest(messages=(Message("user", text),), max_new_tokens=48, temperature=0.0)
         alone = await sequential.generate(request)

@@ -21,8 +21,7 @@ from bench.gemma_shape import (
     weight_bytes,
 )
 from bench.gpu_shape import TABLE_BEGIN, TABLE_END, main
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_sahabat_ai_shape_is_gemma2_9b() -> None:

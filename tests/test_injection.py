@@ -21,7 +21,7 @@ from inference.engines.base import LocalEngine
 from inference.model.loading import LoadedModel
 from inference.text.prompt import PromptBuilder
 from inference.types import Message, ModelInfo
-from tests.conftest import API_KEY, AUTH, both_engines, engine_for
+from tests.helpers import API_KEY, AUTH, both_engines, engine_for
 from webapp.server import create_app
 from webapp.settings import Settings
 
@@ -131,7 +131,7 @@ def tiny_gemma(tokenizer: Any) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def gemma_engine(engine_kind: str) -> Iterator[LocalEngine]:
+def tiny_gemma_engine(engine_kind: str) -> Iterator[LocalEngine]:
     loaded = tiny_gemma(tiny_gemma_tokenizer())
     engine = engine_for(Settings(model_id="embedded", _env_file=None), loaded, engine_kind)  # type: ignore[call-arg]
     yield engine
@@ -142,8 +142,8 @@ def gemma_engine(engine_kind: str) -> Iterator[LocalEngine]:
 
 
 @pytest.fixture(params=["embedded", "gemma2"])
-def tokenizer(request: pytest.FixtureRequest, engine: LocalEngine, gemma_engine: LocalEngine) -> Any:
-    return (engine if request.param == "embedded" else gemma_engine).tokenizer
+def tokenizer(request: pytest.FixtureRequest, engine: LocalEngine, tiny_gemma_engine: LocalEngine) -> Any:
+    return (engine if request.param == "embedded" else tiny_gemma_engine).tokenizer
 
 
 def test_injected_control_tokens_are_plain_text_in_the_prompt(tokenizer: Any) -> None:
@@ -172,8 +172,8 @@ def test_embedded_template_places_its_tokens(engine: LocalEngine) -> None:
     assert control_counts(tokenizer, ids) == Counter({"<|im_start|>": 5, "<|im_end|>": 4})
 
 
-def test_gemma2_template_places_its_tokens(gemma_engine: LocalEngine) -> None:
-    tokenizer = gemma_engine.tokenizer
+def test_gemma2_template_places_its_tokens(tiny_gemma_engine: LocalEngine) -> None:
+    tokenizer = tiny_gemma_engine.tokenizer
     ids = PromptBuilder(tokenizer).build(conversation(attack_text(tokenizer)))
     # The system message is folded into the first user turn (Gemma2 has no system role):
     # <bos>, then user / model / user turns, then the generation prompt.
@@ -195,8 +195,8 @@ class PromptSpy:
                 return original(*args, **kwargs)
 
             patch.setattr(engine.model, "generate", generate)
-        elif engine.decoder is not None:
-            original_pass = engine.decoder.forward
+        elif engine.lean_pass is not None:
+            original_pass = engine.lean_pass.forward
 
             def lean_pass(decode: Any, prompts: list) -> Any:
                 # each prompt once, at its first chunk (which starts after a cached prefix: PREFIX_CACHE_TOKENS)
@@ -206,7 +206,7 @@ class PromptSpy:
                         prompt.spied = True
                 return original_pass(decode, prompts)
 
-            patch.setattr(engine.decoder, "forward", lean_pass)
+            patch.setattr(engine.lean_pass, "forward", lean_pass)
         else:
             original_forward = engine.model.forward
 
@@ -236,10 +236,10 @@ def test_ids_reaching_the_model_through_every_route_hold_only_template_tokens(
     which: str,
     settings: Settings,
     engine: LocalEngine,
-    gemma_engine: LocalEngine,
+    tiny_gemma_engine: LocalEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    served = engine if which == "embedded" else gemma_engine
+    served = engine if which == "embedded" else tiny_gemma_engine
     tokenizer = served.tokenizer
     attack = attack_text(tokenizer)
     spy = PromptSpy(served, monkeypatch)

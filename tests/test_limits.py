@@ -10,8 +10,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, engine_for, start_live_server
-from tests.test_streaming import sse_events
+from tests.helpers import (
+    API_KEY,
+    AUTH,
+    LiveServer,
+    both_engines,
+    engine_for,
+    spec_stream,
+    sse_events,
+    start_live_server,
+)
 from webapp.server import create_app
 from webapp.settings import Settings
 
@@ -186,20 +194,6 @@ UNICODE_TEXTS = {
 }
 
 
-def spec_stream(client: TestClient, path: str, body: dict) -> tuple[str, dict]:
-    with client.stream("POST", path, headers=AUTH, json=body) as response:
-        assert response.status_code == 200, response.read()
-        deltas, final = [], {}
-        for event, data in sse_events(response):
-            if event == "delta":
-                deltas.append(json.loads(data)["delta"])
-            elif event == "complete":
-                final = json.loads(data)
-            else:
-                pytest.fail(f"unexpected {event}: {data}")
-    return "".join(deltas), final
-
-
 @pytest.mark.parametrize("name", list(UNICODE_TEXTS))
 def test_unicode_is_served_and_echoed_exactly_on_json_and_sse_routes(client: TestClient, name: str) -> None:
     text = UNICODE_TEXTS[name]
@@ -215,8 +209,8 @@ def test_unicode_is_served_and_echoed_exactly_on_json_and_sse_routes(client: Tes
             "content": text,
         },
     ]
-    joined, final = spec_stream(client, "/api/v1/chat", {**body, "stream": True})
-    assert joined == final["generated_text"] and final["full_conversation"][3]["content"] == text
+    deltas, final, _ = spec_stream(client, "/api/v1/chat", {**body, "stream": True})
+    assert "".join(deltas) == final["generated_text"] and final["full_conversation"][3]["content"] == text
 
     messages = [{"role": "system", "content": text}, *history, {"role": "user", "content": text}]
     response = client.post("/v1/chat/completions", headers=AUTH, json={"messages": messages, "max_tokens": 3})

@@ -24,9 +24,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, sse_events_from_lines
+from tests.helpers import ROOT, free_port, sse_events_from_lines
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-load-test-4b1d-9e0c-secret"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 CLIENTS, REQUESTS_PER_CLIENT = 32, 4
@@ -50,7 +49,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def load_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("load") / "server.log"
     env = {
@@ -178,24 +177,24 @@ async def warm_up(server: Server) -> float:
         return time.monotonic() - started
 
 
-async def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
-    burst_s = await warm_up(server)
+async def test_32_concurrent_clients_lose_nothing(load_server: Server) -> None:
+    burst_s = await warm_up(load_server)
     # A round is REQUESTS_PER_CLIENT such bursts back to back; a request that takes ten times a whole round is hung
     # (a hang guard measured on this machine, whatever its load, not a speed requirement).
     bound_s = max(60.0, 10 * REQUESTS_PER_CLIENT * burst_s)
     await asyncio.sleep(1)
-    baseline = server.rss()
+    baseline = load_server.rss()
     stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_rss(server, stop))
+    sampler = asyncio.create_task(sample_rss(load_server, stop))
     # The same load ROUNDS times. Shape-dependent memory (oneDNN kernels and scratch space for each new prompt
     # and batch shape, the allocator's arenas) grows over the first rounds and then stays (measured: +64, +127,
     # +33, +2 MiB over 4 rounds), while a leak keeps growing. So the check is across the last two rounds.
     after_rounds: list[int] = []
     for _round in range(ROUNDS):
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=load_server.base_url, timeout=60) as http:
             decoded_before, _ = await decoded_tokens_and_running(http)
         started = time.monotonic()
-        results = await asyncio.gather(*(client_session(server.base_url, c, bound_s) for c in range(CLIENTS)))
+        results = await asyncio.gather(*(client_session(load_server.base_url, c, bound_s) for c in range(CLIENTS)))
         elapsed = time.monotonic() - started
 
         outcomes = [outcome for session in results for outcome, _ in session]
@@ -211,7 +210,7 @@ async def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
 
         # The server answers normally afterwards, with nothing left running from the hung-up streams: the model
         # generated the answered tokens and a few more for each stream whose client left, never what they asked for.
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=bound_s) as http:
+        async with httpx.AsyncClient(base_url=load_server.base_url, timeout=bound_s) as http:
             assert (await http.get("/health")).status_code == 200
             assert await one_request(http, 0, 0) == "ok"
             assert await one_request(http, 0, 1) == "ok-stream"
@@ -221,7 +220,7 @@ async def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
         decoded = decoded_after - decoded_before
         assert decoded <= answered + counts["hung-up"] * TOKENS_AFTER_HANG_UP, (decoded, answered)
         await asyncio.sleep(2)
-        after_rounds.append(server.rss())
+        after_rounds.append(load_server.rss())
         print(
             f"\nload round {_round + 1}: {len(outcomes)} requests in {elapsed:.0f}s ({dict(counts)}), "
             f"slowest {slowest:.1f}s, {decoded:.0f} tokens decoded (answered at most {answered}), "
@@ -231,12 +230,12 @@ async def test_32_concurrent_clients_lose_nothing(server: Server) -> None:
     await sampler
 
     first, final = after_rounds[-3], after_rounds[-1]
-    peak = max(server.rss_samples)
+    peak = max(load_server.rss_samples)
     mib = 1024 * 1024
     rounds = " / ".join(f"{rss / mib:.0f}" for rss in after_rounds)
     print(f"RSS baseline {baseline / mib:.0f} MiB, peak {peak / mib:.0f} MiB, after the rounds {rounds} MiB")
     assert final - first < RSS_TOLERANCE_BYTES, (baseline / mib, first / mib, peak / mib, final / mib)
 
-    log = server.log_path.read_text(errors="replace")
+    log = load_server.log_path.read_text(errors="replace")
     assert "POST /api/v1/chat" in log or "POST /api/v1/generate-text" in log  # the log is really captured
     assert KEY not in log and KEY[8:] not in log

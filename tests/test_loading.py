@@ -25,10 +25,8 @@ from inference.model.loading import (
 )
 from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID
 from inference.types import ModelLoadError
-from tests.conftest import free_port
+from tests.helpers import ROOT, free_port
 from webapp.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_settings(**values: object) -> Settings:

@@ -17,6 +17,7 @@ from inference.cpu.paths import native_bf16
 from inference.model import loading, memory
 from inference.model.loading import load_model
 from inference.types import ModelLoadError
+from tests.helpers import model_settings
 from webapp.settings import Settings
 
 GB = 1e9
@@ -25,10 +26,6 @@ GB = 1e9
 # written for each (measured with memory.options, whose arithmetic test_weight_estimate_matches_the_9b_arithmetic
 # checks against bench.gemma_shape's).
 BF16 = native_bf16(Settings(_env_file=None).cpu_isa)  # type: ignore[call-arg]
-
-
-def make_settings(directory: Path, **values: object) -> Settings:
-    return Settings(model_id=str(directory), _env_file=None, **values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +77,7 @@ def test_bf16_that_does_not_fit_names_the_quantization_that_does(
 ) -> None:
     inject(monkeypatch, 16 * GB)
     with caplog.at_level(logging.INFO, logger="inference.model.loading"):
-        message = refusal(make_settings(nine_b_dir, quantization="none"))
+        message = refusal(model_settings(nine_b_dir, quantization="none"))
     # bf16 with the prepacked copies: 37 GB of weights + reserve; without them 18.5 GB: neither fits in 16 GB.
     # float32 (no native bf16): 37 GB without prepacked copies.
     assert "needs about 39.9 GB with QUANTIZATION=none" in message
@@ -91,7 +88,7 @@ def test_bf16_that_does_not_fit_names_the_quantization_that_does(
 
 def test_prepacking_is_dropped_first_when_that_is_enough(nine_b_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inject(monkeypatch, 22 * GB)
-    message = refusal(make_settings(nine_b_dir, quantization="none"))
+    message = refusal(model_settings(nine_b_dir, quantization="none"))
     if BF16:
         assert "set QUANTIZATION=none PACK_CPU_WEIGHTS=false (about 20.5 GB)" in message
     else:  # float32: nothing is prepacked, so 8-bit is the next step down
@@ -101,14 +98,14 @@ def test_prepacking_is_dropped_first_when_that_is_enough(nine_b_dir: Path, monke
 def test_8bit_that_does_not_fit_names_4bit(nine_b_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     available, needs, fits = (9, "11.7", "7.9") if BF16 else (10, "13.7", "9.8")  # float32 keeps 3.7 GB more
     inject(monkeypatch, available * GB)
-    message = refusal(make_settings(nine_b_dir, quantization="8bit", pack_cpu_weights=False))
+    message = refusal(model_settings(nine_b_dir, quantization="8bit", pack_cpu_weights=False))
     assert f"needs about {needs} GB with QUANTIZATION=8bit" in message and f"only {available}.0 GB" in message
     assert f"set QUANTIZATION=4bit (about {fits} GB)" in message
 
 
 def test_nothing_fits(nine_b_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inject(monkeypatch, 4 * GB)
-    message = refusal(make_settings(nine_b_dir, quantization="4bit"))
+    message = refusal(model_settings(nine_b_dir, quantization="4bit"))
     smallest = (
         "QUANTIZATION=4bit PACK_CPU_WEIGHTS=false needs about 7.9 GB"
         if BF16
@@ -122,7 +119,7 @@ def test_on_cuda_free_gpu_memory_is_the_measure(nine_b_dir: Path, monkeypatch: p
     monkeypatch.setattr(loading, "ensure_bitsandbytes", lambda quantization: None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     calls = inject(monkeypatch, 8 * GB, "free GPU memory")
-    message = refusal(make_settings(nine_b_dir, quantization="auto"))
+    message = refusal(model_settings(nine_b_dir, quantization="auto"))
     assert calls == [True]
     # The spec's "VRAM 6-8 GB with 8-bit" GPU: no prepacking on CUDA, 4-bit fits.
     assert "needs about 11.7 GB with QUANTIZATION=8bit" in message and "8.0 GB of free GPU memory" in message
@@ -132,7 +129,7 @@ def test_on_cuda_free_gpu_memory_is_the_measure(nine_b_dir: Path, monkeypatch: p
 def test_memory_check_false_skips_it(nine_b_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = inject(monkeypatch, 1 * GB)
     with pytest.raises(ModelLoadError) as caught:  # goes on to read the (absent) tokenizer and weights
-        load_model(make_settings(nine_b_dir, quantization="8bit", memory_check=False))
+        load_model(model_settings(nine_b_dir, quantization="8bit", memory_check=False))
     assert calls == [] and str(caught.value).startswith("could not load model")
 
 
@@ -141,11 +138,11 @@ def test_a_model_that_fits_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     counts = memory.count_weights(gemma2_config(TINY_SHAPE))
     needs = memory.required_bytes(memory.weight_bytes(counts, "none", 2 if BF16 else 4, packed_copies=BF16))
     calls = inject(monkeypatch, needs)  # exactly enough
-    assert load_model(make_settings(directory)).info.quantization == "none"
+    assert load_model(model_settings(directory)).info.quantization == "none"
     assert calls == [False]
     inject(monkeypatch, needs - 1)
     expected = "set QUANTIZATION=none PACK_CPU_WEIGHTS=false" if BF16 else "set QUANTIZATION=8bit"
-    assert expected in refusal(make_settings(directory))
+    assert expected in refusal(model_settings(directory))
 
 
 def test_available_memory_reads_ram_and_a_cgroup_limit(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inference.cpu.paths import isa_in_force, native_bf16
 from inference.engines.base import LocalEngine
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY, AUTH, engine_for
+from tests.helpers import API_KEY, AUTH, engine_for
 from webapp.server import create_app
 from webapp.settings import Settings
 

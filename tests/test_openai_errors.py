@@ -9,14 +9,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, AUTH, LiveServer
+from tests.helpers import AUTH, LiveServer
 
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-@pytest.fixture(scope="module")
-def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
 
 
 def openai_error(response: httpx.Response) -> dict:

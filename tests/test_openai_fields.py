@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import AUTH
+from tests.helpers import AUTH
 
 # A greedy reply to this runs well past 8 tokens (a list of seven days), so a token limit is what ends it.
 LISTING = "Sebutkan nama-nama hari dalam seminggu."

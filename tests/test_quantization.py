@@ -16,50 +16,35 @@ import asyncio
 import importlib.util
 import json
 import sys
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from bench.gemma_shape import END_OF_TURN, TINY_SHAPE, gemma2_config, write_model_dir
+from bench.gemma_shape import END_OF_TURN
 from inference import BatchedEngine, EngineBusy, SequentialEngine
-from inference.cpu.lean_forward import LlamaDecoder
+from inference.cpu.lean_forward import LeanForward
 from inference.cpu.packed import PackedLinear
 from inference.cpu.paths import native_bf16
 from inference.model import loading
 from inference.model.cache import load_directory
 from inference.model.loading import LoadedModel, build_quantization_config, load_model, resolve_quantization
-from inference.types import GenerationRequest, GenerationResult, Message, ModelLoadError, StreamEvent
-from tests.conftest import API_KEY, AUTH, sse_events_from_lines
+from inference.types import Message, ModelLoadError
+from tests.helpers import (
+    API_KEY,
+    AUTH,
+    chat_request,
+    model_settings,
+    on_a_loader_thread,
+    result_of,
+    sse_events_from_lines,
+)
 from webapp.server import create_app
 from webapp.settings import Settings
 from webapp.ui.chat import banner_markdown
 
 BNB_CLASSES = {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}
-
-
-def on_a_loader_thread(settings: Settings) -> LoadedModel:
-    # As conftest's embedded_model: a thread that ran torch's kernels keeps an OpenMP team alive.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
-        return pool.submit(load_model, settings).result()
-
-
-def greedy(*messages: tuple[str, str], max_new_tokens: int = 8) -> GenerationRequest:
-    return GenerationRequest(
-        messages=tuple(Message(role, text) for role, text in messages),  # type: ignore[arg-type]
-        max_new_tokens=max_new_tokens,
-        temperature=0,
-    )
-
-
-async def result_of(stream: AsyncIterator[StreamEvent]) -> GenerationResult:
-    async for event in stream:
-        if isinstance(event, GenerationResult):
-            return event
-    raise AssertionError("the stream ended without a result")
 
 
 def engine_of(cls: type, settings: Settings, loaded: LoadedModel, **overrides: object) -> SequentialEngine:
@@ -71,20 +56,9 @@ def engine_of(cls: type, settings: Settings, loaded: LoadedModel, **overrides: o
 # --- the tiny Gemma2 in 8-bit and 4-bit -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Untied lm_head (a plain linear in every mode), so one of its rows can be edited for the stop test.
-    config = gemma2_config(TINY_SHAPE, tie_word_embeddings=False)
-    return write_model_dir(tmp_path_factory.mktemp("tiny-gemma2-quantized"), config, seed=1234)
-
-
-def gemma_settings(directory: Path, quantization: str) -> Settings:
-    return Settings(model_id=str(directory), quantization=quantization, _env_file=None)  # type: ignore[call-arg]
-
-
 @pytest.fixture(scope="module", params=["8bit", "4bit"])
 def gemma(request: pytest.FixtureRequest, gemma_dir: Path) -> tuple[Settings, LoadedModel]:
-    settings = gemma_settings(gemma_dir, request.param)
+    settings = model_settings(gemma_dir, quantization=request.param)
     return settings, on_a_loader_thread(settings)
 
 
@@ -125,9 +99,9 @@ async def test_a_lone_greedy_request_gives_the_same_tokens_on_both_engines(gemma
     sequential = engine_of(SequentialEngine, settings, loaded)
     batched = engine_of(BatchedEngine, settings, loaded)
     try:
-        assert batched.decoder is None  # Gemma2 and bitsandbytes layers take transformers' forward
+        assert batched.lean_pass is None  # Gemma2 and bitsandbytes layers take transformers' forward
         for question in ("Apa ibu kota Indonesia?", "Sebutkan tiga pulau besar di Indonesia.", "Halo!"):
-            request = greedy(("system", "Jawab singkat."), ("user", question), max_new_tokens=20)
+            request = chat_request(("system", "Jawab singkat."), ("user", question), max_new_tokens=20)
             expected = await sequential.generate(request)
             got = await batched.generate(request)
             assert expected.output_length == 20  # a random model runs to the limit: 20 tokens compared
@@ -181,7 +155,7 @@ def test_spec_routes_and_v1_serve_the_quantized_gemma2(gemma: tuple[Settings, Lo
 
 def test_generation_stops_at_end_of_turn_over_v1(gemma_dir: Path) -> None:
     """Swap the lm_head rows of the token greedy decoding emits at step 3 and <end_of_turn>: it stops there."""
-    settings = gemma_settings(gemma_dir, "8bit")
+    settings = model_settings(gemma_dir, quantization="8bit")
     loaded = on_a_loader_thread(settings)  # its own copy: its lm_head is edited below
     engine = engine_of(BatchedEngine, settings, loaded)
     with TestClient(create_app(settings, engine, [API_KEY], with_ui=False)) as client:
@@ -212,17 +186,17 @@ def test_generation_stops_at_end_of_turn_over_v1(gemma_dir: Path) -> None:
 
 
 async def test_batched_engine_cancels_and_limits_with_quantized_layers(gemma_dir: Path) -> None:
-    settings = gemma_settings(gemma_dir, "4bit")
+    settings = model_settings(gemma_dir, quantization="4bit")
     loaded = on_a_loader_thread(settings)
     engine = engine_of(BatchedEngine, settings, loaded, max_batch=2, max_queue=1)
     try:
-        survivor = greedy(("user", "Apa ibu kota Indonesia?"), max_new_tokens=12)
+        survivor = chat_request(("user", "Apa ibu kota Indonesia?"), max_new_tokens=12)
         alone = await engine.generate(survivor)
-        leaver = await engine.submit(greedy(("user", "Halo!"), max_new_tokens=60))
+        leaver = await engine.submit(chat_request(("user", "Halo!"), max_new_tokens=60))
         kept = await engine.submit(survivor)
-        waiting = await engine.submit(greedy(("user", "Kumaha damang?"), max_new_tokens=4))
+        waiting = await engine.submit(chat_request(("user", "Kumaha damang?"), max_new_tokens=4))
         with pytest.raises(EngineBusy):  # 2 running + 1 waiting: full
-            await engine.submit(greedy(("user", "Halo"), max_new_tokens=4))
+            await engine.submit(chat_request(("user", "Halo"), max_new_tokens=4))
         async for _event in leaver:
             break  # the client reads one delta and leaves
         await leaver.aclose()  # type: ignore[attr-defined]
@@ -246,7 +220,7 @@ def test_missing_bitsandbytes_on_cpu_is_a_readable_error(gemma_dir: Path, monkey
         lambda name, *args: None if name == "bitsandbytes" else real_find_spec(name, *args),
     )
     with pytest.raises(ModelLoadError) as caught:
-        load_model(gemma_settings(gemma_dir, "8bit"))
+        load_model(model_settings(gemma_dir, quantization="8bit"))
     message = str(caught.value)
     assert message.startswith("QUANTIZATION=8bit needs the bitsandbytes package, which is not installed")
     assert "QUANTIZATION=none" in message and "\n" not in message
@@ -256,7 +230,7 @@ def test_broken_bitsandbytes_on_cpu_is_a_readable_error(gemma_dir: Path, monkeyp
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name, *args: object())
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
     with pytest.raises(ModelLoadError) as caught:
-        load_model(gemma_settings(gemma_dir, "4bit"))
+        load_model(model_settings(gemma_dir, quantization="4bit"))
     assert str(caught.value).startswith(
         "QUANTIZATION=4bit needs bitsandbytes, which failed to import (ModuleNotFoundError"
     )
@@ -296,8 +270,8 @@ async def test_embedded_model_in_8bit_answers_correctly_on_both_engines(
     settings, loaded = embedded_8bit
     assert loaded.info.quantization == "8bit (bitsandbytes, from the dequantised Q4_1 GGUF)"
     assert type(loaded.model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
-    assert not LlamaDecoder.supports(loaded.model)  # the lean bf16 decoder does not apply
-    question = greedy(("user", "What is the capital of France?"), max_new_tokens=8)
+    assert not LeanForward.supports(loaded.model)  # the lean bf16 decoder does not apply
+    question = chat_request(("user", "What is the capital of France?"), max_new_tokens=8)
     texts = {}
     for cls in (SequentialEngine, BatchedEngine):
         engine = engine_of(cls, settings, loaded)
@@ -315,8 +289,10 @@ async def test_embedded_model_in_8bit_serves_4_concurrent_streams(embedded_8bit:
     engine = engine_of(BatchedEngine, settings, loaded)
     try:
         questions = ["What is the capital of France?", "Halo!", "Apa ibu kota Indonesia?", "Name a color."]
-        results = await asyncio.gather(*(engine.generate(greedy(("user", q), max_new_tokens=8)) for q in questions))
-        assert engine.max_rows_seen >= 2  # they shared passes
+        results = await asyncio.gather(
+            *(engine.generate(chat_request(("user", q), max_new_tokens=8)) for q in questions)
+        )
+        assert engine.runner.max_rows_seen >= 2  # they shared passes
         assert all(0 < r.output_length <= 8 for r in results)
         assert "Paris" in results[0].text, results[0].text
         assert "8bit" in banner_markdown(engine, "en")
@@ -334,10 +310,10 @@ def test_the_lean_decoder_refuses_bitsandbytes_layers_even_with_bf16_weights() -
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    assert LlamaDecoder.supports(model)
+    assert LeanForward.supports(model)
     attention = model.model.layers[0].self_attn
     replacement = bnb.nn.Linear8bitLt(32, 32, bias=False, has_fp16_weights=True)
     replacement.weight = bnb.nn.Int8Params(attention.q_proj.weight.data.clone(), has_fp16_weights=True)
     attention.q_proj = replacement
     assert attention.q_proj.weight.dtype == torch.bfloat16 and isinstance(attention.q_proj, torch.nn.Linear)
-    assert not LlamaDecoder.supports(model)
+    assert not LeanForward.supports(model)

@@ -31,12 +31,21 @@ from inference import EngineNotReady, Message, UpstreamError
 from inference.engines.remote import RemoteEngine, redact_url
 from inference.model.loading import LoadedModel
 from inference.text.prompt import fold_system_messages
-from tests.conftest import API_KEY, AUTH, LiveServer, engine_for, free_port, start_live_server
-from tests.test_streaming import sse_events
+from tests.helpers import (
+    API_KEY,
+    AUTH,
+    ROOT,
+    LiveServer,
+    engine_for,
+    free_port,
+    openai_client,
+    spec_stream_events,
+    sse_events,
+    start_live_server,
+)
 from webapp.settings import Settings
 from webapp.ui.chat import ChatUI, banner_markdown, error_note
 
-REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_CAP = 1500  # the upstream's MAX_NEW_TOKENS_CAP; the front's is the default 2048
 EMBEDDED_ID = "SmolLM2-135M-Instruct-Q4_1"
 # Waits for something that takes milliseconds when it works: a limit that only ends a broken run, never a bound.
@@ -109,26 +118,8 @@ def front(upstream: LiveServer) -> Iterator[LiveServer]:
     live.server.should_exit = True
 
 
-def client_for(live: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
 def post(live: LiveServer, path: str, body: dict, timeout: float = 120) -> httpx.Response:
     return httpx.post(f"{live.base_url}{path}", headers=AUTH, json=body, timeout=timeout)
-
-
-def spec_stream(live: LiveServer, path: str, body: dict) -> tuple[list[str], list[tuple[str, str]]]:
-    """The deltas and the other events of one streamed spec call."""
-    deltas: list[str] = []
-    others: list[tuple[str, str]] = []
-    with httpx.stream("POST", f"{live.base_url}{path}", headers=AUTH, json=body, timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        for event, data in sse_events(response):
-            if event == "delta":
-                deltas.append(json.loads(data)["delta"])
-            else:
-                others.append((event, data))
-    return deltas, others
 
 
 def upstream_spent(upstream: LiveServer, before: int) -> int:
@@ -177,7 +168,7 @@ def test_front_reports_the_upstream_model(front: LiveServer) -> None:
     engine = front.engine
     assert engine.info is not None and engine.info.engine == "remote"
     assert engine.info.model_id == EMBEDDED_ID and engine.info.is_embedded_demo
-    models = client_for(front).models.list()
+    models = openai_client(front).models.list()
     assert [m.id for m in models.data] == [EMBEDDED_ID, "sahabat-ai"]  # the served id first, then the alias
 
 
@@ -194,7 +185,7 @@ def test_spec_routes_json_and_sse_match_the_upstream(front: LiveServer, upstream
     assert 0 < through_body["output_length"] <= 10
     if path == "/api/v1/chat":
         assert through_body["full_conversation"][0]["role"] == "system"
-    deltas, others = spec_stream(front, path, {**body, "stream": True})
+    deltas, others, _ = spec_stream_events(front, path, {**body, "stream": True})
     assert len(deltas) >= 2
     assert [event for event, _ in others] == ["complete"]
     final = json.loads(others[0][1])
@@ -203,10 +194,10 @@ def test_spec_routes_json_and_sse_match_the_upstream(front: LiveServer, upstream
 
 def test_openai_route_streamed_and_not(front: LiveServer, upstream: LiveServer) -> None:
     messages = [{"role": "system", "content": "Jawab singkat."}, {"role": "user", "content": "Apa ibu kota Indonesia?"}]
-    direct = client_for(upstream).chat.completions.create(
+    direct = openai_client(upstream).chat.completions.create(
         model="sahabat-ai", messages=messages, max_tokens=8, temperature=0
     )
-    oai = client_for(front)
+    oai = openai_client(front)
     whole = oai.chat.completions.create(model="sahabat-ai", messages=messages, max_tokens=8, temperature=0)
     assert whole.model == EMBEDDED_ID
     assert whole.choices[0].message.content == direct.choices[0].message.content
@@ -235,8 +226,8 @@ def test_raw_completions_go_to_the_upstreams_completions_route(front: LiveServer
     """/v1/completions through the remote engine: each prompt is one upstream `completions` call (no chat
     template on either side), so the text, the finish and the usage are the upstream's, stream and not."""
     prompts = ["The capital of France is", "1, 2, 3, 4,"]
-    direct = client_for(upstream).completions.create(model="sahabat-ai", prompt=prompts, max_tokens=6, temperature=0)
-    oai = client_for(front)
+    direct = openai_client(upstream).completions.create(model="sahabat-ai", prompt=prompts, max_tokens=6, temperature=0)
+    oai = openai_client(front)
     through = oai.completions.create(model="sahabat-ai", prompt=prompts, max_tokens=6, temperature=0, echo=True)
     assert through.model == EMBEDDED_ID
     assert [c.text for c in through.choices] == [p + c.text for p, c in zip(prompts, direct.choices, strict=True)]
@@ -277,17 +268,17 @@ def test_penalties_min_p_and_logprobs_go_through_the_upstream(front: LiveServer,
         "top_logprobs": 2,
         "extra_body": {"min_p": 0.1},
     }
-    direct = client_for(upstream).chat.completions.create(**fields)
-    through = client_for(front).chat.completions.create(**fields)
+    direct = openai_client(upstream).chat.completions.create(**fields)
+    through = openai_client(front).chat.completions.create(**fields)
     assert through.choices[0].message.content == direct.choices[0].message.content
-    plain = client_for(front).chat.completions.create(**{**fields, "frequency_penalty": 0, "presence_penalty": 0})
+    plain = openai_client(front).chat.completions.create(**{**fields, "frequency_penalty": 0, "presence_penalty": 0})
     assert plain.choices[0].message.content != through.choices[0].message.content  # the penalties reached it
     got, want = through.choices[0].logprobs, direct.choices[0].logprobs
     assert got is not None and want is not None and got.content and want.content
     assert [(t.token, t.logprob, len(t.top_logprobs)) for t in got.content] == [
         (t.token, t.logprob, len(t.top_logprobs)) for t in want.content
     ]
-    chunks = list(client_for(front).chat.completions.create(**fields, stream=True))
+    chunks = list(openai_client(front).chat.completions.create(**fields, stream=True))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
     assert [t.token for t in streamed] == [t.token for t in got.content]
 
@@ -298,7 +289,7 @@ def test_what_the_upstream_refuses_is_our_400_with_its_message(front: LiveServer
     assert response.status_code == 400
     assert "MAX_NEW_TOKENS_CAP" in response.json()["detail"] and str(UPSTREAM_CAP) in response.json()["detail"]
     with pytest.raises(openai.BadRequestError) as raised:
-        client_for(front).chat.completions.create(
+        openai_client(front).chat.completions.create(
             model="sahabat-ai", messages=[{"role": "user", "content": "hi"}], max_tokens=UPSTREAM_CAP + 100
         )
     assert "MAX_NEW_TOKENS_CAP" in raised.value.body["message"]
@@ -330,7 +321,7 @@ def test_disconnect_cancels_the_upstream_generation(front: LiveServer, upstream:
 
 def test_openai_stream_disconnect_cancels_upstream(front: LiveServer, upstream: LiveServer) -> None:
     before = upstream.engine.generated_tokens_total
-    oai = client_for(front)
+    oai = openai_client(front)
     stream = oai.chat.completions.create(
         model="sahabat-ai",
         messages=[{"role": "user", "content": "Write a very long story."}],
@@ -651,7 +642,7 @@ def test_5xx_is_a_502_json_error_on_both_apis(fake_upstream: tuple[str, list[dic
         oai = post(front, "/v1/chat/completions", {"messages": [{"role": "user", "content": "boom"}]})
         assert oai.status_code == 502 and oai.json()["error"]["type"] == "upstream_error"
         # A stream cut after its first deltas: the SSE error event, in each API's shape.
-        deltas, others = spec_stream(front, "/api/v1/generate-text", {"text": "cut", "stream": True})
+        deltas, others, _ = spec_stream_events(front, "/api/v1/generate-text", {"text": "cut", "stream": True})
         assert deltas == ["Halo", " dunia"] and others[-1][0] == "error"
         assert json.loads(others[-1][1])["status"] == 502
         with httpx.stream(
@@ -707,7 +698,7 @@ print("HEAVY", heavy, type(engine).__name__)
 
 def test_remote_mode_imports_no_torch() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", NO_TORCH_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", NO_TORCH_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "HEAVY [] RemoteEngine" in result.stdout, result.stdout
@@ -729,7 +720,7 @@ runpy.run_path("app.py", run_name="__main__")
 
 
 def front_image_excludes() -> list[str]:
-    lines = (REPO / "deploy" / "requirements-front.exclude").read_text().splitlines()
+    lines = (ROOT / "deploy" / "requirements-front.exclude").read_text().splitlines()
     return [line.split("=")[0].strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
@@ -752,7 +743,7 @@ def test_app_starts_in_remote_mode_without_model_packages(upstream: LiveServer) 
     started = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-c", BLOCKED_APP, ",".join(sorted(blocked))],
-        cwd=REPO,
+        cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -793,7 +784,7 @@ def test_remote_overhead_bench_runs(tmp_path: Path) -> None:
     argv += ["--synthetic-interval-ms", "1", "--json", str(out)]
     result = subprocess.run(
         [sys.executable, "bench/remote_overhead.py", *argv],
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from inference import GenerationRequest, GenerationResult
 from inference.engines.base import LocalEngine
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY, AUTH, ForcedFault, engine_for
+from tests.helpers import API_KEY, AUTH, ForcedFault, engine_for
 from webapp.middleware.observability import JsonFormatter, TextFormatter
 from webapp.server import create_app
 from webapp.settings import Settings

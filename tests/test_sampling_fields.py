@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import copy
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +21,7 @@ from inference import BatchedEngine, GenerationRequest, GenerationResult, Messag
 from inference.engines.base import LocalEngine
 from inference.model.loading import LoadedModel
 from inference.types import TokenLogprob
-from tests.conftest import API_KEY, AUTH, LiveServer
+from tests.helpers import AUTH, LiveServer
 from webapp.settings import Settings
 
 REPETITIVE = "Write the word 'hello' twenty times."  # greedy: "Hello, hello, hello, ..." (20 commas in 40 tokens)
@@ -164,15 +162,6 @@ async def test_tokens_after_a_stop_are_not_reported(shared_engines: dict[str, Lo
 
 
 @pytest.fixture(scope="module")
-def model32(embedded_model: LoadedModel) -> LoadedModel:
-    """float32 (see tests/test_batching.py): batched greedy rows equal lone ones whatever the batch holds."""
-    import torch
-
-    model = copy.deepcopy(embedded_model.model).to(torch.float32).eval()
-    return LoadedModel(model, embedded_model.tokenizer, dataclasses.replace(embedded_model.info, dtype="float32"))
-
-
-@pytest.fixture(scope="module")
 def engines32(settings: Settings, model32: LoadedModel) -> Iterator[tuple[SequentialEngine, BatchedEngine]]:
     sequential, batched = SequentialEngine(settings, lambda _s: model32), BatchedEngine(settings, lambda _s: model32)
     sequential.load()
@@ -192,10 +181,10 @@ async def test_rows_with_these_features_leave_the_plain_rows_alone(
         request(REPETITIVE, max_new_tokens=16, presence_penalty=1.5, frequency_penalty=1.5, logprobs=4),
         request(DAYS, max_new_tokens=16, temperature=0.9, seed=3, min_p=0.1, frequency_penalty=-1.0, logprobs=0),
     ]
-    batched.max_rows_seen = 0
+    batched.runner.max_rows_seen = 0
     streams = [await batched.submit(req) for req in [featured[0], *plain, featured[1]]]
     results = await asyncio.gather(*(run_stream(stream) for stream in streams))
-    assert batched.max_rows_seen >= 4  # they shared passes
+    assert batched.runner.max_rows_seen >= 4  # they shared passes
     assert [result.text for _, result in results[1:4]] == expected
     assert len(tokens_of(results[0][0])) == results[0][1].output_length
     assert all(not delta.logprobs for deltas, _ in results[1:4] for delta in deltas)
@@ -212,11 +201,6 @@ async def run_stream(stream: Any) -> tuple[list[TextDelta], GenerationResult]:
 
 
 # --- the routes --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def test_openai_sdk_parses_logprobs_stream_and_not(oai: openai.OpenAI) -> None:

@@ -3,26 +3,18 @@ shutdown timeout and a second signal end the wait for it."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
 
 from inference.model.loading import LoadedModel
+from tests.helpers import APP_AUTH, APP_KEY, Served, start_server
 from webapp.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-shutdown-test-9d2e41"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG_REQUEST = {
     "text": "Hitung dari 1 sampai 500, pisahkan dengan koma. / Count from 1 to 500, separated by commas.",
     "temperature": 0,
@@ -31,61 +23,6 @@ TARGET_GENERATION_S = 8.0  # long enough to signal and probe mid-generation, on 
 # A reply this long runs on for many seconds after its first tokens on any machine that serves this model; a
 # process that waited for it would send its `complete` event, whatever the machine's speed.
 LONG_REPLY_TOKENS = 2000
-
-
-LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
-
-
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    url: str = ""
-    output: list[str] = field(default_factory=list)
-
-    def log(self) -> str:
-        return "".join(self.output)
-
-
-def start_server(settings: Settings, **env: str | None) -> Served:
-    """`python app.py` on a free port, ready; `env` adds variables (None removes one)."""
-    environment: dict[str, str | None] = {
-        **os.environ,
-        "MODEL_ID": "embedded",
-        "MODEL_CACHE_DIR": str(settings.model_cache_dir),  # warmed by the session's model load
-        "HOST": "127.0.0.1",
-        "PORT": "0",  # any free port: the test reads it from the log (no race with other processes)
-        "API_KEYS": KEY,
-        "METRICS_PUBLIC": "true",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        **env,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "app.py"],
-        cwd=ROOT,
-        env={name: value for name, value in environment.items() if value is not None},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    served = Served(process)
-    assert process.stdout is not None
-    stdout = process.stdout
-    threading.Thread(target=lambda: served.output.extend(iter(stdout.readline, "")), daemon=True).start()
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"app.py exited with {process.returncode}:\n{served.log()}")
-        if not served.url:
-            found = LISTENING.search(served.log())
-            served.url = found.group(1) if found else ""
-        try:
-            if served.url and httpx.get(f"{served.url}/ready", timeout=2).status_code == 200:
-                return served
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"app.py was not ready in time:\n{served.log()}")
 
 
 @pytest.fixture
@@ -101,7 +38,7 @@ def tokens_for_a_long_request(url: str) -> int:
     """max_new_tokens that keeps this machine busy for about TARGET_GENERATION_S (measured, not guessed)."""
     started = time.monotonic()
     response = httpx.post(
-        f"{url}/api/v1/generate-text", headers=AUTH, json={**LONG_REQUEST, "max_new_tokens": 8}, timeout=120
+        f"{url}/api/v1/generate-text", headers=APP_AUTH, json={**LONG_REQUEST, "max_new_tokens": 8}, timeout=120
     )
     assert response.status_code == 200, response.text
     per_token = (time.monotonic() - started) / max(1, response.json()["output_length"])
@@ -126,7 +63,7 @@ def test_sigterm_drains_the_in_flight_request_and_exits_0(server: Served) -> Non
     def long_request() -> None:
         response = httpx.post(
             f"{url}/api/v1/generate-text",
-            headers=AUTH,
+            headers=APP_AUTH,
             json={**LONG_REQUEST, "max_new_tokens": max_new_tokens},
             timeout=600,
         )
@@ -147,7 +84,7 @@ def test_sigterm_drains_the_in_flight_request_and_exits_0(server: Served) -> Non
     # Draining: still listening, refusing new work with a clear 503, not ready, alive.
     ready = httpx.get(f"{url}/ready", timeout=5)
     assert ready.status_code == 503 and ready.json()["status"] == "stopping"
-    refused = httpx.post(f"{url}/api/v1/chat", headers=AUTH, json={"text": "Halo", "max_new_tokens": 2}, timeout=10)
+    refused = httpx.post(f"{url}/api/v1/chat", headers=APP_AUTH, json={"text": "Halo", "max_new_tokens": 2}, timeout=10)
     assert refused.status_code == 503, refused.text
     assert "shutting down" in refused.json()["detail"] and int(refused.headers["Retry-After"]) > 0
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
@@ -162,7 +99,7 @@ def test_sigterm_drains_the_in_flight_request_and_exits_0(server: Served) -> Non
     assert server.process.wait(60) == 0, server.log()
     log = server.log()
     assert "shutdown requested" in log
-    assert KEY not in log
+    assert APP_KEY not in log
 
 
 def read_reply(url: str, stream: bool, seen: dict[str, object]) -> None:
@@ -170,7 +107,7 @@ def read_reply(url: str, stream: bool, seen: dict[str, object]) -> None:
     seen.update(deltas=0, complete=False)
     body = {**LONG_REQUEST, "max_new_tokens": LONG_REPLY_TOKENS, "stream": stream}
     try:
-        with httpx.stream("POST", f"{url}/api/v1/generate-text", headers=AUTH, json=body, timeout=600) as response:
+        with httpx.stream("POST", f"{url}/api/v1/generate-text", headers=APP_AUTH, json=body, timeout=600) as response:
             seen["status"] = response.status_code
             for line in response.iter_lines():
                 if line == "event: delta":

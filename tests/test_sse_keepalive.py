@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
-from tests.conftest import API_KEY, AUTH, LiveServer, sse_events_from_lines
+from tests.helpers import AUTH, LiveServer, openai_client, sse_events_from_lines
 from webapp.api import sse
 
 PING_SECONDS = 0.001
@@ -43,7 +42,7 @@ def test_spec_stream_carries_pings_and_the_events_are_unchanged(live_server: Liv
 
 
 def test_the_official_client_reads_a_pinged_stream(live_server: LiveServer, pinging: None) -> None:
-    oai = openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    oai = openai_client(live_server, timeout=120)
     messages = [{"role": "user", "content": "Sebutkan tiga pulau di Indonesia."}]
     with httpx.stream(
         "POST",

@@ -3,40 +3,13 @@ client, stop sequences on all generation routes, and cancellation when a client 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-
 import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, AUTH, LiveServer, both_engines, sse_events_from_lines
+from tests.helpers import AUTH, LiveServer, both_engines, spec_stream, sse_events
 
 pytestmark = both_engines  # the engine users get (batched), and the sequential one: the same behaviour
-
-
-def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs, parsed the way `curl -N` users read them."""
-    yield from sse_events_from_lines(response.iter_lines())
-
-
-@pytest.fixture(scope="module")
-def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
-
-
-def spec_stream(live_server: LiveServer, path: str, body: dict) -> tuple[list[str], dict, httpx.Response]:
-    with httpx.stream("POST", f"{live_server.base_url}{path}", headers=AUTH, json=body, timeout=600) as response:
-        assert response.status_code == 200, response.read()
-        deltas, final = [], {}
-        for event, data in sse_events(response):
-            if event == "delta":
-                deltas.append(json.loads(data)["delta"])
-            elif event == "complete":
-                final = json.loads(data)
-            else:
-                pytest.fail(f"unexpected event {event}: {data}")
-        return deltas, final, response
 
 
 @pytest.mark.parametrize("path", ["/api/v1/generate-text", "/api/v1/chat"])

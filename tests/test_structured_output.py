@@ -21,11 +21,12 @@ import jsonschema
 import openai
 import pytest
 
-from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, ResponseFormat, sampling
-from inference import grammar as grammar_module
+from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, ResponseFormat
 from inference.engines.remote import RemoteEngine
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY, LiveServer, both_engines, engine_for, start_live_server
+from inference.sampling import grammar as grammar_module
+from inference.sampling import sampler as sampling
+from tests.helpers import API_KEY, LiveServer, both_engines, engine_for, openai_client, start_live_server
 from webapp.settings import Settings
 
 PERSON = {
@@ -76,17 +77,13 @@ SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
 ENOUGH_TOKENS = 60  # every schema above closes well within this (greedy, measured: 10-40 tokens)
 
 
-def sdk(live: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
-
-
 def schema_format(schema: dict[str, Any], strict: bool = True) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": strict}}
 
 
 def ask(live: LiveServer, prompt: str, response_format: dict[str, Any], **fields: Any) -> Any:
     fields = {"temperature": 0, "max_tokens": ENOUGH_TOKENS, **fields}
-    return sdk(live).chat.completions.create(
+    return openai_client(live).chat.completions.create(
         model="sahabat-ai",
         messages=[{"role": "user", "content": prompt}],
         response_format=response_format,  # type: ignore[arg-type]
@@ -278,9 +275,9 @@ async def test_a_constrained_row_leaves_the_plain_rows_unchanged(
         temperature=0.0,
         response_format=ResponseFormat("json_schema", json.dumps(schema)),
     )
-    batched32.max_rows_seen = 0
+    batched32.runner.max_rows_seen = 0
     *together, structured = await generate_together(batched32, [plain(text) for text in PLAIN] + [constrained])
-    assert batched32.max_rows_seen == 4  # they shared passes
+    assert batched32.runner.max_rows_seen == 4  # they shared passes
     assert [r.text for r in together] == [r.text for r in alone]
     jsonschema.validate(json.loads(structured.text), schema)
     assert structured.finish_reason == "stop"

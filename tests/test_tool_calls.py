@@ -1,9 +1,10 @@
-"""Tool calls on /v1/chat/completions (webapp/api/openai/tools.py): the generic format, constrained calls, history, errors.
+"""Tool calls on /v1/chat/completions (webapp/api/openai/tools.py): the generic format, constrained calls, history,
+errors.
 
 The tests marked `needs_grammar` need constrained decoding in the engines (GenerationRequest.response_format,
-inference/sampling/grammar.py): `required` and named tool choices are forced through it, so they pass once the engines honour
-`response_format`. The rest (parsing, prompt rendering on both templates, streaming of text replies, errors) do not.
-"""
+inference/sampling/grammar.py): `required` and named tool choices are forced through it, so they pass once the engines
+honour `response_format`. The rest (parsing, prompt rendering on both templates, streaming of text replies, errors) do
+not."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from bench.gemma_shape import build_tokenizer
 from inference import GenerationResult, Message, TextDelta
 from inference.model.loading import LoadedModel
 from inference.text.prompt import PromptBuilder
-from tests.conftest import AUTH, LiveServer
+from tests.helpers import AUTH, LiveServer
 from webapp.api.openai.protocol import OpenAIChatCompletionRequest
 from webapp.api.openai.tools import ToolCalls, ToolUse, call_schema
 
@@ -78,11 +79,6 @@ CALL_HISTORY = [
 
 def use(**body: object) -> ToolUse:
     return ToolUse(OpenAIChatCompletionRequest.model_validate({"messages": QUESTION, "tools": TOOLS, **body}))
-
-
-@pytest.fixture(scope="module")
-def oai(live_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key=AUTH["Authorization"][7:], max_retries=0)
 
 
 def assert_valid_call(call: object, names: set[str]) -> dict:
@@ -149,7 +145,7 @@ def test_anything_else_is_text(body: dict, text: str) -> None:
 
 
 def test_the_constraint_accepts_exactly_calls_of_the_chosen_tools() -> None:
-    required = json.loads(use(tool_choice="required").response_format().schema)  # type: ignore[union-attr]
+    required = json.loads(use(tool_choice="required").response_format.schema)  # type: ignore[union-attr]
     good = {
         "tool_calls": [
             {"name": "add", "arguments": {"a": 1, "b": 2}},
@@ -167,7 +163,7 @@ def test_the_constraint_accepts_exactly_calls_of_the_chosen_tools() -> None:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, required)
     named = use(tool_choice={"type": "function", "function": {"name": "add"}}, parallel_tool_calls=False)
-    schema = json.loads(named.response_format().schema)  # type: ignore[union-attr]
+    schema = json.loads(named.response_format.schema)  # type: ignore[union-attr]
     jsonschema.validate({"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}, schema)
     with pytest.raises(jsonschema.ValidationError):  # only the named tool
         jsonschema.validate(
@@ -175,7 +171,7 @@ def test_the_constraint_accepts_exactly_calls_of_the_chosen_tools() -> None:
         )
     with pytest.raises(jsonschema.ValidationError):  # one call without parallel_tool_calls
         jsonschema.validate({"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}] * 2}, schema)
-    assert use().response_format() is None and use(tool_choice="none").response_format() is None
+    assert use().response_format is None and use(tool_choice="none").response_format is None
 
 
 def test_refs_in_a_tool_schema_still_resolve_inside_the_call_schema() -> None:
@@ -237,12 +233,12 @@ def test_history_with_tool_calls_and_results_renders_on_both_templates(
         {"role": "user", "content": "And tomorrow?"},
     ]
     tools = use(messages=history)
-    prompt = rendered(templates[template], tools.messages())  # the template accepts it (Gemma2 raises otherwise)
+    prompt = rendered(templates[template], tools.messages)  # the template accepts it (Gemma2 raises otherwise)
     assert '"name": "get_weather"' in prompt and "Current weather in a city" in prompt  # the tools' description
     assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Jakarta", "unit": "celsius"}}]}' in prompt
     assert "Result of tool call call_abc123 (get_weather):\n31 degrees, sunny" in prompt and "humid" in prompt
     assert prompt.index("Be brief.") < prompt.index("get_weather") < prompt.index("And tomorrow?")
-    none = rendered(templates[template], use(messages=history, tool_choice="none").messages())
+    none = rendered(templates[template], use(messages=history, tool_choice="none").messages)
     assert "Current weather in a city" not in none and "31 degrees, sunny" in none
 
 

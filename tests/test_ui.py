@@ -38,8 +38,8 @@ from webapp.ui.chat import (
     ChatUI,
     banner_markdown,
     clean_history,
-    conversation_of,
     is_note,
+    messages_of_history,
     note,
     stats_note,
 )
@@ -361,7 +361,7 @@ def test_conversation_alternates_roles() -> None:
         note("📊"),
         user("c"),  # unanswered at the end: dropped
     ]
-    assert conversation_of(history) == [Message("user", "b"), Message("assistant", "B1B2")]
+    assert messages_of_history(history) == [Message("user", "b"), Message("assistant", "B1B2")]
 
 
 # ---------------------------------------------------------------- buttons and persistence

@@ -13,7 +13,7 @@ from gradio_client.exceptions import AppError
 
 from inference import GenerationRequest
 from inference.model.loading import LoadedModel
-from tests.conftest import AUTH, LiveServer, engine_for, start_live_server
+from tests.helpers import AUTH, LiveServer, engine_for, start_live_server
 from webapp.settings import DEFAULT_CHAT_SYSTEM_MESSAGE, Settings
 
 USER, PASSWORD = "tamu", "rahasia-0123"
@@ -37,12 +37,12 @@ def guarded_server(embedded_model: LoadedModel) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="module")
-def client(open_server: LiveServer) -> Client:
+def ui_client(open_server: LiveServer) -> Client:
     return Client(open_server.base_url + "/", verbose=False)
 
 
-def test_view_api_lists_chat_and_only_chat(client: Client) -> None:
-    info = client.view_api(print_info=False, return_format="dict")
+def test_view_api_lists_chat_and_only_chat(ui_client: Client) -> None:
+    info = ui_client.view_api(print_info=False, return_format="dict")
     assert list(info["named_endpoints"]) == ["/chat"]
     assert info["unnamed_endpoints"] == {}
     parameters = info["named_endpoints"]["/chat"]["parameters"]
@@ -52,8 +52,8 @@ def test_view_api_lists_chat_and_only_chat(client: Client) -> None:
     assert len(returns) == 1 and returns[0]["type"]["type"] == "string"
 
 
-def test_predict_returns_the_reply_of_the_embedded_model(client: Client, open_server: LiveServer) -> None:
-    reply = client.predict("Halo! Apa kabar?", max_new_tokens=8, temperature=0, api_name="/chat")
+def test_predict_returns_the_reply_of_the_embedded_model(ui_client: Client, open_server: LiveServer) -> None:
+    reply = ui_client.predict("Halo! Apa kabar?", max_new_tokens=8, temperature=0, api_name="/chat")
     assert isinstance(reply, str) and reply.strip()
     # Greedy, on the same engine as the API, with the default system message: the words /v1 gives for the same turns.
     body = {
@@ -68,7 +68,7 @@ def test_predict_returns_the_reply_of_the_embedded_model(client: Client, open_se
     assert reply == api["choices"][0]["message"]["content"]
 
 
-def test_the_message_alone_is_enough(client: Client, open_server: LiveServer) -> None:
+def test_the_message_alone_is_enough(ui_client: Client, open_server: LiveServer) -> None:
     """The call the README shows, defaults for the rest (max_new_tokens capped at 16 on this server); and the raw
     HTTP form of it (Gradio's /gradio_api/call/chat, two requests: the call, then its result as SSE). Each call is
     one request of the engine with its own request id (the engine's logs and a remote upstream carry it)."""
@@ -79,8 +79,8 @@ def test_the_message_alone_is_enough(client: Client, open_server: LiveServer) ->
 
     open_server.engine.add_result_listener(listener)
     try:
-        assert client.predict("Halo!", api_name="/chat").strip()
-        assert client.predict("Halo!", "", 2, 0).strip()  # the only endpoint: gradio_client finds it without its name
+        assert ui_client.predict("Halo!", api_name="/chat").strip()
+        assert ui_client.predict("Halo!", "", 2, 0).strip()  # the only endpoint: gradio_client finds it unnamed
         call = httpx.post(
             f"{open_server.base_url}/gradio_api/call/chat", json={"data": ["Halo!", "", 4, 0]}, timeout=30
         )
@@ -92,7 +92,7 @@ def test_the_message_alone_is_enough(client: Client, open_server: LiveServer) ->
     assert len(seen) == 3 and all(seen) and len(set(seen)) == 3, seen
 
 
-def test_bad_inputs_are_clear_errors(client: Client) -> None:
+def test_bad_inputs_are_clear_errors(ui_client: Client) -> None:
     cases = {
         "message: must be a non-empty string": {"message": "  "},
         "max_new_tokens: must be at most 16 (MAX_NEW_TOKENS_CAP)": {"message": "Halo", "max_new_tokens": 17},
@@ -101,7 +101,7 @@ def test_bad_inputs_are_clear_errors(client: Client) -> None:
     }
     for expected, inputs in cases.items():
         with pytest.raises(AppError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-            client.predict(**inputs, api_name="/chat")
+            ui_client.predict(**inputs, api_name="/chat")
 
 
 def test_gradio_auth_guards_the_endpoint(guarded_server: LiveServer) -> None:

@@ -8,44 +8,24 @@ Chromium comes from apt (`make browser`); `playwright install` is never needed.
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from inference import BatchedEngine, GenerationRequest, SequentialEngine, StreamEvent
 from inference.model.loading import LoadedModel
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY, ROOT, TIMEOUT_MS, serve, skip_without_chromium
 from webapp.server import create_app
 from webapp.settings import Settings
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-TIMEOUT_MS = 60_000  # generous: CI machines are small and shared
+ARTIFACTS = ROOT / "test-artifacts"
 
-if not Path(CHROMIUM).exists():
-    message = f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)"
-    if os.environ.get("CI"):
-        raise RuntimeError(message)  # in CI the browser tests must run, not be skipped
-    pytest.skip(message, allow_module_level=True)
+skip_without_chromium()
 
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -78,29 +58,6 @@ class CountingSequentialEngine(Counting, SequentialEngine):
     """ENGINE=sequential, counting finished generations."""
 
 
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` with uvicorn in a thread on a free loopback port; yield its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def ui_engine(settings: Settings, embedded_model: LoadedModel) -> CountingEngine:
     engine = CountingEngine(settings, loader=lambda _settings: embedded_model)
@@ -114,14 +71,11 @@ def url(settings: Settings, ui_engine: CountingEngine) -> Iterator[str]:
         yield base_url
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    for old in ARTIFACTS.glob("*.png"):  # screenshots of this run only
+@pytest.fixture(scope="module", autouse=True)
+def screenshots_of_this_run_only() -> None:
+    """test-artifacts/ keeps the screenshots of this run only: older ones go before the module's first test."""
+    for old in ARTIFACTS.glob("*.png"):
         old.unlink()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

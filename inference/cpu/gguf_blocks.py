@@ -211,17 +211,18 @@ def q8_0_head(model: Any, gguf: Path | list[GGUFTensor]) -> np.ndarray | None:
 
 
 def serve_gguf_blocks(model: Any, gguf: Path, cache_dir: Path | None, isa: str) -> Any:
-    """Build the native path for `model` (loaded from `gguf`) from the file's own blocks: its NativeStep.
+    """Build the native path for `model` (loaded from `gguf`) from the file's own blocks: its NativeForward.
 
-    inference.cpu.native_forward.NativeBuildError when it cannot be (a tensor that is not the loaded weight, no compiler).
+    NativeBuildError (inference/cpu/native_build.py) when it cannot be (a tensor that is not the loaded weight, no
+    compiler).
     """
     from inference.cpu.native_build import NativeBuildError
-    from inference.cpu.native_forward import install
+    from inference.cpu.native_forward import attach
 
     tensors = gguf_tensors(gguf)  # the index, read once for both
     blocks = q4_1_blocks(model, tensors)
     if not blocks:
         raise NativeBuildError("the model's linear layers have no Q4_1 blocks")
-    step = install(model, blocks, q8_0_head(model, tensors), cache_dir, isa)
+    step = attach(model, blocks, q8_0_head(model, tensors), cache_dir, isa)
     logger.debug("native forward pass: %.0f MB of blocks", step.nbytes / 1e6)
     return step

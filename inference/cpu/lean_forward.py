@@ -7,7 +7,7 @@ with far fewer calls: q/k/v and gate/up are each one prepacked oneDNN matmul ove
 embedding is applied to queries and keys together, and the attention mask and rotary tables are built once
 per pass instead of once per layer.
 
-A pass also carries prompts next to the decoding rows (`LlamaDecoder.forward`), whole or a chunk of a long one:
+A pass also carries prompts next to the decoding rows (`LeanForward.forward`), whole or a chunk of a long one:
 every token goes through the matmuls together, so a newcomer's prefill reads the weights once with the running
 rows' step instead of in a pass of its own (~25-40 ms saved per joining request here), and prompts need no
 padding (each attends over its own cache). A decoding step alone or a lone prompt gives exactly transformers'
@@ -15,7 +15,7 @@ bits (tested).
 
 This is the `lean` path (inference/cpu/paths.py): a Llama model on CPU, in bf16 where the CPU has native bf16 matmuls
 or in float32, where the native path (inference/cpu/native_forward.py, the embedded GGUF's own blocks) does not serve.
-`LlamaDecoder.supports` checks the model: bf16 or float32 on CPU with plain linears and default rotary embedding.
+`LeanForward.supports` checks the model: bf16 or float32 on CPU with plain linears and default rotary embedding.
 Everything else (Gemma2, quantized
 weights, GPUs) runs transformers' forward.
 The decoder snapshots the weights when it is built: it is for serving, not for a model being edited.
@@ -47,7 +47,7 @@ def bucket_rows(count: int) -> int:
     return -(-count // step) * step
 
 
-class LlamaDecoder:
+class LeanForward:
     """Lean passes over transformers caches, for a bf16 or float32 Llama model on CPU."""
 
     @staticmethod
@@ -83,7 +83,7 @@ class LlamaDecoder:
 
     def __init__(self, model: Any) -> None:
         if not self.supports(model):
-            raise ValueError("LlamaDecoder needs a bf16 or float32 Llama model on CPU with plain linear layers")
+            raise ValueError("LeanForward needs a bf16 or float32 Llama model on CPU with plain linear layers")
         config = model.config
         decoder = model.model
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)

@@ -1,20 +1,17 @@
 """Forward passes of the embedded model as one native call each (inference/cpu/native/forward.c): the `native` path.
 
-With the GGUF's 4-bit blocks a 1-row step of the 135M model reads ~60 MB, yet it took ~9 ms in torch: ~3 ms in the
-int4 matmuls, 1.3 ms in the bf16 head, the rest in ~700 small tensor ops and Python calls (norms, rotary, cache
-appends, attention, adds) that each cost microseconds of dispatch for a few hundred floats of work. llama.cpp does
-the step in one C loop; so does this. One call runs the 30 layers and the head over every token of a pass, decoding
-rows and prompt chunks alike: the GGUF's own Q4_1 blocks (and the tied head's Q8_0 ones) regrouped 8 output rows at
-a time at load, activations quantised per block of 32 to 8 bits (llama.cpp's arithmetic for this file), norms,
-rotary embedding and attention in float32, each token's key and value written into the caller's cache (bf16 or
-float32, the model's dtype). No bf16 hardware is needed, so it serves every x86-64 CPU with AVX2+FMA+F16C; the
-per-pass timings per CPU class are in docs/cpu-paths.md.
+One call runs the 30 layers and the head over every token of a pass, decoding rows and prompt chunks alike, as
+llama.cpp does (why, measured: docs/cpu-paths.md#the-measurements-behind-the-code): the GGUF's own Q4_1 blocks (and
+the tied head's Q8_0 ones) regrouped 8 output rows at a time at load, activations quantised per block of 32 to 8
+bits (llama.cpp's arithmetic for this file), norms, rotary embedding and attention in float32, each token's key and
+value written into the caller's cache (bf16 or float32, the model's dtype). No bf16 hardware is needed, so it serves
+every x86-64 CPU with AVX2+FMA+F16C.
 
 The C file is compiled at load by the system C compiler (inference/cpu/native_build.py). No compiler, not x86-64 with
-AVX2, or a failed build: a warning, and the path in force falls back (cpu_path.fell_back).
+AVX2, or a failed build: a warning, and the path in force falls back (inference/cpu/paths.py `fell_back`).
 
-Both engines take it: the batched engine's lean loop runs every pass through `NativeStep.forward`, and the model's
-forward hands plain decoding steps and single-row prefills to it (`install`: the sequential engine's `generate`, the
+Both engines take it: the batched engine's lean loop runs every pass through `NativeForward.forward`, and the model's
+forward hands plain decoding steps and single-row prefills to it (`attach`: the sequential engine's `generate`, the
 batched engine with FAST_DECODE=false). Every token's arithmetic is the same whatever else its pass carries, so a
 greedy request gives the same tokens on both engines, alone or in a batch.
 """
@@ -80,7 +77,7 @@ def _pointers(arrays: Sequence[Any]) -> np.ndarray:
     return np.array([a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr() for a in arrays], dtype=np.uint64)
 
 
-class NativeStep:
+class NativeForward:
     """The native forward pass of one Llama model: `forward(decode, prompts)` per pass, `logits` for decoding rows.
 
     `blocks` maps (layer, module name as in transformers, e.g. "self_attn.q_proj") to that linear's Q4_1 blocks,
@@ -194,7 +191,7 @@ class NativeStep:
         starts at column `starts[r]`, after its left padding); appends each row's key and value to it."""
         rows = int(tokens.shape[0])
         if rows < 1 or len(starts) != rows or positions.shape != tokens.shape:
-            raise ValueError("the native step takes 1 or more rows, each with a position and a start")
+            raise ValueError("the native forward takes 1 or more rows, each with a position and a start")
         mask = torch.ones((rows, 1), dtype=torch.long)  # only its row count is read (with `starts`)
         with self._lock:
             logits, _ = self._forward(DecodeRows(tokens, positions, mask, cache), [], list(starts))
@@ -204,7 +201,7 @@ class NativeStep:
     def forward(
         self, decode: DecodeRows | None, prompts: Sequence[PromptRow]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One pass, as inference.cpu.lean_forward.LlamaDecoder.forward: the next-token logits (float32) of the decoding
+        """One pass, as inference.cpu.lean_forward.LeanForward.forward: the next-token logits (float32) of the decoding
         rows (rows, vocab) and of each prompt chunk's last token (prompts, vocab); every cache gets its new keys and
         values. Nothing is appended when the arguments are refused (ValueError)."""
         if decode is None and not prompts:
@@ -301,12 +298,12 @@ class NativeStep:
         return (logits[:decoding] if decoding else None), (logits[decoding:] if prompts else None)
 
 
-# model -> its NativeStep (kept outside the model: a deepcopy or `.to(...)` of the model gets none)
-_steps: weakref.WeakKeyDictionary[Any, NativeStep] = weakref.WeakKeyDictionary()
+# model -> its NativeForward (kept outside the model: a deepcopy or `.to(...)` of the model gets none)
+_steps: weakref.WeakKeyDictionary[Any, NativeForward] = weakref.WeakKeyDictionary()
 
 
-def native_step(model: Any) -> NativeStep | None:
-    """The model's native step (`install`), if it has one built from the weights the model still has."""
+def native_forward_of(model: Any) -> NativeForward | None:
+    """The model's native forward (`attach`), if it has one built from the weights the model still has."""
     step = _steps.get(model)
     if step is None:
         return None
@@ -317,14 +314,14 @@ def native_step(model: Any) -> NativeStep | None:
     return step
 
 
-def install(
+def attach(
     model: Any,
     blocks: dict[tuple[int, str], np.ndarray],
     head: np.ndarray | None,
     cache_dir: Path | None,
     isa: str = "auto",
-) -> NativeStep:
-    """Build the native step for `model` and route its plain decoding and prefill calls through it.
+) -> NativeForward:
+    """Build the native forward for `model` and route its plain decoding and prefill calls through it.
 
     NativeBuildError when the library cannot be built or a linear has no Q4_1 blocks (the path falls back).
     """
@@ -334,7 +331,7 @@ def install(
         raise NativeBuildError(f"head_dim {head_dim} is not a multiple of 8 (forward.c's attention)")
     if len(blocks) != 7 * config.num_hidden_layers:
         raise NativeBuildError(f"{7 * config.num_hidden_layers - len(blocks)} linear layers have no Q4_1 blocks")
-    step = NativeStep(build_library(cache_dir, isa), model, blocks, head)
+    step = NativeForward(build_library(cache_dir, isa), model, blocks, head)
     _steps[model] = step
     if not getattr(type(model), "_routes_to_native_step", False):
         model.__class__ = _routing_class(type(model))
@@ -344,10 +341,10 @@ def install(
 @functools.cache
 def _routing_class(base: type) -> type:
     """`base` (a transformers causal LM class) whose forward hands plain decoding steps and single-row prefills to
-    the model's native step. Named `Native<base>` so a reader of the model's type sees it.
+    the model's native forward. Named `Native<base>` so a reader of the model's type sees it.
 
-    A class, not a wrapper on the instance: a deepcopy of the model shares the class but has no native step of its
-    own (`native_step` is per model object), so its forward is transformers' again.
+    A class, not a wrapper on the instance: a deepcopy of the model shares the class but has no native forward of its
+    own (`native_forward_of` is per model object), so its forward is transformers' again.
     """
 
     @functools.wraps(base.forward)  # `generate` reads the signature to know which arguments the model takes
@@ -378,7 +375,7 @@ _PLAIN = {
 
 
 def _native_call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """Logits (rows, vocab) when this forward call is one the native step can take: one new token per row over a
+    """Logits (rows, vocab) when this forward call is one the native forward can take: one new token per row over a
     filled cache, rows left-padded at most (as `generate` and the batched engine call it), or one row's prompt (or
     its continuation) with only its last logits wanted. None: transformers' forward runs it."""
     if args or torch.is_grad_enabled() or not set(kwargs) <= _PLAIN:
@@ -388,7 +385,7 @@ def _native_call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     input_ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
     if input_ids is None or input_ids.dim() != 2 or not hasattr(cache, "layers"):
         return None
-    step = native_step(model)
+    step = native_forward_of(model)
     if step is None:
         return None
     try:
@@ -401,7 +398,7 @@ def _native_call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     return None
 
 
-def _decoding_step(step: NativeStep, input_ids: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> Any:
+def _decoding_step(step: NativeForward, input_ids: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> Any:
     rows = int(input_ids.shape[0])
     length = cache.get_seq_length()
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
@@ -423,7 +420,7 @@ def _decoding_step(step: NativeStep, input_ids: torch.Tensor, cache: Any, kwargs
     return step.logits(input_ids[:, 0], positions, starts, cache)
 
 
-def _prefill(step: NativeStep, input_ids: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> Any:
+def _prefill(step: NativeForward, input_ids: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> Any:
     length, count = cache.get_seq_length(), int(input_ids.shape[1])
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if mask is not None and not bool(mask.all()):

@@ -1,13 +1,10 @@
 """oneDNN-prepacked linear layers (bf16 or float32) for CPU passes: the `lean` path (inference/cpu/paths.py).
 
-A decoding step of a small model on a CPU is bound by reading the weights: every `nn.Linear` streams its
-whole weight matrix for a handful of rows. `F.linear` hands oneDNN the plain row-major bf16 matrix, which
-it re-blocks on every call; prepacking it once into oneDNN's own blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`, what `torch.compile`'s CPU weight freezing uses) made each
-linear ~1.5x faster for 1-16 rows on the 2-core CPU, bit for bit the same output (`bench/cpu_kernels.py --packed`).
-oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, so bf16 weights are prepacked only where the CPU has
-native bf16 matmuls; float32 weights anywhere (on an AVX2 CPU ~2x faster than `F.linear` at 8 rows, 108 vs 213 us for
-the 1536x576 projection: docs/cpu-paths.md).
+`F.linear` hands oneDNN the plain row-major matrix, which it re-blocks on every call; prepacking it once into
+oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what `torch.compile`'s CPU weight freezing
+uses) gives the same output bit for bit, faster (docs/cpu-paths.md#the-measurements-behind-the-code). oneDNN's bf16
+kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, so bf16 weights are prepacked only where the CPU has native bf16
+matmuls; float32 weights anywhere.
 
 Imported only where torch is loaded (CPU models), so the remote engine and the web layer never import it.
 """

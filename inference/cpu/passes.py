@@ -1,13 +1,15 @@
 """The parts of one forward pass of the batched engine's lean loop: decoding rows and prompt chunks.
 
-Plain data shared by the two lean executors, the native one (inference/cpu/native_forward.py) and the bf16 one
-(inference/cpu/lean_forward.py), and filled by the decode thread (inference/engines/batched/runner.py).
+Plain data shared by the two lean passes, the native one (inference/cpu/native_forward.py) and the torch one
+(inference/cpu/lean_forward.py), and filled by the decode thread (inference/engines/batched/runner.py); `LeanPass`
+is what the decode thread asks of either.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass
@@ -25,7 +27,7 @@ class PromptRow:
     """A prompt, unpadded, prefilled into a cache of its own: whole, or a chunk `ids[start:end]` per pass."""
 
     ids: Any  # (length,) torch long: the whole prompt
-    cache: Any  # a transformers cache (inference.engines.batched.kv_cache.new_cache) holding the prompt's first `start` tokens
+    cache: Any  # a transformers cache (engines/batched/kv_cache.py new_cache) holding the prompt's first `start` tokens
     start: int = 0
     end: int | None = None  # None: to the end of the prompt
 
@@ -34,3 +36,10 @@ class PromptRow:
         if not 0 <= self.start < end <= self.ids.shape[0]:
             raise ValueError(f"bad prompt chunk {self.start}:{end} of {int(self.ids.shape[0])} tokens")
         return self.start, end
+
+
+class LeanPass(Protocol):
+    """One forward pass over the running rows and prompt chunks together: the next-token logits of the decoding rows
+    (rows, vocab) and of each prompt chunk's last token (prompts, vocab); None for a part the pass did not have."""
+
+    def forward(self, decode: DecodeRows | None, prompts: Sequence[PromptRow]) -> tuple[Any, Any]: ...

@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
@@ -96,16 +97,24 @@ def native_possible(isa: str, flags: frozenset[str] | None = None) -> str | None
     return None
 
 
+class DecodePath(StrEnum):
+    """The forward paths a CPU can take (the module docstring says when each applies)."""
+
+    NATIVE = "native"
+    LEAN = "lean"
+    TRANSFORMERS = "transformers"
+
+
 @dataclass(frozen=True)
 class CpuPath:
     """The forward path in force, and why: named in the ready log, the model info and /metrics."""
 
-    name: str  # "native", "lean", "transformers"
+    name: DecodePath
     reason: str
     isa: str  # isa_in_force: the instruction-set class the service uses
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.isa}: {self.reason})"
+        return f"{self.name.value} ({self.isa}: {self.reason})"
 
 
 def wanted(
@@ -121,7 +130,7 @@ def wanted(
     fast_decode: bool,
     flags: frozenset[str] | None = None,
 ) -> CpuPath:
-    """The path to take for a model with these facts, before the native step is built (`fell_back` gives the path
+    """The path to take for a model with these facts, before the native forward is built (`fell_back` gives the path
     when that build fails).
 
     `native` for the embedded GGUF wherever it can be built; `lean` for another Llama model whose weights oneDNN can
@@ -129,13 +138,13 @@ def wanted(
     """
     level = isa_in_force(isa, flags)
     if not cpu:
-        return CpuPath("transformers", "not on a CPU", level)
+        return CpuPath(DecodePath.TRANSFORMERS, "not on a CPU", level)
     if quantized:
-        return CpuPath("transformers", "bitsandbytes layers run their own kernels", level)
+        return CpuPath(DecodePath.TRANSFORMERS, "bitsandbytes layers run their own kernels", level)
     if embedded and gguf_int4:
         why_not = native_possible(isa, flags)
         if why_not is None:
-            return CpuPath("native", "the GGUF's 4-bit blocks, one C call per pass", level)
+            return CpuPath(DecodePath.NATIVE, "the GGUF's 4-bit blocks, one C call per pass", level)
         fallback = _lean_or_not(llama, bf16, pack_cpu_weights, fast_decode, isa, flags)
         return CpuPath(fallback.name, f"native path off: {why_not}; {fallback.reason}", level)
     reason = "GGUF_INT4=false" if embedded else "not the embedded GGUF"
@@ -148,29 +157,29 @@ def _lean_or_not(
 ) -> CpuPath:
     level = isa_in_force(isa, flags)
     if not llama:
-        return CpuPath("transformers", "not a Llama model", level)
+        return CpuPath(DecodePath.TRANSFORMERS, "not a Llama model", level)
     if bf16 and not native_bf16(isa, flags):
-        return CpuPath("transformers", "bf16 without native bf16 matmuls", level)
+        return CpuPath(DecodePath.TRANSFORMERS, "bf16 without native bf16 matmuls", level)
     if not pack:
-        return CpuPath("transformers", "PACK_CPU_WEIGHTS=false", level)
+        return CpuPath(DecodePath.TRANSFORMERS, "PACK_CPU_WEIGHTS=false", level)
     dtype = "bf16" if bf16 else "float32"
     if not fast_decode:
-        return CpuPath("transformers", f"FAST_DECODE=false ({dtype} prepacked linears)", level)
-    return CpuPath("lean", f"lean passes on prepacked {dtype} weights", level)
+        return CpuPath(DecodePath.TRANSFORMERS, f"FAST_DECODE=false ({dtype} prepacked linears)", level)
+    return CpuPath(DecodePath.LEAN, f"lean passes on prepacked {dtype} weights", level)
 
 
-def packs_weights(path_name: str, bf16: bool, llama: bool, pack_cpu_weights: bool, isa: str) -> bool:
+def packs_weights(path_name: DecodePath, bf16: bool, llama: bool, pack_cpu_weights: bool, isa: str) -> bool:
     """Whether the model's linears are prepacked for oneDNN (a second copy of their weights): never on the native
     path; bf16 weights where bf16 matmuls are native (as before issue 25); float32 weights of a Llama model, the
     lean path's (~2x faster matmuls on the AVX2 class). Other float32 models (sahabat-ai's Gemma2 on an AVX2 CPU)
     keep one copy: its 3.7 GB head alone would double."""
-    if path_name == "native" or not pack_cpu_weights:
+    if path_name is DecodePath.NATIVE or not pack_cpu_weights:
         return False
     return native_bf16(isa) if bf16 else llama
 
 
 def fell_back(path: CpuPath, why: str, *, llama: bool, bf16: bool, pack: bool, fast_decode: bool, isa: str) -> CpuPath:
-    """The path once the native step could not be built after all (`why`)."""
+    """The path once the native forward could not be built after all (`why`)."""
     fallback = _lean_or_not(llama, bf16, pack, fast_decode, isa, None)
     return CpuPath(fallback.name, f"native path off: {why}; {fallback.reason}", path.isa)
 

@@ -5,8 +5,8 @@ an error the caller can answer with a status code before any response byte is se
 returned stream then does the generation.
 
 `Engine` is what the web layer talks to; `LocalEngine` adds what both in-process engines share (the model,
-its prompt builder, the context check). The engines: `inference.engines.sequential`, `inference.engines.batched.engine` and
-`inference.engines.remote`; `inference.engines.factory.build_engine` picks one from the settings.
+its prompt builder, the context check). The engines: `sequential`, `batched` and `remote` in this folder;
+`factory.build_engine` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from inference.cpu.paths import CpuPath
 from inference.model.loading import LoadedModel, load_model
 from inference.sampling.grammar import GrammarCompiler, RowGrammar
 from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE
@@ -145,7 +146,7 @@ class LocalEngine(Engine, ABC):
         self.prompt_builder: PromptBuilder | None = None
         self.terminators: list[int] = []
         self.grammars: GrammarCompiler | None = None  # response_format's compiled grammars (set at load)
-        self.cpu_path: Any = None  # inference.cpu.paths.CpuPath in force (set at load; None on a GPU)
+        self.cpu_path: CpuPath | None = None  # the CPU path in force (set at load; None on a GPU)
 
     def load(self) -> None:
         """Blocking load, on the thread that will run the model (see `run_on_model_thread`)."""

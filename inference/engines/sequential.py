@@ -19,8 +19,8 @@ from typing import Any, Literal
 from inference.engines.base import Engine, LocalEngine
 from inference.model.loading import LoadedModel, load_model
 from inference.sampling.logprobs import LogprobRecorder, logprob_streamer
-from inference.sampling.penalties import PenaltyProcessor, uses_penalties
-from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE, choose
+from inference.sampling.penalties import PenaltyProcessor
+from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE, choose, uses_penalties
 from inference.settings import EngineSettings
 from inference.text.reply import ReplyAssembler
 from inference.types import EngineBusy, GenerationFailed, GenerationRequest, GenerationResult, StreamEvent

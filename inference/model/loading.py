@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference.cpu import paths as cpu_path
+from inference.cpu import paths
 from inference.model import memory
 from inference.model.cache import CacheEntry, load_directory, write_plain_copy
 from inference.settings import EMBEDDED_MODEL_ID, SAHABAT_AI_MODEL_ID, EngineSettings
@@ -36,7 +36,7 @@ class LoadedModel:
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     info: ModelInfo
     from_cache: bool = False  # the embedded model's weights came from MODEL_CACHE_DIR, not the GGUF file
-    path: cpu_path.CpuPath | None = None  # the forward path in force (inference/cpu/paths.py); None on a GPU
+    path: paths.CpuPath | None = None  # the forward path in force (inference/cpu/paths.py); None on a GPU
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def resolve_dtype(settings: EngineSettings, has_cuda: bool) -> Any:
         return getattr(torch, settings.dtype)
     if has_cuda:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_path.native_bf16(settings.cpu_isa) else torch.float32
+    return torch.bfloat16 if paths.native_bf16(settings.cpu_isa) else torch.float32
 
 
 def context_length_of(model: Any, tokenizer: Any) -> int:
@@ -253,7 +253,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     path = None
     if device == "cpu":
         path = _set_up_cpu_path(settings, model, dtype, choice.source == EMBEDDED_MODEL_ID, quantization_config)
-        if path.name == "native":
+        if path.name is paths.DecodePath.NATIVE:
             quantization = "Q4_1 GGUF (native forward passes over its blocks; dequantised weights for the rest)"
     info = ModelInfo(
         model_id=model_id,
@@ -262,7 +262,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
         device=device,
         context_length=context_length_of(model, tokenizer),
         is_embedded_demo=choice.source == EMBEDDED_MODEL_ID,
-        decode_path=path.name if path is not None else "transformers",
+        decode_path=(path.name if path is not None else paths.DecodePath.TRANSFORMERS).value,
         cpu_isa=path.isa if path is not None else "",
     )
     logger.info(
@@ -281,9 +281,9 @@ def load_model(settings: EngineSettings) -> LoadedModel:
 
 def _set_up_cpu_path(
     settings: EngineSettings, model: Any, dtype: Any, embedded: bool, quantization_config: Any
-) -> cpu_path.CpuPath:
+) -> paths.CpuPath:
     """Decide the CPU forward path (inference/cpu/paths.py) and prepare the model for it: the native step over the
-    GGUF's blocks, or oneDNN-prepacked linears (cpu_path.packs_weights). Returns the path in force."""
+    GGUF's blocks, or oneDNN-prepacked linears (paths.packs_weights). Returns the path in force."""
     import torch
 
     facts = {
@@ -293,7 +293,7 @@ def _set_up_cpu_path(
         "fast_decode": settings.fast_decode,
         "isa": settings.cpu_isa,
     }
-    path = cpu_path.wanted(
+    path = paths.wanted(
         isa=settings.cpu_isa,
         embedded=embedded,
         llama=facts["llama"],
@@ -304,7 +304,7 @@ def _set_up_cpu_path(
         pack_cpu_weights=settings.pack_cpu_weights,
         fast_decode=settings.fast_decode,
     )
-    if path.name == "native":
+    if path.name is paths.DecodePath.NATIVE:
         from inference.cpu.gguf_blocks import serve_gguf_blocks
         from inference.cpu.native_build import NativeBuildError
 
@@ -314,12 +314,12 @@ def _set_up_cpu_path(
             memory.release_free_heap()  # the unpacked codes' temporaries: ~100 MB of heap holes otherwise (measured)
             return path
         except NativeBuildError as error:
-            path = cpu_path.fell_back(path, str(error), **facts)
+            path = paths.fell_back(path, str(error), **facts)
             logger.warning("the native forward path is off: %s; serving with %s", error, path.name)
-    if cpu_path.packs_weights(path.name, facts["bf16"], facts["llama"], settings.pack_cpu_weights, settings.cpu_isa):
+    if paths.packs_weights(path.name, facts["bf16"], facts["llama"], settings.pack_cpu_weights, settings.cpu_isa):
         from inference.cpu.packed import pack_linears
 
-        dtypes = (torch.float32, torch.bfloat16) if cpu_path.native_bf16(settings.cpu_isa) else (torch.float32,)
+        dtypes = (torch.float32, torch.bfloat16) if paths.native_bf16(settings.cpu_isa) else (torch.float32,)
         logger.debug("prepacked %d linear layers for oneDNN", pack_linears(model, dtypes))
     return path
 
@@ -450,7 +450,7 @@ def check_memory(settings: EngineSettings, source: str, quantization: str, dtype
         return
     dtype_bytes = torch.finfo(dtype).bits // 8
     llama = getattr(config, "model_type", None) == "llama"  # the embedded model too: its native path packs nothing
-    packing = not has_cuda and cpu_path.packs_weights(
+    packing = not has_cuda and paths.packs_weights(
         "", dtype == torch.bfloat16, llama, settings.pack_cpu_weights, settings.cpu_isa
     )
     choices = memory.options(counts, dtype_bytes, packing)

@@ -1,4 +1,4 @@
-"""Per-request scoring and penalties, for both local engines: presence/frequency penalties and token logprobs.
+"""Per-request token logprobs, for both local engines (the penalties they follow: `penalties.py`).
 
 What a reported logprob is: the natural-log softmax of the row's logits AFTER the request's penalties
 (`repetition_penalty`, then `presence_penalty` and `frequency_penalty`) and BEFORE temperature, top-k, top-p and
@@ -6,8 +6,8 @@ min_p. Without penalties this is the model's own distribution (vLLM's default, r
 the temperature, so a greedy and a sampled request over the same text report the same numbers. Both engines compute
 it from the same float32 scores in the same order, so a greedy request reports the same values on either.
 
-- Batched engine: `inference.sampling.sampler.choose` applies `apply_penalties` to the rows that ask (their generated-token
-  counts live on the row, `Slot.counts`) and `score` to the rows with logprobs; the decode thread posts a
+- Batched engine: `sampler.choose` applies `apply_penalties` to the rows that ask (their generated-token counts
+  live on the row, `Slot.counts`) and `score` to the rows with logprobs; the decode thread posts a
   `ScoredToken` instead of a bare token id for those rows.
 - Sequential engine: `PenaltyProcessor` and `LogprobRecorder` are logits processors handed to `generate` (transformers
   runs them after its repetition penalty and before its temperature/top-k/top-p/min_p warpers), and `LogprobStreamer`

@@ -1,4 +1,5 @@
-"""Presence, frequency and repetition penalties: per-row state of the batched pass, and a logits processor for the sequential engine's `generate`."""
+"""Presence and frequency penalties: applied per row in the batched pass, and as a logits processor for the
+sequential engine's `generate` (what a reported logprob sees: `logprobs.py`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ import collections
 from typing import Any
 
 from inference.types import GenerationRequest
-
-
-def uses_penalties(request: GenerationRequest) -> bool:
-    return bool(request.presence_penalty) or bool(request.frequency_penalty)
 
 
 def apply_penalties(scores: Any, counts: dict[int, int], request: GenerationRequest) -> Any:

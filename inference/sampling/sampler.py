@@ -2,8 +2,8 @@
 
 The sequential engine hands `GREEDY_BELOW_TEMPERATURE` to transformers' `generate`; the batched engine samples
 per row here, on the float32 logits, in the order `generate` uses: repetition penalty, (presence and frequency
-penalties, `inference.sampling.logprobs`), temperature, top-k, top-p, min_p. Greedy rows take the argmax. Rows with logprobs
-are scored after the penalties (`inference.sampling.logprobs.score`); rows without any of these take the plain path.
+penalties, `penalties.py`), temperature, top-k, top-p, min_p. Greedy rows take the argmax. Rows with logprobs
+are scored after the penalties (`logprobs.score`); rows without any of these take the plain path.
 Each request has its own `torch.Generator`, so a seeded request samples the same
 tokens whatever else is in the batch.
 """
@@ -16,12 +16,17 @@ from typing import Any, Protocol
 
 from inference.sampling.grammar import apply_masks
 from inference.sampling.logprobs import score
-from inference.sampling.penalties import apply_penalties, uses_penalties
+from inference.sampling.penalties import apply_penalties
 from inference.types import GenerationRequest
 
 # Temperatures below this decode greedily: dividing logits by a subnormal temperature (5e-324 is valid
 # JSON and within 0..2) overflows to inf and the sampler raises on the NaN probabilities.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+def uses_penalties(request: GenerationRequest) -> bool:
+    """Whether a request asks for presence or frequency penalties (only those rows enter `penalties.py`)."""
+    return bool(request.presence_penalty) or bool(request.frequency_penalty)
 
 
 class SampledRow(Protocol):

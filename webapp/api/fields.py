@@ -1,10 +1,15 @@
-"""What every protocol's bodies share: strict request models, valid Unicode text, stop sequences, defaults."""
+"""What every protocol shares: strict request models, valid Unicode text, stop sequences, defaults, and the limits
+every builder checks (MAX_HISTORY_MESSAGES, MAX_TOTAL_CHARS, MAX_NEW_TOKENS_CAP) as 400s naming the field and the
+setting."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+
+from webapp.errors import BadRequest
+from webapp.settings import Settings
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -70,3 +75,26 @@ def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+def check_conversation_limits(
+    settings: Settings, *, history_messages: int, total_chars: int, history_field: str, text_field: str
+) -> None:
+    """MAX_HISTORY_MESSAGES and MAX_TOTAL_CHARS, as 400s naming the field and the setting."""
+    if history_messages > settings.max_history_messages:
+        raise BadRequest(
+            f"{history_field}: {history_messages} earlier messages, above the limit of "
+            f"{settings.max_history_messages} (MAX_HISTORY_MESSAGES)",
+            param=history_field,
+        )
+    if total_chars > settings.max_total_chars:
+        raise BadRequest(
+            f"{text_field}: the messages hold {total_chars} characters together, above the limit of "
+            f"{settings.max_total_chars} (MAX_TOTAL_CHARS)",
+            param=text_field,
+        )
+
+
+def check_max_new_tokens(value: int, cap: int, field: str = "max_new_tokens") -> None:
+    if value > cap:
+        raise BadRequest(f"{field}: must be at most {cap} (MAX_NEW_TOKENS_CAP)", param=field)

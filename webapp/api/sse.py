@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -13,10 +14,15 @@ from webapp.errors import error_status
 SSE_PING_SECONDS = 15
 
 
-async def closing(stream: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
-    """Iterate an engine stream and always close it, so a departed client cancels its generation."""
+async def closing(
+    stream: AsyncIterator[StreamEvent],
+    through: Callable[[AsyncIterator[StreamEvent]], AsyncIterator[Any]] | None = None,
+) -> AsyncIterator[Any]:
+    """Iterate an engine stream (seen `through` a transform, e.g. the tool-call recogniser) and always close the
+    engine's stream at the end, so a departed client cancels its generation. The one place that closes it."""
+    events = stream if through is None else through(stream)
     try:
-        async for event in stream:
+        async for event in events:
             yield event
     finally:
         await stream.aclose()  # type: ignore[attr-defined]

@@ -174,6 +174,7 @@ class RequestObserverMiddleware:
         record = self.observer.begin(scope)
         request_id = record.request_id
         token = _current.set(record)
+        scope.setdefault("state", {})["request_id"] = request_id  # the routes read `request.state.request_id`
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -165,7 +165,7 @@ def note(title: str, detail: str = "", *, collapsed: bool = False) -> dict[str, 
     return {"role": "assistant", "content": detail, "metadata": metadata}
 
 
-def conversation_of(history: Sequence[Mapping[str, Any]]) -> list[Message]:
+def messages_of_history(history: Sequence[Mapping[str, Any]]) -> list[Message]:
     """The finished turns of the chat, as the model should see them.
 
     Notes are skipped; a user message with no reply (it failed or was stopped before any text) is
@@ -332,7 +332,7 @@ class ChatUI:
             return
         options = self.options(system_message, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         system = [Message("system", options.system_message)] if options.system_message else []
-        past = conversation_of(chat[:-1])
+        past = messages_of_history(chat[:-1])
         user = Message("user", chat[-1]["content"])
         dropped = 0
         request_id = new_request_id()  # one id per reply: the engine's logs (and a remote upstream) carry it

@@ -18,8 +18,12 @@ from collections.abc import Awaitable, Callable
 import gradio as gr
 
 from inference import Engine, InferenceError, Message, TextDelta
-from webapp.api.fields import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
-from webapp.api.limits import check_conversation_limits, check_max_new_tokens
+from webapp.api.fields import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    check_conversation_limits,
+    check_max_new_tokens,
+)
 from webapp.errors import BadRequest, error_status
 from webapp.middleware.observability import new_request_id
 from webapp.settings import Settings

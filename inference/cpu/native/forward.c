@@ -13,7 +13,7 @@
  * caller's cache, bf16 or float32 (the model's dtype). The whole pass is one OpenMP parallel region: matrix products,
  * attention and the per-token vector work are split across the threads, which meet at spin barriers (sync_threads).
  *
- * Built by native_step.py with the system C compiler (-O3 -march=<the CPU_ISA in force> -fopenmp): AVX2, FMA and
+ * Built by native_forward.py with the system C compiler (-O3 -march=<the CPU_ISA in force> -fopenmp): AVX2, FMA and
  * F16C, and AVX-512 VNNI's dot product where the CPU has it.
  */
 #include <omp.h>
@@ -237,7 +237,7 @@ static inline __attribute__((always_inline)) void group_values(const float *p, c
 
 /* The `groups` query heads that share one key/value head, over the columns [first, last] of that head's cache:
  * softmax(q k / sqrt(d)) v into o (head h at o + h * hd). score: (groups, ld) scratch, ld > last. hd: a multiple of
- * 8 (native_step.py checks). */
+ * 8 (native_forward.py checks). */
 static void attend(const float *q, const void *kb, const void *vb, int first, int last, int hd, int groups,
                    float scale, float *score, int ld, float *o, const int f32) {
     for (int h0 = 0; h0 < groups; h0 += 3) {

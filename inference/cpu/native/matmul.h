@@ -2,7 +2,7 @@
  *
  * Activations are quantised per block of 32 to 8 bits (scale d, sum s: ggml's Q8_1); a Q4_1 weight block (w = d*q + m)
  * or a Q8_0 one (w = d*q) is multiplied by them in integers, as llama.cpp does for this file. The weights come
- * regrouped 8 output rows at a time (native_step.py `interleave`, `interleave_q8_0`), so one AVX2 dot-product
+ * regrouped 8 output rows at a time (native_forward.py `interleave`, `interleave_q8_0`), so one AVX2 dot-product
  * instruction against 4 broadcast activations advances 8 rows at once and no horizontal sums are needed.
  */
 #ifndef NATIVE_MATMUL_H
@@ -14,7 +14,7 @@
 #include <string.h>
 
 #if !defined(__AVX2__) || !defined(__F16C__) || !defined(__FMA__)
-#error "the native decoding step needs AVX2, FMA and F16C (native_step.py checks the CPU before building it)"
+#error "the native decoding step needs AVX2, FMA and F16C (native_forward.py checks the CPU before building it)"
 #endif
 
 #define QK 32
@@ -80,7 +80,7 @@ static void quantize_q8_1(const float *x, block_q8_1 *y, int n) {
     }
 }
 
-/* The weights come repacked by groups of 8 output rows (native_step.py `interleave`): for each block of 32 inputs a
+/* The weights come repacked by groups of 8 output rows (native_forward.py `interleave`): for each block of 32 inputs a
  * group holds the 8 rows' fp16 scales d, their fp16 minimums m, then 4 chunks of 32 bytes; byte 4j+i of chunk c holds
  * row j's code 8c+i in its low nibble and 8c+4+i in its high nibble. So one vector holds 4 codes of each of the 8 rows
  * and a dot-product instruction against 4 broadcast activations sums them per row: no horizontal sums, 8 rows at once. */

@@ -5,9 +5,9 @@ How it works
   is `EngineBusy` before any response byte, and a request that waits longer than `QUEUE_TIMEOUT` ends
   with `EngineBusy` too.
 - The decode thread owns the model. Each iteration it first admits waiting requests into free slots
-  (at most `MAX_BATCH` running), then hands them to its `BatchRunner` (`inference.engines.batched.runner`), which
-  prefills them and runs one pass over every running row (one token each). The batch's KV cache is in
-  `inference.engines.batched.kv_cache`, per-row sampling in `inference.sampling.sampler`, pass planning in `inference.engines.batched.scheduling`.
+  (at most `MAX_BATCH` running), then hands them to its `BatchRunner` (`runner.py`), which prefills them and
+  runs one pass over every running row (one token each). The batch's KV cache is in `kv_cache.py`, pass planning
+  in `scheduling.py`, per-row sampling in `inference.sampling.sampler`.
 - Token ids go to each request's asyncio queue; the consumer side detokenizes them with the same
   `TextStreamer` logic as the sequential engine and applies stop sequences (`inference.text.reply.ReplyAssembler`),
   so greedy texts match.
@@ -28,6 +28,8 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+from inference.cpu.passes import LeanPass
+from inference.cpu.paths import CpuPath, DecodePath
 from inference.engines.base import LocalEngine
 from inference.engines.batched.runner import BatchRunner, Done, Slot
 from inference.engines.batched.scheduling import AUTO_MAX_BATCH_ACCELERATOR, AUTO_MAX_BATCH_CPU
@@ -98,14 +100,14 @@ class BatchedEngine(LocalEngine):
         device = self.model.get_input_embeddings().weight.device
         if self.settings.max_batch == "auto":
             self.max_batch = AUTO_MAX_BATCH_CPU if device.type == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
-        decoder = lean_executor(self.cpu_path, self.model, self.settings.fast_decode)
+        lean_pass = lean_pass_for(self.cpu_path, self.model, self.settings.fast_decode)
         prefixes = None
-        if decoder is not None and self.cpu_path.name == "native" and self.settings.prefix_cache_tokens:
+        if lean_pass is not None and self.cpu_path.name is DecodePath.NATIVE and self.settings.prefix_cache_tokens:
             from inference.engines.batched.prefix_cache import PrefixCache
 
             prefixes = PrefixCache(self.settings.prefix_cache_tokens)  # exact on the native path only
-        self.runner.attach(self.model, device, decoder, self.terminators, self._pad_token_id(), prefixes)
-        logger.debug("passes run on %s", type(decoder).__name__ if decoder else "transformers' forward")
+        self.runner.attach(self.model, device, lean_pass, self.terminators, self._pad_token_id(), prefixes)
+        logger.debug("passes run on %s", type(lean_pass).__name__ if lean_pass else "transformers' forward")
 
     def run_on_model_thread(self, work: Callable[[], None]) -> None:
         """The decode thread runs `work` (the load) first, then its loop; wait for `work` here."""
@@ -149,32 +151,14 @@ class BatchedEngine(LocalEngine):
         return self._active
 
     @property
-    def decoder(self) -> Any:
-        """The lean decoder (inference.cpu.lean_forward.LlamaDecoder) where it applies, else None: transformers' forward."""
-        return self.runner.decoder
+    def lean_pass(self) -> LeanPass | None:
+        """What runs each iteration as one pass (`lean_pass_for`), else None: transformers' forward."""
+        return self.runner.lean_pass
 
     @property
     def reused_prompt_tokens_total(self) -> int:
         prefixes = self.runner.prefixes
         return 0 if prefixes is None else prefixes.hit_tokens
-
-    @property
-    def max_rows_seen(self) -> int:
-        """The largest batch a step has run (for tests and benchmarks)."""
-        return self.runner.max_rows_seen
-
-    @max_rows_seen.setter
-    def max_rows_seen(self, rows: int) -> None:
-        self.runner.max_rows_seen = rows
-
-    @property
-    def pass_prompt_tokens(self) -> int:
-        """The prompt tokens one lean pass carries at most (`scheduling.PASS_PROMPT_TOKENS`)."""
-        return self.runner.pass_prompt_tokens
-
-    @pass_prompt_tokens.setter
-    def pass_prompt_tokens(self, tokens: int) -> None:
-        self.runner.pass_prompt_tokens = tokens
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         prompt_ids = self.prepare(request)
@@ -337,19 +321,20 @@ class BatchedEngine(LocalEngine):
         self._post_many((slot, error) for slot in slots)
 
 
-def lean_executor(path: Any, model: Any, fast_decode: bool) -> Any:
-    """What runs the lean passes for the CPU path in force (inference/cpu/paths.py): the native step (`native`), the
-    LlamaDecoder (`lean`), or None (transformers' forward, a prefill and a step per iteration)."""
+def lean_pass_for(path: CpuPath | None, model: Any, fast_decode: bool) -> LeanPass | None:
+    """What runs an iteration as one pass for the CPU path in force (inference/cpu/paths.py decides it): the native
+    forward (`native`), the lean Llama forward (`lean`), or None (transformers' forward, a prefill and a step per
+    iteration)."""
     if path is None or not fast_decode:
         return None
-    if path.name == "native":
-        from inference.cpu.native_forward import native_step
+    if path.name is DecodePath.NATIVE:
+        from inference.cpu.native_forward import native_forward_of
 
-        return native_step(model)
-    if path.name == "lean":
-        from inference.cpu.lean_forward import LlamaDecoder
+        return native_forward_of(model)
+    if path.name is DecodePath.LEAN:
+        from inference.cpu.lean_forward import LeanForward
 
-        return LlamaDecoder(model) if LlamaDecoder.supports(model) else None
+        return LeanForward(model) if LeanForward.supports(model) else None
     return None
 
 

@@ -5,7 +5,7 @@ Each iteration (`BatchRunner.run_once`) first admits the newcomers the engine ha
   `scheduling.plan_prefill_groups` picks) into a fresh KV cache, their first token is sampled straight from the
   prefill logits, and they are merged into the running batch. Then ONE decode step runs for every running row
   (one token each).
-- With a lean executor (FAST_DECODE on CPU: the native path's NativeStep, or the lean path's LlamaDecoder;
+- With a lean executor (FAST_DECODE on CPU: the native path's NativeForward, or the lean path's LeanForward;
   inference/cpu/paths.py decides which) an iteration is ONE pass: the running
   rows' decode step and the newcomers' prompts (unpadded, at most `PASS_PROMPT_TOKENS` in all) share the matmuls;
   a newcomer joins the batch after the pass that completes its prompt. A longer prompt is prefilled in chunks over
@@ -21,8 +21,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from inference.cpu.passes import LeanPass, PromptRow
 from inference.engines.batched.kv_cache import Batch, cache_layers, keep_rows, merge_batches, new_cache, truncate_cache
 from inference.engines.batched.scheduling import (
     PASS_PROMPT_TOKENS,
@@ -34,6 +35,13 @@ from inference.engines.batched.scheduling import (
 )
 from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE, choose
 from inference.types import GenerationFailed, GenerationRequest
+
+if TYPE_CHECKING:
+    import torch
+
+    from inference.engines.batched.prefix_cache import PrefixCache
+    from inference.sampling.grammar import RowGrammar
+    from inference.sampling.logprobs import ScoredToken
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +60,18 @@ class Slot:
     request: GenerationRequest
     prompt_ids: list[int]
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Any]
+    queue: asyncio.Queue[Any]  # token ids, ScoredTokens, Done or an InferenceError, as the engine delivers them
     submitted_at: float
     cancelled: bool = False
     generated: int = 0  # tokens sampled so far, the terminator excluded
     admitted_at: float | None = None
-    generator: Any = None  # torch.Generator, made on the logits' device at the first sample
+    generator: torch.Generator | None = None  # made on the logits' device at the first sample
     history: list[int] = field(default_factory=list)  # prompt + output ids, kept for repetition_penalty only
     counts: dict[int, int] | None = None  # output ids' counts, for presence/frequency_penalty only (sampling.choose)
-    scored: Any = None  # the last token's inference.sampling.logprobs.ScoredToken, for rows with logprobs only
-    prompt: Any = None  # inference.cpu.passes.PromptRow while the lean executor prefills it, chunk by chunk
+    scored: ScoredToken | None = None  # the last token's score, for rows with logprobs only
+    prompt: PromptRow | None = None  # while the lean pass prefills it, chunk by chunk
     prefilled: int = 0  # prompt tokens in `prompt.cache` so far
-    grammar: Any = None  # inference.sampling.grammar.RowGrammar of a constrained request (response_format), else None
+    grammar: RowGrammar | None = None  # a constrained request's (response_format)
 
     @property
     def greedy(self) -> bool:
@@ -89,15 +97,13 @@ class BatchRunner:
         self._post_many = post_many
         self._count_tokens = count_tokens
         self.batch = Batch()
-        self.prefilling: list[Slot] = []  # admitted, prompt not yet fully prefilled (lean decoder only)
+        self.prefilling: list[Slot] = []  # admitted, prompt not yet fully prefilled (lean passes only)
         self.pass_prompt_tokens = PASS_PROMPT_TOKENS
         self.max_rows_seen = 0  # the largest batch a step has run (for tests and metrics)
         self.model: Any = None
         self.device: Any = None
-        self.decoder: Any = None  # the lean executor (NativeStep or LlamaDecoder) where one applies, else None
-        self.prefixes: Any = (
-            None  # inference.engines.batched.prefix_cache.PrefixCache on the native path (PREFIX_CACHE_TOKENS)
-        )
+        self.lean_pass: LeanPass | None = None  # what runs an iteration as one pass, else None (transformers')
+        self.prefixes: PrefixCache | None = None  # on the native path (PREFIX_CACHE_TOKENS)
         self.terminators: frozenset[int] = frozenset()
         self.pad_token_id = 0
 
@@ -105,13 +111,13 @@ class BatchRunner:
         self,
         model: Any,
         device: Any,
-        decoder: Any,
+        lean_pass: LeanPass | None,
         terminators: Iterable[int],
         pad_token_id: int,
-        prefixes: Any = None,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         """The loaded model to run (once, before the first `run_once`)."""
-        self.model, self.device, self.decoder, self.prefixes = model, device, decoder, prefixes
+        self.model, self.device, self.lean_pass, self.prefixes = model, device, lean_pass, prefixes
         self.terminators = frozenset(terminators)
         self.pad_token_id = pad_token_id
 
@@ -122,7 +128,7 @@ class BatchRunner:
 
     def run_once(self, newcomers: list[Slot]) -> None:
         """One iteration of the decode loop: admit `newcomers`, then one pass (lean) or prefills and one step."""
-        if self.decoder is not None:
+        if self.lean_pass is not None:
             for slot in newcomers:
                 self._start_from_a_cached_prefix(slot)
             self.prefilling += newcomers
@@ -138,9 +144,6 @@ class BatchRunner:
         if self.prefixes is None:
             return
         import torch
-
-        from inference.cpu.passes import PromptRow
-        from inference.engines.batched.kv_cache import new_cache
 
         cache = new_cache(self.model.config)
         shared = self.prefixes.take(slot.prompt_ids, cache)
@@ -235,7 +238,7 @@ class BatchRunner:
         return plan_prompt_chunks(self.prefilling, self.pass_prompt_tokens)
 
     def _pass(self, chunks: list[tuple[Slot, int]], with_running: bool = True) -> None:
-        """One lean forward (`decoder.forward`): the running rows' next tokens and the prompt chunks together.
+        """One lean forward (`lean_pass.forward`): the running rows' next tokens and the prompt chunks together.
 
         A slot whose chunk ends its prompt gets its first token from the prompt's last logits and joins the batch
         after the pass. If the pass fails, nobody knows whose fault it was: every cache it touched is rolled back,
@@ -243,7 +246,7 @@ class BatchRunner:
         """
         import torch
 
-        from inference.cpu.passes import DecodeRows, PromptRow
+        from inference.cpu.passes import DecodeRows
 
         batch = self.batch
         decode = None
@@ -261,7 +264,7 @@ class BatchRunner:
                 )
             slot.prompt.start, slot.prompt.end = slot.prefilled, end
         try:
-            decode_logits, prompt_logits = self.decoder.forward(decode, [slot.prompt for slot, _ in chunks])
+            decode_logits, prompt_logits = self.lean_pass.forward(decode, [slot.prompt for slot, _ in chunks])
         except Exception as error:
             if decode is not None:
                 truncate_cache(batch.cache, lengths)

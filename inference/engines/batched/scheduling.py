@@ -9,21 +9,19 @@ import math
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-# Prefill batching (see plan_prefill_groups): a forward pass's fixed cost in prompt-token equivalents, measured
-# on the 2-core CPU with the embedded model (~55 ms per pass, ~0.5 ms per prompt token), and a guess for GPUs,
-# where a pass's fixed cost dwarfs the per-token one. The budget caps the padded tokens of one prefill pass.
-# MAX_BATCH=auto. On the 2-core CPU 16 rows gave ~1.5-1.7x the tok/s of 8 at 16 streams (docs/throughput.md);
-# on a GPU each row's KV cache takes GPU memory (~0.34 MB per token for Gemma2-9B), so stay at 8 there.
+# The constants below were measured on a 2-core CPU with the embedded model; the figures and the runs that chose
+# them are in docs/cpu-paths.md#the-measurements-behind-the-code.
+# Prefill batching (plan_prefill_groups): a pass's fixed cost in prompt-token equivalents (a guess for GPUs, where
+# it dwarfs the per-token one); the budget caps the padded tokens of one prefill pass. MAX_BATCH=auto: 16 rows on a
+# CPU, 8 on a GPU, where each row's KV cache takes GPU memory.
 AUTO_MAX_BATCH_CPU = 16
 AUTO_MAX_BATCH_ACCELERATOR = 8
 PREFILL_OVERHEAD_TOKENS_CPU = 100
 PREFILL_OVERHEAD_TOKENS_ACCELERATOR = 1000
 PREFILL_TOKEN_BUDGET = 8192
-# Lean passes (inference/cpu/lean_forward.py) carry the running rows and prompt chunks together. This caps the prompt
-# tokens of one pass (~0.4 ms each on the 2-core CPU): a long prompt is prefilled over several passes, so the running
-# streams get a token at least every ~0.45 s meanwhile instead of stalling for the whole prompt (chunked prefill),
-# while a burst of ordinary prompts (8 chat prompts of 40-200 tokens) still joins in one pass. 512 split such bursts
-# in two (TTFT p95 at 8 clients 1.75-1.85x the single-client one vs 1.52-1.70x with one pass).
+# Lean passes carry the running rows and prompt chunks together; this caps a pass's prompt tokens, so a long prompt
+# is prefilled over several passes while the running streams keep getting tokens (chunked prefill), and a burst of
+# ordinary chat prompts still joins in one pass.
 PASS_PROMPT_TOKENS = 1024
 
 

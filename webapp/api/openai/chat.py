@@ -25,11 +25,10 @@ from webapp.api.openai.protocol import (
     OpenAIResponseMessage,
     OpenAIUsage,
 )
-from webapp.api.openai.tools import ToolCalls, ToolUse, finish_reason, tool_call_deltas
+from webapp.api.openai.tools import ToolCalls, finish_reason, tool_call_deltas
 from webapp.api.sse import closing, sse_json, sse_response
 from webapp.errors import error_status, openai_error_body
 from webapp.middleware.auth import authenticate
-from webapp.middleware.observability import current_request_id
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 
@@ -37,16 +36,15 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 @router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=COMPLETION_RESPONSES)
 async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
-    generation = openai_request(body, request.app.state.settings, request_id=current_request_id())
+    generation, tools = openai_request(body, request.app.state.settings, request_id=request.state.request_id)
     info = engine.ensure_ready()
     check_model(body.model, info)
     stream = await engine.submit(generation)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    tools = ToolUse(body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(
-            tools.events(closing(stream)), completion_id, created, info.model_id, include_usage, body.logprobs
+            closing(stream, through=tools.events), completion_id, created, info.model_id, include_usage, body.logprobs
         )
         return sse_response(chunks)
     tokens = []

@@ -26,7 +26,6 @@ from webapp.api.openai.protocol import COMPLETION_RESPONSES, OpenAIUsage
 from webapp.api.sse import closing, sse_json, sse_response
 from webapp.errors import error_status, openai_error_body
 from webapp.middleware.auth import authenticate
-from webapp.middleware.observability import current_request_id
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 
@@ -63,7 +62,7 @@ class _Choice:
 @router.post("/completions", response_model=Completion, responses=COMPLETION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
-    generations = completion_request(body, request.app.state.settings, request_id=current_request_id())
+    generations = completion_request(body, request.app.state.settings, request_id=request.state.request_id)
     info = engine.ensure_ready()
     check_model(body.model, info)
     streams = await _admit_all(engine, generations)

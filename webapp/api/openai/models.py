@@ -1,4 +1,5 @@
-"""GET /v1/models and /v1/models/{id}, and the `model` names this server answers to, on every OpenAI route: the served model's id and the alias `sahabat-ai`.
+"""GET /v1/models and /v1/models/{id}, and the `model` names this server answers to on every OpenAI route: the
+served model's id and the alias `sahabat-ai`.
 
 Policy (docs/api.md, "Model names"): `GET /v1/models` lists exactly these names; a request body naming any other
 model is a 404 `model_not_found`, as vLLM and OpenAI answer, so a client pointed at the wrong server or asking for a

@@ -225,7 +225,8 @@ class ToolUse:
                 )
         self.choice = "none" if not self.tools else ("named" if self.forced else choice or "auto")
         self.parallel = body.parallel_tool_calls is not False
-        self._history = body.messages
+        self.messages = self._messages(body.messages)  # the prompt's
+        self.response_format = self._call_format()  # the constraint a forced call puts on the reply, else None
 
     @property
     def active(self) -> bool:
@@ -236,9 +237,9 @@ class ToolUse:
     def constrained(self) -> bool:
         return self.choice in ("required", "named")
 
-    def messages(self) -> tuple[Message, ...]:
+    def _messages(self, messages: Sequence[OpenAIChatMessage]) -> tuple[Message, ...]:
         """The prompt's messages: the tools' system text first (when offered), then the rendered history."""
-        history = _render_history(self._history)
+        history = _render_history(messages)
         if not self.active:
             return tuple(history)
         prompt = tools_prompt(self.tools, self.forced, self.choice == "required", self.parallel)
@@ -246,7 +247,7 @@ class ToolUse:
             return (Message(role="system", content=f"{history[0].content}\n\n{prompt}"), *history[1:])
         return (Message(role="system", content=prompt), *history)
 
-    def response_format(self) -> ResponseFormat | None:
+    def _call_format(self) -> ResponseFormat | None:
         if not self.constrained:
             return None
         tools = [t for t in self.tools if self.forced is None or t.function.name == self.forced]
@@ -294,28 +295,26 @@ class ToolUse:
 
     async def events(self, stream: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent | ToolCalls]:
         """The engine's stream with a call recognised: text deltas that may start a call are held back until the
-        reply is known; a call becomes one ToolCalls event before the GenerationResult, else the held deltas pass."""
+        reply is known; a call becomes one ToolCalls event before the GenerationResult, else the held deltas pass.
+        The route closes the engine's stream (`webapp.api.sse.closing`), not this."""
         held: list[TextDelta] = []
         holding = self.active
-        try:
-            async for event in stream:
-                if isinstance(event, TextDelta) and holding:
-                    held.append(event)
-                    if not self.may_be_call("".join(delta.text for delta in held)):
-                        for delta in held:
-                            yield delta
-                        held, holding = [], False
-                    continue
-                if isinstance(event, GenerationResult) and holding:
-                    calls = self.parse(event.text)
-                    if calls:
-                        yield ToolCalls(calls)
-                    else:
-                        for delta in held:
-                            yield delta
-                yield event
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]  # a departed client still cancels the generation
+        async for event in stream:
+            if isinstance(event, TextDelta) and holding:
+                held.append(event)
+                if not self.may_be_call("".join(delta.text for delta in held)):
+                    for delta in held:
+                        yield delta
+                    held, holding = [], False
+                continue
+            if isinstance(event, GenerationResult) and holding:
+                calls = self.parse(event.text)
+                if calls:
+                    yield ToolCalls(calls)
+                else:
+                    for delta in held:
+                        yield delta
+            yield event
 
 
 def finish_reason(result: GenerationResult, calls: tuple[OpenAIToolCall, ...] | None) -> str:

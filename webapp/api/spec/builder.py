@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from inference import GenerationRequest, Message
-from webapp.api.limits import check_conversation_limits, check_max_new_tokens
+from webapp.api.fields import check_conversation_limits, check_max_new_tokens
 from webapp.api.spec.protocol import ChatMessage, TextGenerationRequest
 from webapp.settings import Settings
 
 
-def conversation_of(body: TextGenerationRequest, system_message: str | None) -> list[ChatMessage]:
+def _conversation(body: TextGenerationRequest, system_message: str | None) -> list[ChatMessage]:
     """System message (if any) + history + the new user text: what the model is asked to continue."""
     messages: list[ChatMessage] = []
     if system_message:
@@ -19,8 +19,10 @@ def conversation_of(body: TextGenerationRequest, system_message: str | None) -> 
 
 
 def spec_request(
-    body: TextGenerationRequest, conversation: list[ChatMessage], settings: Settings, *, request_id: str
-) -> GenerationRequest:
+    body: TextGenerationRequest, system_message: str | None, settings: Settings, *, request_id: str
+) -> tuple[GenerationRequest, list[ChatMessage]]:
+    """The request for the engine, and the conversation it continues (the response's `full_conversation`)."""
+    conversation = _conversation(body, system_message)
     history = body.conversation_history or []
     check_conversation_limits(
         settings,
@@ -34,7 +36,7 @@ def spec_request(
     # An explicit value above the cap is an error; the default is lowered to a cap below it.
     max_new_tokens = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(body.max_new_tokens, cap)
     check_max_new_tokens(max_new_tokens, cap)
-    return GenerationRequest(
+    generation = GenerationRequest(
         messages=tuple(Message(role=m.role, content=m.content) for m in conversation),
         max_new_tokens=max_new_tokens,
         temperature=body.temperature,
@@ -48,3 +50,4 @@ def spec_request(
         frequency_penalty=body.frequency_penalty,
         min_p=body.min_p,
     )
+    return generation, conversation

@@ -10,7 +10,7 @@ from sse_starlette import ServerSentEvent
 
 from inference import Engine, GenerationResult, InferenceError, TextDelta
 from webapp.api.fields import ErrorResponse
-from webapp.api.spec.builder import conversation_of, spec_request
+from webapp.api.spec.builder import spec_request
 from webapp.api.spec.protocol import (
     ChatMessage,
     ChatRequest,
@@ -20,7 +20,6 @@ from webapp.api.spec.protocol import (
 )
 from webapp.api.sse import closing, error_event_data, sse_json, sse_response
 from webapp.middleware.auth import authenticate
-from webapp.middleware.observability import current_request_id
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
@@ -55,8 +54,8 @@ async def chat(body: ChatRequest, request: Request):
 
 async def _respond(request: Request, body: TextGenerationRequest, system_message: str | None):
     engine: Engine = request.app.state.engine
-    conversation = conversation_of(body, system_message)
-    generation = spec_request(body, conversation, request.app.state.settings, request_id=current_request_id())
+    settings = request.app.state.settings
+    generation, conversation = spec_request(body, system_message, settings, request_id=request.state.request_id)
     info = engine.ensure_ready()
     stream = await engine.submit(generation)  # a bad or unadmitted request fails here, before any byte is sent
     if body.stream:

@@ -19,12 +19,12 @@ import torch
 from inference import GenerationRequest, Message
 from inference.cpu.gguf_blocks import q4_1_blocks, q4_1_codes, q8_0_head
 from inference.cpu.native_build import NativeBuildError, build_library
-from inference.cpu.native_forward import NativeStep, install, interleave, native_step
+from inference.cpu.native_forward import NativeForward, attach, interleave, native_forward_of
 from inference.cpu.passes import DecodeRows, PromptRow
 from inference.cpu.paths import cpu_flags, isa_in_force, native_possible
 from inference.engines.batched.kv_cache import new_cache
 from inference.model.loading import LoadedModel, embedded_gguf_path, load_model
-from tests.conftest import engine_for
+from tests.helpers import engine_for
 from webapp.settings import Settings
 
 PROMPTS = [
@@ -53,7 +53,7 @@ def prefilled(loaded: LoadedModel, text: str) -> tuple[Any, int, int]:
     """A cache holding `text` as a user's chat turn, natively prefilled: (cache, next token, position)."""
     ids = chat_ids(loaded, text)
     cache = new_cache(loaded.model.config)
-    step = native_step(loaded.model)
+    step = native_forward_of(loaded.model)
     assert step is not None
     with torch.inference_mode():
         _, logits = step.forward(None, [PromptRow(ids, cache)])
@@ -67,7 +67,7 @@ def transformers_forward(model: Any, **kwargs: Any) -> Any:
 
 
 def test_the_served_model_has_it_and_says_so(settings: Settings, served: LoadedModel) -> None:
-    step = native_step(served.model)
+    step = native_forward_of(served.model)
     assert step is not None and step.native_head  # the head's Q8_0 blocks are the tied embedding
     assert served.info.decode_path == "native" and served.path is not None and served.path.name == "native"
     assert served.info.cpu_isa == isa_in_force(settings.cpu_isa)
@@ -104,7 +104,7 @@ def test_its_logits_follow_the_dequantised_model(served: LoadedModel) -> None:
     (Measured, 41 prompt + 32 reply positions, bf16: top-1 agreement 96 %, mean KL 0.006 nats, cosine mean 0.998,
     min 0.92.)"""
     model = served.model
-    step = native_step(model)
+    step = native_forward_of(model)
     assert step is not None
     ids = chat_ids(served, PROMPTS[2])
     with torch.inference_mode():
@@ -135,7 +135,7 @@ def test_its_logits_follow_the_dequantised_model(served: LoadedModel) -> None:
 def test_a_token_gets_the_same_bits_whatever_its_pass_carries(served: LoadedModel) -> None:
     """A prompt prefilled whole, in chunks, or in one pass with decoding rows and another prompt: the same logits
     and cache, bit for bit (every token's arithmetic is its own), so a reply does not depend on its batch."""
-    step = native_step(served.model)
+    step = native_forward_of(served.model)
     assert step is not None
     config = served.model.config
     ids, other = chat_ids(served, PROMPTS[2]), chat_ids(served, PROMPTS[0])
@@ -167,7 +167,7 @@ def test_a_token_gets_the_same_bits_whatever_its_pass_carries(served: LoadedMode
 def test_rows_of_a_padded_batch_get_what_they_get_alone(served: LoadedModel) -> None:
     """Three rows of different lengths, right-aligned in one cache with left padding: each row's logits and new
     cache column are bit for bit what it gets in a pass of its own (every row is computed on its own)."""
-    step = native_step(served.model)
+    step = native_forward_of(served.model)
     assert step is not None
     parts = [prefilled(served, text) for text in PROMPTS]
     longest = max(position for _, _, position in parts)
@@ -193,10 +193,10 @@ def test_the_avx2_build_gives_the_same_bits_as_this_cpus(served: LoadedModel, tm
     VNNI form would overflow there) and this CPU's own build (-march=native; on an AVX2-only CPU the same kernels):
     integer sums either way, so the logits must be the same bits."""
     gguf = embedded_gguf_path()
-    avx2 = NativeStep(
+    avx2 = NativeForward(
         build_library(tmp_path, "avx2"), served.model, q4_1_blocks(served.model, gguf), q8_0_head(served.model, gguf)
     )
-    step = native_step(served.model)
+    step = native_forward_of(served.model)
     assert step is not None
     cache, token, position = prefilled(served, PROMPTS[1])
     other = copy.deepcopy(cache)
@@ -214,7 +214,7 @@ def test_the_avx2_build_gives_the_same_bits_as_this_cpus(served: LoadedModel, tm
 
 
 def test_bad_arguments_are_refused_not_read_out_of_bounds(served: LoadedModel) -> None:
-    step = native_step(served.model)
+    step = native_forward_of(served.model)
     assert step is not None
     cache, token, position = prefilled(served, PROMPTS[0])
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -232,7 +232,7 @@ def test_bad_arguments_are_refused_not_read_out_of_bounds(served: LoadedModel) -
 async def test_the_sequential_engine_runs_every_pass_through_it(settings: Settings, served: LoadedModel) -> None:
     """`generate`'s prefill and its one-token steps go to the native path (the model's forward routes them): a
     request of n tokens makes one native prefill of the whole prompt and n - 1 one-token passes."""
-    step = native_step(served.model)
+    step = native_forward_of(served.model)
     assert step is not None
     calls: list[tuple[int, int]] = []
     real = step._forward
@@ -264,13 +264,13 @@ async def test_a_lone_greedy_request_gives_the_same_text_on_both_engines(
 
 def test_changed_weights_turn_it_off(served: LoadedModel) -> None:
     model = copy.deepcopy(served.model)  # a copy has no native step of its own: give it one
-    assert native_step(model) is None
+    assert native_forward_of(model) is None
     gguf = embedded_gguf_path()
-    step = install(model, q4_1_blocks(model, gguf), q8_0_head(model, gguf), None)
-    assert isinstance(step, NativeStep) and native_step(model) is step
+    step = attach(model, q4_1_blocks(model, gguf), q8_0_head(model, gguf), None)
+    assert isinstance(step, NativeForward) and native_forward_of(model) is step
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight.mul_(2.0)
-    assert native_step(model) is None  # and the model's forward runs transformers' code again
+    assert native_forward_of(model) is None  # and the model's forward runs transformers' code again
     ids = torch.tensor([served.tokenizer.encode(PROMPTS[0])])
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
@@ -300,12 +300,12 @@ async def test_without_the_native_path_the_fallback_serves(
         monkeypatch.setattr(cpu_path, "cpu_flags", lambda: frozenset(cpu_flags() - {"avx2"}))
     with caplog.at_level(logging.INFO, logger="inference.model.loading"):
         loaded = load_model(settings)
-    assert native_step(loaded.model) is None and loaded.info.decode_path == "lean"
+    assert native_forward_of(loaded.model) is None and loaded.info.decode_path == "lean"
     assert loaded.path is not None and "native path off" in loaded.path.reason
     assert "path=lean" in caplog.text
     engine = engine_for(settings, loaded, "batched")
     try:
-        assert type(engine.decoder).__name__ == "LlamaDecoder"
+        assert type(engine.lean_pass).__name__ == "LeanForward"
         request = GenerationRequest(messages=(Message("user", PROMPTS[0]),), max_new_tokens=8, temperature=0.0)
         result = await engine.generate(request)
     finally:
@@ -351,7 +351,7 @@ async def test_a_prompt_starts_from_the_prefix_a_recent_prompt_shared_and_gets_t
 def test_the_prefix_cache_keeps_its_budget_and_never_hands_out_a_whole_prompt(served: LoadedModel) -> None:
     from inference.engines.batched.prefix_cache import PrefixCache
 
-    step = native_step(served.model)
+    step = native_forward_of(served.model)
     assert step is not None
     config = served.model.config
     ids = chat_ids(served, PROMPTS[2])

@@ -1,6 +1,6 @@
-"""The lean passes: the lean Llama decoder (inference/cpu/lean_forward.py, the `lean` path) vs transformers' forward on the
-real embedded model with GGUF_INT4=false (bf16 where the CPU has native bf16 matmuls, else float32), and the batched
-engine's lean loop on the engine users get (the `native` path: its arithmetic is tested in test_native_step.py)."""
+"""The lean passes: the lean Llama forward (inference/cpu/lean_forward.py, the `lean` path) vs transformers' forward on
+the real embedded model with GGUF_INT4=false (bf16 where the CPU has native bf16 matmuls, else float32), and the batched
+engine's lean loop on the engine users get (the `native` path: its arithmetic is tested in test_native_forward.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from inference import BatchedEngine, GenerationRequest, GenerationResult, Message, SequentialEngine
-from inference.cpu.lean_forward import LlamaDecoder, bucket_rows
+from inference import BatchedEngine, GenerationRequest, Message, SequentialEngine
+from inference.cpu.lean_forward import LeanForward, bucket_rows
 from inference.cpu.passes import DecodeRows, PromptRow
 from inference.engines.batched.kv_cache import new_cache
 from inference.model.loading import LoadedModel, load_model
 from inference.types import GenerationFailed, TextDelta
+from tests.helpers import collect
 from webapp.settings import Settings
 
 PROMPTS = [
@@ -55,8 +56,8 @@ def prefill(loaded: LoadedModel, texts: list[str]) -> tuple[Any, torch.Tensor, t
 @pytest.mark.parametrize("texts", [PROMPTS, PROMPTS[:1]], ids=["padded batch", "one row"])
 def test_decoder_steps_equal_transformers_forward_bit_for_bit(lean_model: LoadedModel, texts: list[str]) -> None:
     model = lean_model.model
-    assert LlamaDecoder.supports(model)
-    decoder = LlamaDecoder(model)
+    assert LeanForward.supports(model)
+    decoder = LeanForward(model)
     with torch.inference_mode():
         cache, tokens, positions, mask = prefill(lean_model, texts)
         lean_cache = copy.deepcopy(cache)
@@ -83,7 +84,7 @@ def test_a_mixed_pass_gives_each_part_what_it_gets_alone(lean_model: LoadedModel
     kernel and larger ones with another, which rounds differently. So up to 32 rows the parts must match bit for
     bit; above (3 + 8 + 39 rows, bucketed to 52 with filler rows), up to rounding, with the same greedy choices.
     """
-    decoder = LlamaDecoder(lean_model.model)
+    decoder = LeanForward(lean_model.model)
     config, tokenizer = lean_model.model.config, lean_model.tokenizer
     second = PROMPTS[2] + " " + PROMPTS[1] if long_prompt else "Sebutkan tiga pulau besar di Indonesia."
     newcomers = [torch.tensor(tokenizer.encode(text)) for text in ("Halo! Apa kabar?", second)]
@@ -117,13 +118,13 @@ def test_row_buckets_bound_the_matmul_shapes() -> None:
 
 
 def test_decoder_applies_only_to_bf16_or_float32_llama_on_cpu(lean_model: LoadedModel) -> None:
-    assert LlamaDecoder.supports(lean_model.model)
+    assert LeanForward.supports(lean_model.model)
     other = torch.float32 if lean_model.model.dtype == torch.bfloat16 else torch.bfloat16
-    assert LlamaDecoder.supports(copy.deepcopy(lean_model.model).to(other))
-    assert not LlamaDecoder.supports(copy.deepcopy(lean_model.model).to(torch.float16))
-    assert not LlamaDecoder.supports(object())
+    assert LeanForward.supports(copy.deepcopy(lean_model.model).to(other))
+    assert not LeanForward.supports(copy.deepcopy(lean_model.model).to(torch.float16))
+    assert not LeanForward.supports(object())
     with pytest.raises(ValueError, match="bf16 or float32 Llama"):
-        LlamaDecoder(copy.deepcopy(lean_model.model).to(torch.float16))
+        LeanForward(copy.deepcopy(lean_model.model).to(torch.float16))
 
 
 async def test_batched_engine_uses_it_unless_turned_off(settings: Settings, embedded_model: LoadedModel) -> None:
@@ -143,10 +144,10 @@ async def test_batched_engine_uses_it_unless_turned_off(settings: Settings, embe
         engine = BatchedEngine(chosen, loader=lambda _settings: embedded_model)
         engine.load()
         try:
-            assert (engine.decoder is not None) is fast
+            assert (engine.lean_pass is not None) is fast
             alone[fast] = [(await engine.generate(request)).text for request in requests]
             together[fast] = [result.text for result in await asyncio.gather(*map(engine.generate, requests))]
-            assert engine.max_rows_seen >= 2
+            assert engine.runner.max_rows_seen >= 2
         finally:
             engine.close()
     assert all(alone[True]) and alone[True] == alone[False]
@@ -169,7 +170,7 @@ async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
         running = GenerationRequest(messages=(Message("user", PROMPTS[2]),), max_new_tokens=24, temperature=0.0)
         breaking = GenerationRequest(messages=(Message("user", "BOOM please"),), max_new_tokens=4, temperature=0.0)
         breaking_ids = batched.prepare(breaking)
-        real_forward = batched.decoder.forward
+        real_forward = batched.lean_pass.forward
         failed_passes: list[int] = []
 
         misaligned: list[tuple[int, int]] = []
@@ -187,7 +188,7 @@ async def test_a_failing_pass_fails_only_the_prompt_that_causes_it(
                 raise RuntimeError("exploded")
             return result
 
-        batched.decoder.forward = forward
+        batched.lean_pass.forward = forward
         stream = await batched.submit(running)
         first = await anext(stream)  # the running request has started generating alone
         assert isinstance(first, TextDelta)
@@ -215,18 +216,8 @@ def greedy_request(text: str, max_new_tokens: int = 4) -> GenerationRequest:
     return GenerationRequest(messages=(Message("user", text),), max_new_tokens=max_new_tokens, temperature=0.0)
 
 
-async def collect(stream: Any) -> tuple[list[str], GenerationResult]:
-    deltas: list[str] = []
-    async for event in stream:
-        if isinstance(event, TextDelta):
-            deltas.append(event.text)
-        else:
-            return deltas, event
-    raise AssertionError("the stream ended without a result")
-
-
 def test_a_prompt_prefilled_in_chunks_matches_it_prefilled_whole(lean_model: LoadedModel) -> None:
-    decoder = LlamaDecoder(lean_model.model)
+    decoder = LeanForward(lean_model.model)
     config = lean_model.model.config
     ids = torch.tensor(lean_model.tokenizer.encode(PROMPTS[2] + " " + PROMPTS[1] + " " + PROMPTS[0]))
     with torch.inference_mode():
@@ -250,12 +241,12 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
     batched = BatchedEngine(settings, loader=lambda _settings: embedded_model)
     batched.load()
     try:
-        batched.pass_prompt_tokens = 16
+        batched.runner.pass_prompt_tokens = 16
         long_request = GenerationRequest(
             messages=(Message("user", PROMPTS[2] + " " + PROMPTS[1]),), max_new_tokens=6, temperature=0.0
         )
         long_ids = batched.prepare(long_request)
-        real_forward = batched.decoder.forward
+        real_forward = batched.lean_pass.forward
         chunks_seen: list[tuple[int, int, int]] = []  # (start, end, running rows) of the long prompt's chunks
 
         def forward(decode: DecodeRows | None, prompts: list[PromptRow]) -> Any:
@@ -264,7 +255,7 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
                     chunks_seen.append((*prompt.span(), 0 if decode is None else int(decode.tokens.shape[0])))
             return real_forward(decode, prompts)
 
-        batched.decoder.forward = forward
+        batched.lean_pass.forward = forward
         running = await batched.submit(greedy_request("Tell me a story.", max_new_tokens=40))  # runs past 40
         assert isinstance(await anext(running), TextDelta)
         result = await batched.generate(long_request)
@@ -279,7 +270,7 @@ async def test_a_long_prompt_is_prefilled_over_passes_while_others_stream(
         assert all(rows == 1 for _, _, rows in chunks_seen)  # the running request got a token in every pass
         assert result.output_length > 0 and result.text
         assert running_result.output_length == 40
-        batched.pass_prompt_tokens = 4096
+        batched.runner.pass_prompt_tokens = 4096
         assert (await batched.generate(long_request)).text == result.text  # the same text prefilled whole
     finally:
         batched.close()
@@ -289,7 +280,7 @@ def test_passes_take_the_shortest_remaining_prompts_first_up_to_the_budget(setti
     from inference.engines.batched.runner import Slot
 
     engine = BatchedEngine(settings)  # never loaded: only the planning is exercised
-    engine.pass_prompt_tokens = 40
+    engine.runner.pass_prompt_tokens = 40
     slots = [Slot(greedy_request(str(n)), list(range(n)), None, None, 0.0) for n in (30, 10, 50)]  # type: ignore[arg-type]
     engine.runner.prefilling = list(slots)
     assert engine.runner.plan_prompt_chunks() == [(slots[1], 10), (slots[0], 30)]
@@ -299,7 +290,7 @@ def test_passes_take_the_shortest_remaining_prompts_first_up_to_the_budget(setti
     engine._active = 3
     assert engine.runner.plan_prompt_chunks() == [(slots[2], 50), (slots[0], 30)]
     assert slots[1] not in engine.runner.prefilling and engine._active == 2
-    engine.pass_prompt_tokens = 20
+    engine.runner.pass_prompt_tokens = 20
     assert engine.runner.plan_prompt_chunks() == [(slots[2], 50)]  # no chunk rides along with a completing prompt
     engine.runner.prefilling = [slots[0]]
     assert engine.runner.plan_prompt_chunks() == [(slots[0], 20)]  # alone, a long prompt is split
