@@ -23,7 +23,7 @@ from inference.model.loading import LoadedModel
 from inference.text.prompt import PromptBuilder
 from tests.helpers import AUTH, LiveServer
 from webapp.api.openai.protocol import OpenAIChatCompletionRequest
-from webapp.api.openai.tools import ToolCalls, ToolUse, call_schema
+from webapp.api.openai.tools import MAX_PARALLEL_CALLS, ToolCalls, ToolUse, call_schema
 
 # Constrained decoding (helper G's inference/sampling/grammar.py) is what forces `required` and named choices.
 needs_grammar = pytest.mark.needs_grammar
@@ -174,6 +174,23 @@ def test_the_constraint_accepts_exactly_calls_of_the_chosen_tools() -> None:
     assert use().response_format is None and use(tool_choice="none").response_format is None
 
 
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_a_named_tool_choice_is_exactly_one_call(parallel: bool | None) -> None:
+    """A named function means one call of it (as vLLM decodes it), whatever parallel_tool_calls says: without this
+    the embedded model repeated the same call until max_tokens (issue 27)."""
+    named = use(tool_choice={"type": "function", "function": {"name": "add"}}, parallel_tool_calls=parallel)
+    schema = json.loads(named.response_format.schema)  # type: ignore[union-attr]
+    one = {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}
+    jsonschema.validate(one, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"tool_calls": one["tool_calls"] * 2}, schema)
+    assert named.parse(json.dumps({"tool_calls": one["tool_calls"] * 2})) is None  # two calls are not a named reply
+    assert "Call one tool per reply." in named.messages[0].content
+    # `required` keeps allowing several unless parallel_tool_calls is false
+    required = json.loads(use(tool_choice="required", parallel_tool_calls=parallel).response_format.schema)  # type: ignore[union-attr]
+    assert required["properties"]["tool_calls"]["maxItems"] == (1 if parallel is False else MAX_PARALLEL_CALLS)
+
+
 def test_refs_in_a_tool_schema_still_resolve_inside_the_call_schema() -> None:
     parameters = {
         "type": "object",
@@ -275,6 +292,48 @@ def test_forced_tool_choice_gives_a_valid_call(oai: openai.OpenAI, choice: str, 
     jsonschema.validate(arguments, SCHEMAS[pieces[0].function.name])
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+CITY = {
+    "type": "function",
+    "function": {
+        "name": "City",
+        "description": "Information about a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
+            "required": ["name", "country"],
+        },
+    },
+}
+
+
+@needs_grammar
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_named_tool_choice_without_parallel_tool_calls_is_one_call(oai: openai.OpenAI, stream: bool) -> None:
+    """Issue 27's case: with up to 8 calls allowed the embedded model repeated this call until max_tokens, and the
+    client got finish_reason "length", no tool_calls and the raw format as content."""
+    request = dict(
+        model="sahabat-ai",
+        messages=[{"role": "user", "content": "Tell me about Jakarta."}],
+        tools=[CITY],
+        tool_choice={"type": "function", "function": {"name": "City"}},
+        temperature=0,
+        max_tokens=120,
+    )
+    if not stream:
+        choice = oai.chat.completions.create(**request).choices[0]  # type: ignore[call-overload]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = [(call.function.name, json.loads(call.function.arguments)) for call in choice.message.tool_calls]
+    else:
+        chunks = list(oai.chat.completions.create(stream=True, **request))  # type: ignore[call-overload]
+        pieces = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        assert {p.index for p in pieces} == {0}
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["tool_calls"]
+        calls = [(pieces[0].function.name, json.loads("".join(p.function.arguments or "" for p in pieces)))]
+    assert len(calls) == 1 and calls[0][0] == "City"
+    jsonschema.validate(calls[0][1], CITY["function"]["parameters"])
 
 
 @needs_grammar

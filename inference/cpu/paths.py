@@ -173,7 +173,7 @@ def packs_weights(path_name: DecodePath, bf16: bool, llama: bool, pack_cpu_weigh
     path; bf16 weights where bf16 matmuls are native (as before issue 25); float32 weights of a Llama model, the
     lean path's (~2x faster matmuls on the AVX2 class). Other float32 models (sahabat-ai's Gemma2 on an AVX2 CPU)
     keep one copy: its 3.7 GB head alone would double."""
-    if path_name is DecodePath.NATIVE or not pack_cpu_weights:
+    if path_name == DecodePath.NATIVE or not pack_cpu_weights:
         return False
     return native_bf16(isa) if bf16 else llama
 

@@ -253,7 +253,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     path = None
     if device == "cpu":
         path = _set_up_cpu_path(settings, model, dtype, choice.source == EMBEDDED_MODEL_ID, quantization_config)
-        if path.name is paths.DecodePath.NATIVE:
+        if path.name == paths.DecodePath.NATIVE:
             quantization = "Q4_1 GGUF (native forward passes over its blocks; dequantised weights for the rest)"
     info = ModelInfo(
         model_id=model_id,
@@ -304,7 +304,7 @@ def _set_up_cpu_path(
         pack_cpu_weights=settings.pack_cpu_weights,
         fast_decode=settings.fast_decode,
     )
-    if path.name is paths.DecodePath.NATIVE:
+    if path.name == paths.DecodePath.NATIVE:
         from inference.cpu.gguf_blocks import serve_gguf_blocks
         from inference.cpu.native_build import NativeBuildError
 

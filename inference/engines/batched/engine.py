@@ -102,7 +102,7 @@ class BatchedEngine(LocalEngine):
             self.max_batch = AUTO_MAX_BATCH_CPU if device.type == "cpu" else AUTO_MAX_BATCH_ACCELERATOR
         lean_pass = lean_pass_for(self.cpu_path, self.model, self.settings.fast_decode)
         prefixes = None
-        if lean_pass is not None and self.cpu_path.name is DecodePath.NATIVE and self.settings.prefix_cache_tokens:
+        if lean_pass is not None and self.cpu_path.name == DecodePath.NATIVE and self.settings.prefix_cache_tokens:
             from inference.engines.batched.prefix_cache import PrefixCache
 
             prefixes = PrefixCache(self.settings.prefix_cache_tokens)  # exact on the native path only
@@ -327,11 +327,11 @@ def lean_pass_for(path: CpuPath | None, model: Any, fast_decode: bool) -> LeanPa
     iteration)."""
     if path is None or not fast_decode:
         return None
-    if path.name is DecodePath.NATIVE:
+    if path.name == DecodePath.NATIVE:
         from inference.cpu.native_forward import native_forward_of
 
         return native_forward_of(model)
-    if path.name is DecodePath.LEAN:
+    if path.name == DecodePath.LEAN:
         from inference.cpu.lean_forward import LeanForward
 
         return LeanForward(model) if LeanForward.supports(model) else None

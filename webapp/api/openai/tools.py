@@ -224,7 +224,8 @@ class ToolUse:
                     f"tool_choice: no tool named {self.forced!r} in tools", param="tool_choice.function.name"
                 )
         self.choice = "none" if not self.tools else ("named" if self.forced else choice or "auto")
-        self.parallel = body.parallel_tool_calls is not False
+        # A named function is one call of it (as vLLM decodes it), whatever parallel_tool_calls says.
+        self.parallel = body.parallel_tool_calls is not False and self.forced is None
         self.messages = self._messages(body.messages)  # the prompt's
         self.response_format = self._call_format()  # the constraint a forced call puts on the reply, else None
 
