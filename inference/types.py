@@ -81,6 +81,9 @@ class GenerationResult:
     finish_reason: FinishReason
     time_to_first_token_s: float | None = None
     duration_s: float = 0.0
+    # The requested stop sequence the reply ended on (finish_reason "stop"); None: a terminator, the length limit,
+    # or a remote upstream that does not say which (vLLM does, in `stop_reason`).
+    stop_sequence: str | None = None
 
 
 StreamEvent = TextDelta | GenerationResult

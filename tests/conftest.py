@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anthropic
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -116,6 +117,12 @@ def live_server(shared_live_servers: dict[str, LiveServer], engine_kind: str) ->
 def oai(live_server: LiveServer) -> openai.OpenAI:
     """The official openai client on the module's live server."""
     return openai_client(live_server)
+
+
+@pytest.fixture(scope="module")
+def anthropic_client(live_server: LiveServer) -> anthropic.Anthropic:
+    """The official anthropic client on the module's live server (`x-api-key`, the test key, no retries)."""
+    return anthropic.Anthropic(base_url=live_server.base_url, api_key=API_KEY, max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -370,3 +370,16 @@ class ForcedFault:
             return original(decode, prompts)
 
         return forward
+
+
+# A function tool in the neutral shape (name, description, parameters), wrapped per protocol by the tool tests.
+ADD_FUNCTION = {
+    "name": "add",
+    "description": "Add two whole numbers",
+    "parameters": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
+}

@@ -35,6 +35,13 @@ VALID_REQUESTS: dict[tuple[str, str], dict[str, Any] | None] = {
     ("GET", "/v1/models"): None,
     ("GET", "/v1/models/sahabat-ai"): None,
     ("POST", "/v1/completions"): {"prompt": "Halo", "max_tokens": 1},
+    ("POST", "/v1/messages"): {
+        "model": "sahabat-ai",
+        "messages": [{"role": "user", "content": "Halo"}],
+        "max_tokens": 1,
+    },
+    ("POST", "/v1/messages/count_tokens"): {"model": "sahabat-ai", "messages": [{"role": "user", "content": "Halo"}]},
+    ("POST", "/v1/responses"): {"input": "Halo", "max_output_tokens": 1},
 }
 # The route each concrete path above is served by, where the route's path has a parameter.
 ROUTE_OF = {"/v1/models/sahabat-ai": "/v1/models/{model_id:path}"}
@@ -53,7 +60,12 @@ REFUSED_HEADERS: dict[str, dict[str, str]] = {
     "Bearer only": {"Authorization": "Bearer"},
     "key prefix": {"Authorization": f"Bearer {API_KEY[:-1]}"},
     "key plus suffix": {"Authorization": f"Bearer {API_KEY}x"},
-    "key in another header": {"X-API-Key": API_KEY, "Api-Key": API_KEY},
+    "key in another header": {"Api-Key": API_KEY, "X-Auth-Token": API_KEY},
+    "wrong x-api-key": {"x-api-key": WRONG_KEY},
+    "empty x-api-key": {"x-api-key": ""},
+    "x-api-key prefix": {"x-api-key": API_KEY[:-1]},
+    "x-api-key as Bearer": {"x-api-key": f"Bearer {API_KEY}"},
+    "wrong Bearer wins over x-api-key": {"Authorization": f"Bearer {WRONG_KEY}", "x-api-key": API_KEY},
     "key as a cookie": {"Cookie": f"api_key={API_KEY}; Authorization=Bearer%20{API_KEY}"},
 }
 
@@ -114,6 +126,14 @@ def test_every_api_route_refuses_a_bad_key(http: TestClient, method: str, path: 
 @pytest.mark.parametrize("header", [f"Bearer {API_KEY}", f"bearer {API_KEY}", "Bearer second-key"])
 def test_every_api_route_accepts_a_right_key(http: TestClient, method: str, path: str, header: str) -> None:
     response = http.request(method, path, headers={"Authorization": header}, json=VALID_REQUESTS[(method, path)])
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(("method", "path"), list(VALID_REQUESTS))
+@pytest.mark.parametrize("key", [API_KEY, "second-key"])
+def test_every_api_route_accepts_a_right_x_api_key(http: TestClient, method: str, path: str, key: str) -> None:
+    """Anthropic's clients send `x-api-key: <key>`: the same keys, on every route."""
+    response = http.request(method, path, headers={"x-api-key": key}, json=VALID_REQUESTS[(method, path)])
     assert response.status_code == 200, response.text
 
 

@@ -33,13 +33,19 @@ def clients(engine) -> Iterator[dict[str, TestClient]]:
     }
 
 
-def preflight(client: TestClient, path: str, origin: str, method: str = "POST") -> dict[str, str]:
+def preflight(
+    client: TestClient,
+    path: str,
+    origin: str,
+    method: str = "POST",
+    request_headers: str = "authorization,content-type",
+) -> dict[str, str]:
     response = client.options(
         path,
         headers={
             "Origin": origin,
             "Access-Control-Request-Method": method,
-            "Access-Control-Request-Headers": "authorization,content-type",
+            "Access-Control-Request-Headers": request_headers,
         },
     )
     return {"status": str(response.status_code), **{k.lower(): v for k, v in response.headers.items()}}
@@ -50,7 +56,9 @@ def test_the_default_is_every_origin_and_no_credentials() -> None:
     assert settings.cors_origins() == ["*"]
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/chat", "/api/v1/generate-text", "/v1/models"])
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/api/v1/chat", "/api/v1/generate-text", "/v1/models", "/v1/responses"]
+)
 def test_a_preflight_from_any_origin_is_allowed_by_default(clients: dict[str, TestClient], path: str) -> None:
     method = "GET" if path == "/v1/models" else "POST"
     headers = preflight(clients["default"], path, OTHER_ORIGIN, method)
@@ -60,6 +68,16 @@ def test_a_preflight_from_any_origin_is_allowed_by_default(clients: dict[str, Te
     allowed = {h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
     assert {"authorization", "content-type"} <= allowed
     assert "access-control-allow-credentials" not in headers  # keys are headers, never cookies
+
+
+def test_a_browser_anthropic_client_may_send_its_headers(clients: dict[str, TestClient]) -> None:
+    """Anthropic's SDKs send the key as `x-api-key` with `anthropic-version` (and, in a browser,
+    `anthropic-dangerous-direct-browser-access`)."""
+    sent = "x-api-key,anthropic-version,anthropic-beta,anthropic-dangerous-direct-browser-access,content-type"
+    headers = preflight(clients["default"], "/v1/messages", OTHER_ORIGIN, request_headers=sent)
+    assert headers["status"] == "200"
+    allowed = {h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
+    assert set(sent.split(",")) <= allowed
 
 
 def test_actual_responses_carry_the_headers_errors_included(clients: dict[str, TestClient]) -> None:

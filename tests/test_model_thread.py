@@ -50,8 +50,8 @@ async def test_the_model_loads_on_the_thread_that_runs_it(
 
             return record
 
-        # The batched engine's passes run on its lean decoder (FAST_DECODE) where it applies, else on the model.
-        runner = getattr(engine, "decoder", None) or embedded_model.model
+        # The batched engine's passes run on its lean pass (FAST_DECODE) where it applies, else on the model.
+        runner = getattr(engine, "lean_pass", None) or embedded_model.model
         runner.forward = recording(runner.forward)
         try:
             request = GenerationRequest(messages=[Message(role="user", content="Halo")], max_new_tokens=2)

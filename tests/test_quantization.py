@@ -276,7 +276,7 @@ async def test_embedded_model_in_8bit_answers_correctly_on_both_engines(
     for cls in (SequentialEngine, BatchedEngine):
         engine = engine_of(cls, settings, loaded)
         try:
-            assert getattr(engine, "decoder", None) is None
+            assert getattr(engine, "lean_pass", None) is None
             texts[cls.name] = (await engine.generate(question)).text
         finally:
             engine.close()

@@ -21,7 +21,7 @@ from bench.gemma_shape import build_tokenizer
 from inference import GenerationResult, Message, TextDelta
 from inference.model.loading import LoadedModel
 from inference.text.prompt import PromptBuilder
-from tests.helpers import AUTH, LiveServer
+from tests.helpers import ADD_FUNCTION, AUTH, LiveServer
 from webapp.api.openai.protocol import OpenAIChatCompletionRequest
 from webapp.api.openai.tools import MAX_PARALLEL_CALLS, ToolCalls, ToolUse, call_schema
 
@@ -44,19 +44,7 @@ WEATHER = {
         },
     },
 }
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two whole numbers",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-            "additionalProperties": False,
-        },
-    },
-}
+ADD = {"type": "function", "function": ADD_FUNCTION}
 TOOLS = [WEATHER, ADD]
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 QUESTION = [{"role": "user", "content": "What is the weather in Jakarta?"}]

@@ -101,8 +101,46 @@ OPENAI_ERROR_TYPES = {
 }
 
 
+# Anthropic's error types (docs.anthropic.com, "Errors"); the status codes stay this service's own (503 with
+# Retry-After for busy or loading, 502 for an upstream failure).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "overloaded_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+}
+
+
 def is_openai_path(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
+
+
+def is_anthropic_path(path: str) -> bool:
+    """The Anthropic Messages API's paths (/v1/messages and below): their errors take Anthropic's envelope."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(code: int, message: str) -> dict[str, Any]:
+    """Anthropic's error envelope: `{"type": "error", "error": {"type", "message"}}`."""
+    kind = ANTHROPIC_ERROR_TYPES.get(code, "invalid_request_error" if code < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def api_error_body(
+    path: str, code: int, message: str, param: str | None = None, error_code: str | None = None
+) -> dict[str, Any]:
+    """The error body in the shape of the API `path` belongs to: Anthropic's, OpenAI's (/v1) or `{"detail"}`."""
+    if is_anthropic_path(path):
+        return anthropic_error_body(code, message)
+    if path.startswith("/v1/"):
+        return openai_error_body(code, message, param, error_code)
+    return {"detail": message}
 
 
 def openai_error_body(
@@ -123,10 +161,11 @@ def error_response(
     param: str | None = None,
     error_code: str | None = None,
 ) -> JSONResponse:
-    """The error body in the shape of the API the request came in by: `{"detail"}` or OpenAI's `{"error"}`."""
+    """The error body in the shape of the API the request came in by: `{"detail"}`, OpenAI's `{"error"}` or
+    Anthropic's `{"type": "error", "error"}`."""
     message = safe_text(message)
     param = None if param is None else safe_text(param, MAX_FIELD_NAME_CHARS * 4)
-    body = openai_error_body(code, message, param, error_code) if is_openai_path(request) else {"detail": message}
+    body = api_error_body(request.url.path, code, message, param, error_code)
     return JSONResponse(body, code, headers=headers)
 
 

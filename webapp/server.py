@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from inference import Engine
+from webapp.api.anthropic import routes as anthropic_routes
 from webapp.api.openai import chat as openai_routes
 from webapp.api.openai import completions as completions_routes
 from webapp.api.openai import models as openai_models
 from webapp.api.openapi import install_openapi
+from webapp.api.responses import routes as responses_routes
 from webapp.api.spec import routes as spec_routes
 from webapp.errors import install_error_handlers, install_unmatched_routes
 from webapp.middleware.body_limit import BodySizeLimitMiddleware
@@ -74,6 +76,8 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(openai_models.router)
     app.include_router(completions_routes.router)
+    app.include_router(anthropic_routes.router)
+    app.include_router(responses_routes.router)
     install_unmatched_routes(app)  # after every API route, before the page's mount at /
     install_openapi(app, settings)
     # Covers the API, the docs and the Gradio page alike.

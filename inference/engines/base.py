@@ -119,6 +119,11 @@ class Engine(ABC):
     async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """Validate and admit `request`; the returned iterator yields TextDelta... then one GenerationResult."""
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `request` puts before the model (chat template applied, system text included), without
+        generating (Anthropic's count_tokens). An engine that cannot count says so (400)."""
+        raise InvalidRequest(f"the {type(self).__name__} cannot count prompt tokens")
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """The whole generation at once."""
         stream = await self.submit(request)
@@ -188,20 +193,28 @@ class LocalEngine(Engine, ABC):
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Prompt ids for `request`, after the context check."""
         info = self.ensure_ready()
+        prompt_ids = self.prompt_ids(request)
+        if len(prompt_ids) + request.max_new_tokens > info.context_length:
+            raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
+        return prompt_ids
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The token ids the model reads for `request`: the chat template applied, or a raw prompt's text."""
         assert self.prompt_builder is not None
         try:
             if request.prompt is not None:
-                prompt_ids = self.raw_prompt_ids(request.prompt)
-            else:
-                prompt_ids = self.prompt_builder.build(request.messages)
+                return self.raw_prompt_ids(request.prompt)
+            return self.prompt_builder.build(request.messages)
         except InvalidRequest:
             raise
         except Exception as error:  # a tokenizer fault is this request's problem, not the service's
             logger.warning("prompt tokenization failed (request %s)", request.request_id or "-", exc_info=True)
             raise InvalidRequest(f"the prompt could not be tokenized: {type(error).__name__}") from error
-        if len(prompt_ids) + request.max_new_tokens > info.context_length:
-            raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
-        return prompt_ids
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The length of `prompt_ids`: what `submit` would admit, counted without the context check."""
+        self.ensure_ready()
+        return len(self.prompt_ids(request))
 
     def raw_prompt_ids(self, prompt: str) -> list[int]:
         """A raw completion's ids: the text as it is, no chat template; the BOS token where the tokenizer adds one.

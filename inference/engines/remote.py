@@ -20,20 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
 from inference.engines.base import Engine
+from inference.engines.upstream import (
+    chat_completion_body,
+    prompt_tokens_of,
+    redact_url,
+    upstream_logprobs,
+    upstream_message,
+    upstream_stop_sequence,
+)
 from inference.model.loading import EMBEDDED_SERVED_ID
-from inference.sampling.grammar import openai_response_format
 from inference.settings import EngineSettings
-from inference.text.prompt import fold_system_messages
 from inference.text.reply import ReplyAssembler
 from inference.types import (
     ContextTooLong,
@@ -43,7 +49,6 @@ from inference.types import (
     InvalidRequest,
     ModelInfo,
     StreamEvent,
-    TokenLogprob,
     UpstreamError,
 )
 
@@ -64,83 +69,6 @@ class UpstreamContextTooLong(ContextTooLong):
         self.prompt_tokens = 0  # unknown here: the upstream tokenizes
         self.max_new_tokens = max_new_tokens
         self.context_length = 0
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials or query, for logs, reasons and the page banner."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def chat_completion_body(request: GenerationRequest, model: str, fold: bool) -> dict[str, Any]:
-    """The streamed `chat/completions` body for `request` (`completions` for a raw prompt); `fold`: system text
-    folded into user turns."""
-    if request.prompt is not None:
-        source: dict[str, Any] = {"prompt": request.prompt}
-    elif fold:
-        source = {"messages": fold_system_messages(request.messages)}
-    else:
-        source = {"messages": [{"role": m.role, "content": m.content} for m in request.messages]}
-    body: dict[str, Any] = {
-        "model": model,
-        **source,
-        "max_tokens": request.max_new_tokens,
-        "temperature": request.temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    optional = {
-        "top_p": request.top_p,
-        "seed": request.seed,
-        "stop": list(request.stop) or None,
-        "top_k": request.top_k,  # an extension vLLM and this service take; sent only when asked for
-        "repetition_penalty": request.repetition_penalty,
-        "presence_penalty": request.presence_penalty or None,
-        "frequency_penalty": request.frequency_penalty or None,
-        "min_p": request.min_p,  # an extension, as top_k
-    }
-    if request.logprobs is not None:
-        optional.update(logprobs=True, top_logprobs=request.logprobs)
-    body.update({name: value for name, value in optional.items() if value is not None})
-    if request.response_format is not None:  # vLLM and llama.cpp's server enforce it themselves
-        body["response_format"] = openai_response_format(request.response_format)
-    return body
-
-
-def upstream_logprobs(choice: dict[str, Any]) -> list[TokenLogprob]:
-    """The tokens of an upstream chunk's `choices[0].logprobs.content` (OpenAI's shape), as TokenLogprobs."""
-    content = (choice.get("logprobs") or {}).get("content") or []
-    tokens = []
-    for item in content:
-        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
-            continue
-        top = tuple(
-            (alt["token"], float(alt.get("logprob", 0.0)))
-            for alt in item.get("top_logprobs") or []
-            if isinstance(alt, dict) and isinstance(alt.get("token"), str)
-        )
-        tokens.append(TokenLogprob(item["token"], float(item.get("logprob", 0.0)), top))
-    return tokens
-
-
-def upstream_message(error: openai.APIError) -> str:
-    """The upstream's own error text.
-
-    OpenAI-shaped `{"error": {"message"}}` (the client unwraps it), vLLM's `{"message"}`, TGI's `{"error": "..."}`.
-    """
-    body = error.body
-    if isinstance(body, dict):
-        for key in ("message", "error", "detail"):
-            value = body.get(key)
-            if isinstance(value, str) and value:
-                return value
-    if isinstance(body, str) and body:
-        return body
-    return error.message
 
 
 def _describe_connection_error(error: BaseException) -> str:
@@ -364,6 +292,13 @@ class RemoteEngine(Engine):
         self._streams += 1
         return RemoteStream(self._events(upstream, request, started), upstream, self._stream_closed)
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The upstream's own count, from any OpenAI-compatible upstream: a one-token generation's
+        `usage.prompt_tokens` (the upstream's chat template applied)."""
+        info = self.ensure_ready()
+        probe = dataclasses.replace(request, max_new_tokens=1, logprobs=None, response_format=None, stop=())
+        return await prompt_tokens_of(await self._open(probe, info.model_id))
+
     def _stream_closed(self) -> None:
         self._streams -= 1
 
@@ -437,6 +372,7 @@ class RemoteEngine(Engine):
     async def _events(self, upstream: Any, request: GenerationRequest, started: float) -> AsyncIterator[StreamEvent]:
         reply = ReplyAssembler((), started)  # no stop matching here: the upstream applies `stop`
         finish: str | None = None
+        stop_sequence: str | None = None
         usage: Any = None
         try:
             async for chunk in upstream:
@@ -459,6 +395,7 @@ class RemoteEngine(Engine):
                             yield delta
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
+                        stop_sequence = upstream_stop_sequence(choice, request.stop)
         except openai.APITimeoutError:
             raise UpstreamError(
                 f"the upstream went silent for {self.settings.remote_read_timeout_s:g} s mid-stream "
@@ -483,5 +420,6 @@ class RemoteEngine(Engine):
             input_length, output_length = 0, len(reply.parts)
         self.generated_tokens_total += output_length
         result = reply.result(input_length, output_length, "length" if finish == "length" else "stop")
+        result = dataclasses.replace(result, stop_sequence=stop_sequence)
         self.report_result(request, result)  # metrics and request logs
         yield result

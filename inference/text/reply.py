@@ -18,6 +18,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop sequence seen (the earliest in the text; the first listed on a tie)
 
     def feed(self, text: str) -> str:
         """Returns the text that is safe to emit; sets `stopped` once a stop sequence is seen."""
@@ -27,9 +28,10 @@ class StopMatcher:
         if not self.stops:
             out, self._pending = self._pending, ""
             return out
-        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(index, stop) for stop in self.stops if (index := self._pending.find(stop)) >= 0]
         if hits:
-            out, self._pending = self._pending[: min(hits)], ""
+            first, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self._pending = self._pending[:first], ""
             self.stopped = True
             return out
         hold = 0
@@ -126,4 +128,5 @@ class ReplyAssembler:
             finish_reason=finish_reason,
             time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
             duration_s=time.perf_counter() - self.started,
+            stop_sequence=self.matcher.matched,
         )

@@ -1,4 +1,5 @@
-"""The Bearer API-key dependency."""
+"""The API-key dependency: `Authorization: Bearer <key>` (OpenAI's clients, the documented API) or `x-api-key: <key>`
+(Anthropic's clients), the same keys and the same constant-time check on every route."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key from API_KEYS or API_KEYS_FILE.")
+api_key_header = APIKeyHeader(
+    name="x-api-key", auto_error=False, description="The same API keys, as Anthropic's clients send them."
+)
 
 
 def _unauthorized(detail: str) -> HTTPException:
@@ -25,9 +29,16 @@ def key_matches(candidate: str, keys: list[bytes]) -> bool:
 
 
 async def authenticate(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    api_key: Annotated[str | None, Depends(api_key_header)] = None,
 ) -> None:
-    if credentials is None:
-        raise _unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
-    if not key_matches(credentials.credentials, request.app.state.api_keys):
+    """The Bearer key if one is sent, else the `x-api-key` header; 401 if neither is a configured key. (Called
+    directly, as /metrics does, the header is read here.)"""
+    if api_key is None:
+        api_key = request.headers.get("x-api-key")
+    given = credentials.credentials if credentials is not None else api_key
+    if not given:
+        raise _unauthorized("missing API key: send the header 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+    if not key_matches(given, request.app.state.api_keys):
         raise _unauthorized("invalid API key")

@@ -12,9 +12,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from webapp.errors import openai_error_body
-
-OPENAI_PREFIX = "/v1/"
+from webapp.errors import api_error_body
 
 
 class BodyTooLarge(HTTPException):
@@ -78,7 +76,7 @@ class BodySizeLimitMiddleware:
     async def _refuse(self, scope: Scope, send: Send) -> None:
         message = body_too_large_message(self.max_bytes)
         path = scope.get("path", "")
-        body = openai_error_body(413, message) if path.startswith(OPENAI_PREFIX) else {"detail": message}
+        body = api_error_body(path, 413, message)  # Anthropic's, OpenAI's or {"detail"}, by the path
         payload = json.dumps(body).encode("utf-8")
         await send(
             {

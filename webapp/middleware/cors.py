@@ -4,8 +4,9 @@
 - preflights on the API paths are answered here, before routing (so the Gradio mount at `/`, which answers
   preflights of its own for localhost origins, never sees them), and every API response carries the headers,
   error responses (401, 400, 413, 503, ...) included, since this is the outermost of the app's middleware;
-- the browser may send `Authorization` (the Bearer key) and `X-Request-ID`, and may read `X-Request-ID` and
-  `Retry-After`; `allow_credentials` stays off: the keys are headers, never cookies.
+- the browser may send `Authorization` (the Bearer key) or `X-API-Key`, Anthropic's version headers and
+  `X-Request-ID`, and may read `X-Request-ID` and `Retry-After`; `allow_credentials` stays off: the keys are
+  headers, never cookies.
 
 The page at `/` and Gradio's own routes keep Gradio's policy (same-origin for the page; localhost origins for its
 API): this middleware is not a `CORSMiddleware` class, so `mount_gradio_app` does not hand its CORS over to it.
@@ -21,7 +22,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_PREFIXES = ("/v1", "/api/v1")
 ALLOW_METHODS = ("GET", "POST")
-ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Request-ID")
+ALLOW_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "X-Request-ID",
+    # Anthropic's SDKs: the key as x-api-key, the API version, and the browser opt-in of its JavaScript SDK
+    "X-API-Key",
+    "Anthropic-Version",
+    "Anthropic-Beta",
+    "Anthropic-Dangerous-Direct-Browser-Access",
+)
 EXPOSE_HEADERS = ("X-Request-ID", "Retry-After")
 PREFLIGHT_MAX_AGE_S = 600
 

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
-from inference import Engine, GenerationResult, InferenceError, TextDelta
+from inference import GenerationResult, InferenceError, TextDelta
 from webapp.api.openai.builder import openai_request
 from webapp.api.openai.logprob_shapes import chat_logprobs
-from webapp.api.openai.models import check_model
+from webapp.api.openai.models import submit_to_model
 from webapp.api.openai.protocol import (
     COMPLETION_RESPONSES,
     OpenAIChatCompletion,
@@ -35,11 +35,8 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 
 @router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=COMPLETION_RESPONSES)
 async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
-    engine: Engine = request.app.state.engine
     generation, tools = openai_request(body, request.app.state.settings, request_id=request.state.request_id)
-    info = engine.ensure_ready()
-    check_model(body.model, info)
-    stream = await engine.submit(generation)
+    info, stream = await submit_to_model(request.app.state.engine, generation, body.model)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

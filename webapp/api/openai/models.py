@@ -9,9 +9,11 @@ the name it asked for. A body without `model` gets the served model. Responses a
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Depends, Request
 
-from inference import ModelInfo
+from inference import Engine, GenerationRequest, ModelInfo, StreamEvent
 from webapp.api.openai.protocol import ERRORS, NOT_FOUND, OpenAIModel, OpenAIModelList
 from webapp.errors import ModelNotFound
 from webapp.middleware.auth import authenticate
@@ -44,3 +46,13 @@ async def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
     info = request.app.state.engine.ensure_ready()
     check_model(model_id, info, param=None)
     return OpenAIModel(id=model_id, created=request.app.state.started_at)
+
+
+async def submit_to_model(
+    engine: Engine, generation: GenerationRequest, model: str | None
+) -> tuple[ModelInfo, AsyncIterator[StreamEvent]]:
+    """What every /v1 generation route does once its builder is done: the engine is ready (503 while loading), the
+    body's `model` is one this server answers to (404), and the engine admits the request (its stream)."""
+    info = engine.ensure_ready()
+    check_model(model, info)
+    return info, await engine.submit(generation)
