@@ -46,7 +46,8 @@ VALID_REQUESTS: dict[tuple[str, str], dict[str, Any] | None] = {
 # The route each concrete path above is served by, where the route's path has a parameter.
 ROUTE_OF = {"/v1/models/sahabat-ai": "/v1/models/{model_id:path}"}
 # The catch-alls that answer unknown paths and methods under the API prefixes with a 404/405 in the API's error
-# shape (webapp.errors.install_unmatched_routes; tests/test_openai_errors.py): they serve no data.
+# shape, and TRACE/QUERY/CONNECT on /health, /ready and /metrics with a 405 (webapp.errors.install_unmatched_routes;
+# tests/test_openai_errors.py): they serve no data.
 UNMATCHED_PATHS = {"/v1", "/api/v1", "/v1/{rest:path}", "/api/v1/{rest:path}"}
 
 REFUSED_HEADERS: dict[str, dict[str, str]] = {
@@ -93,8 +94,14 @@ def http(app: FastAPI) -> TestClient:
 
 
 def test_the_walk_finds_every_api_route_and_only_reads_are_public(app: FastAPI) -> None:
-    routes = set(walk_routes(app.routes))
-    assert {p for _, p in routes} >= UNMATCHED_PATHS
+    fallbacks = {
+        (method, route.path)
+        for route in app.router.routes
+        if getattr(route, "name", "") == "unmatched_api_path"
+        for method in route.methods
+    }
+    assert {p for _, p in fallbacks} == UNMATCHED_PATHS | {"/health", "/ready", "/metrics"}
+    routes = set(walk_routes(app.routes)) - fallbacks  # the 404/405 answers: they serve no data
     protected = {(m, p) for m, p in routes if p.startswith(PROTECTED_PREFIXES) and p not in UNMATCHED_PATHS}
     walked = {(m, ROUTE_OF.get(p, p)) for m, p in VALID_REQUESTS}
     assert protected == walked, "add new /api or /v1 routes to VALID_REQUESTS"
@@ -135,6 +142,37 @@ def test_every_api_route_accepts_a_right_x_api_key(http: TestClient, method: str
     """Anthropic's clients send `x-api-key: <key>`: the same keys, on every route."""
     response = http.request(method, path, headers={"x-api-key": key}, json=VALID_REQUESTS[(method, path)])
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(("method", "path"), list(VALID_REQUESTS))
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe not UTF-8"], ids=["malformed JSON", "not UTF-8"])
+def test_a_keyless_request_is_refused_before_its_body_is_parsed(
+    http: TestClient, method: str, path: str, body: bytes
+) -> None:
+    """401, not a 400 about the body: who may send a body is decided before anyone reads it (issue 28)."""
+    response = http.request(method, path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 401, response.text
+    assert "missing API key" in response.text
+    wrong = http.request(method, path, content=body, headers={"Content-Type": "application/json", "x-api-key": "no"})
+    assert wrong.status_code == 401 and "invalid API key" in wrong.text
+
+
+@pytest.mark.parametrize("method", ["TRACE", "QUERY", "CONNECT"])
+@pytest.mark.parametrize(
+    ("path", "allow", "shape"),
+    [
+        ("/v1/chat/completions", "POST", "error"),
+        ("/api/v1/chat", "POST", "detail"),
+        ("/v1/messages", "POST", "type"),
+        ("/health", "GET", "detail"),
+        ("/metrics", "GET", "detail"),
+    ],
+)
+def test_other_methods_are_405s_with_allow(http: TestClient, method: str, path: str, allow: str, shape: str) -> None:
+    """TRACE and QUERY reached the page's mount (Gradio's 404) before issue 28; now a 405 in the API's shape."""
+    response = http.request(method, path, headers=AUTH)
+    assert response.status_code == 405 and response.headers["allow"] == allow, response.text
+    assert shape in response.json()
 
 
 def test_an_unknown_api_path_is_not_an_open_door(http: TestClient) -> None:

@@ -182,6 +182,8 @@ def _validation_param(errors: list[dict[str, Any]]) -> str | None:
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# Methods no route serves but clients and fuzzers send: without a fallback they reached the page's mount (404).
+_OTHER_METHODS = ("TRACE", "QUERY", "CONNECT")
 
 
 def _allowed_methods(app: Any, scope: dict[str, Any]) -> list[str]:
@@ -199,7 +201,11 @@ def _allowed_methods(app: Any, scope: dict[str, Any]) -> list[str]:
 _UNMATCHED = "unmatched_api_path"
 
 
-def install_unmatched_routes(app: FastAPI, prefixes: tuple[str, ...] = ("/v1", "/api/v1")) -> None:
+def install_unmatched_routes(
+    app: FastAPI,
+    prefixes: tuple[str, ...] = ("/v1", "/api/v1"),
+    exact_paths: tuple[str, ...] = ("/health", "/ready", "/metrics"),
+) -> None:
     """404 and 405 (with `Allow`) for unknown paths and methods under the API prefixes, in each API's error shape.
 
     Without them a path no API route matches falls through to the page mounted at `/`, whose answer is Gradio's
@@ -219,7 +225,11 @@ def install_unmatched_routes(app: FastAPI, prefixes: tuple[str, ...] = ("/v1", "
 
     for prefix in prefixes:
         for path in (prefix, f"{prefix}/{{rest:path}}"):
-            app.add_api_route(path, unmatched, methods=list(_METHODS), include_in_schema=False, name=_UNMATCHED)
+            app.add_api_route(
+                path, unmatched, methods=[*_METHODS, *_OTHER_METHODS], include_in_schema=False, name=_UNMATCHED
+            )
+    for path in exact_paths:  # the service's own routes outside the prefixes (/health, /ready, /metrics)
+        app.add_api_route(path, unmatched, methods=list(_OTHER_METHODS), include_in_schema=False, name=_UNMATCHED)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -19,6 +19,7 @@ from webapp.api.openapi import install_openapi
 from webapp.api.responses import routes as responses_routes
 from webapp.api.spec import routes as spec_routes
 from webapp.errors import install_error_handlers, install_unmatched_routes
+from webapp.middleware.auth import ApiKeyMiddleware
 from webapp.middleware.body_limit import BodySizeLimitMiddleware
 from webapp.middleware.cors import ApiCORSMiddleware
 from webapp.middleware.observability import RequestObserver, RequestObserverMiddleware
@@ -69,6 +70,7 @@ def create_app(
     metrics = ServiceMetrics(engine)
     observer = RequestObserver(metrics, log_prompts=settings.log_prompts)
     app.state.metrics = metrics
+    app.add_middleware(ApiKeyMiddleware)  # innermost: its 401s are logged and counted like every other answer
     app.add_middleware(RequestObserverMiddleware, observer=observer)
     install_error_handlers(app)
     app.include_router(ops.router)
