@@ -114,7 +114,12 @@ class InferenceError(Exception):
 
 
 class InvalidRequest(InferenceError):
-    """The request cannot be served as asked (bad roles, a template that rejects the conversation)."""
+    """The request cannot be served as asked (bad roles, a template that rejects the conversation). `param`: the
+    request field it is about, where there is one (the web layer names it in the 400)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextTooLong(InvalidRequest):

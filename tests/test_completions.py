@@ -17,6 +17,7 @@ from inference.model.loading import LoadedModel
 from inference.types import TokenLogprob
 from tests.helpers import API_KEY, AUTH, LiveServer, both_engines, engine_for, sse_events_from_lines
 from webapp.api.openai.completions import legacy_logprobs
+from webapp.api.openai.completions_protocol import MAX_PROMPTS
 from webapp.server import create_app
 from webapp.settings import Settings
 
@@ -107,6 +108,7 @@ def test_max_tokens_defaults_to_16(oai: openai.OpenAI) -> None:
         ({"prompt": [1, 2, 3]}, "prompt", "token-id"),
         ({"prompt": ""}, "prompt", "empty"),
         ({"prompt": ["a"] * 17}, "prompt", "16"),
+        ({"prompt": "\u0013"}, "prompt", "no tokens"),  # a control character alone: the tokenizer drops it
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream"),
     ],
 )
@@ -119,6 +121,17 @@ def test_what_the_route_cannot_do_is_a_400_naming_the_field(
     error = raised.value.body
     assert isinstance(error, dict) and error["param"] == param and words in error["message"], error
     assert error["type"] == "invalid_request_error"
+
+
+def test_the_openapi_document_states_the_prompt_rules(live_server: LiveServer) -> None:
+    """What the validator enforces, stated where clients and fuzzers read it (issue 28): a non-empty prompt, a list of
+    1 to MAX_PROMPTS non-empty prompts, `suffix` only empty or null."""
+    schema = httpx.get(f"{live_server.base_url}/openapi.json").json()
+    fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    text, texts = fields["prompt"]["anyOf"]
+    assert text["minLength"] == 1 and texts["items"]["minLength"] == 1
+    assert (texts["minItems"], texts["maxItems"]) == (1, MAX_PROMPTS)
+    assert {"type": "string", "maxLength": 0} in fields["suffix"]["anyOf"]
 
 
 # Runs to its limit uncancelled, greedy (tests/test_cancellation.py measures 450 of 450 tokens).

@@ -224,7 +224,7 @@ class LocalEngine(Engine, ABC):
         """
         ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if not ids:
-            raise InvalidRequest("prompt: the prompt is empty (it gives no tokens)")
+            raise InvalidRequest("prompt: the prompt is empty (it gives no tokens)", param="prompt")
         return ids
 
     def grammar_for(self, request: GenerationRequest) -> RowGrammar | None:

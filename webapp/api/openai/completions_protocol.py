@@ -15,6 +15,23 @@ MAX_PROMPTS = 16  # prompts in one request: the batched engine's MAX_BATCH on CP
 MAX_LEGACY_LOGPROBS = 5  # the legacy API's most alternatives per token
 
 
+def _prompt_schema(schema: dict[str, Any]) -> None:
+    """Document the prompt rules the validator checks: non-empty text, a list of 1 to MAX_PROMPTS of them."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch.update(minItems=1, maxItems=MAX_PROMPTS)
+            branch.setdefault("items", {})["minLength"] = 1
+
+
+def _off_only_schema(schema: dict[str, Any]) -> None:
+    """Document a field accepted only at the value that means "off": null or the empty string."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["maxLength"] = 0
+
+
 class CompletionRequest(RequestModel):
     """`POST /v1/completions`. Fields OpenAI defines that this server cannot honour are a 400, never silence."""
 
@@ -23,7 +40,8 @@ class CompletionRequest(RequestModel):
     )
     prompt: Text | list[Text] = Field(
         description=f"The model's input as it is (no chat template): a string, or a list of up to {MAX_PROMPTS} "
-        "strings, one choice each (run together in one batch)."
+        "strings, one choice each (run together in one batch).",
+        json_schema_extra=_prompt_schema,
     )
     max_tokens: int = Field(DEFAULT_COMPLETION_TOKENS, ge=1, description="Most tokens per choice (default 16).")
     temperature: float = Field(1.0, ge=0, le=2)
@@ -47,7 +65,9 @@ class CompletionRequest(RequestModel):
         None, description="`json_object` or `json_schema`: the completion is constrained to JSON (docs/api.md)."
     )
     # Accepted only at the value that means "off": anything else is refused (400, naming the field).
-    suffix: str | None = Field(None, description="Not supported (insertion): only null or empty.")
+    suffix: str | None = Field(
+        None, description="Not supported (insertion): only null or empty.", json_schema_extra=_off_only_schema
+    )
     n: int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})
     best_of: int | None = Field(None, json_schema_extra={"minimum": 1, "maximum": 1})
     logit_bias: dict | None = Field(None, json_schema_extra={"maxProperties": 0})
