@@ -117,9 +117,12 @@ class InvalidRequest(InferenceError):
     """The request cannot be served as asked (bad roles, a template that rejects the conversation). `param`: the
     request field it is about, where there is one (the web layer names it in the 400)."""
 
+    param: str | None = None  # a subclass may name its field once, as a class attribute
+
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
-        self.param = param
+        if param is not None:
+            self.param = param
 
 
 class ContextTooLong(InvalidRequest):
