@@ -7,7 +7,8 @@ whole model), then, for each QUANTIZATION, loads it in a fresh process through t
 
 - load time, peak RSS while loading (VmHWM) and the sampled peaks of anonymous (RssAnon) and file-backed
   (RssFile: the memory-mapped shards, which the kernel can drop) memory,
-- RSS when ready, and after a 4,096-token conversation (anonymous and file-backed apart),
+- RSS when ready; for each long conversation (4,096 and 8,192 tokens: --conversation-tokens) its TTFT, the peak
+  RSS during it and the RSS after it (anonymous and file-backed apart),
 - TTFT of a 512-token prompt and single-stream decode tok/s, then aggregate decode tok/s of 4 concurrent streams.
 
     python bench/cpu_shape.py --fill docs/cpu-quantization.md   # ~18.5 GB of shards under /work/tmp-9b, deleted after
@@ -65,7 +66,7 @@ class Plan:
     model_dir: str
     modes: tuple[str, ...]
     ttft_prompt: int  # tokens of the TTFT prompt
-    conversation: int  # tokens of the long conversation, its new tokens included
+    conversations: tuple[int, ...]  # tokens of each long conversation, its new tokens included
     new_tokens: int  # per request
     streams: int
     stream_prompt: int  # tokens of each concurrent stream's prompt
@@ -82,7 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default="8bit,4bit,none", help="QUANTIZATION values, in order (default: all)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per request (default 16)")
     parser.add_argument(
-        "--conversation-modes", help="modes that run the long conversation (default: all; its prefill is the slow step)"
+        "--conversation-modes", help="modes that run the long conversations (default: all; their prefill is slow)"
+    )
+    parser.add_argument(
+        "--conversation-tokens", default="4096,8192", help="lengths of the long conversations (default 4096,8192)"
     )
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams for the aggregate decode rate")
     parser.add_argument("--budget-min", type=float, default=45.0, help="skip steps that would end the run later")
@@ -103,7 +107,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         model_dir=str(args.model_dir or (DEFAULT_DIR.parent / (DEFAULT_DIR.name + "-tiny") if tiny else DEFAULT_DIR)),
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         ttft_prompt=32 if tiny else 512,
-        conversation=128 if tiny else 4096,
+        conversations=(128,) if tiny else tuple(int(n) for n in args.conversation_tokens.split(",") if n.strip()),
         new_tokens=args.new_tokens or (4 if tiny else 16),
         streams=args.streams,
         stream_prompt=16 if tiny else 64,
@@ -404,28 +408,13 @@ def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
         }
         print(f"{mode}: {plan.streams} streams {out['streams']}", flush=True)
         if mode not in plan.conversation_modes:
-            out["conversation"] = {"skipped": "not asked (--conversation-modes)"}
+            out["conversations"] = [
+                {"tokens": n, "skipped": "not asked (--conversation-modes)"} for n in plan.conversations
+            ]
             return
-        # The long conversation costs about conversation/ttft_prompt times the TTFT prompt's prefill.
-        single_ttft = out["single"]["ttft_s"] or 0.0
-        estimate = 1.3 * single_ttft * plan.conversation / plan.ttft_prompt + plan.new_tokens * 2.0
-        left = deadline - time.time()
-        if estimate > left:
-            out["conversation"] = {"skipped": f"estimated {estimate:.0f} s, {left:.0f} s left of the time budget"}
-            print(f"{mode}: conversation skipped ({out['conversation']['skipped']})", flush=True)
-            return
-        messages = conversation(engine, plan.conversation - plan.new_tokens)
-        with Sampler() as during:
-            long = await engine.generate(request_of(messages, plan.new_tokens))
-        out["conversation"] = {
-            "turns": len(messages),
-            "prompt_tokens": long.input_length,
-            "total_tokens": long.input_length + long.output_length,
-            "ttft_s": long.time_to_first_token_s,
-            "peaks": during.peaks,
-            "after": snapshot(),
-        }
-        print(f"{mode}: conversation {out['conversation']}", flush=True)
+        out["conversations"] = [
+            await long_conversation(engine, plan, tokens, out, deadline) for tokens in plan.conversations
+        ]
 
     try:
         asyncio.run(measure())
@@ -435,6 +424,35 @@ def run_mode(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
         out["gpu_peak"] = torch.cuda.max_memory_allocated()
     out["load_average_after"] = load_average()
     return out
+
+
+async def long_conversation(
+    engine: Any, plan: Plan, tokens: int, out: dict[str, Any], deadline: float
+) -> dict[str, Any]:
+    """One long conversation of `tokens` tokens: its TTFT, the peak RSS during it, the RSS after it."""
+    # It costs about tokens/ttft_prompt times the TTFT prompt's prefill (more: attention grows with the square).
+    single_ttft = out["single"]["ttft_s"] or 0.0
+    estimate = 1.5 * single_ttft * tokens / plan.ttft_prompt + plan.new_tokens * 2.0
+    left = deadline - time.time()
+    if estimate > left:
+        skipped = {"tokens": tokens, "skipped": f"estimated {estimate:.0f} s, {left:.0f} s left of the time budget"}
+        print(f"{out['mode']}: {tokens}-token conversation skipped ({skipped['skipped']})", flush=True)
+        return skipped
+    messages = conversation(engine, tokens - plan.new_tokens)
+    with Sampler() as during:
+        long = await engine.generate(request_of(messages, plan.new_tokens))
+    await asyncio.sleep(1.0)  # the decode thread gives the heap back after the long row ends
+    result = {
+        "tokens": tokens,
+        "turns": len(messages),
+        "prompt_tokens": long.input_length,
+        "total_tokens": long.input_length + long.output_length,
+        "ttft_s": long.time_to_first_token_s,
+        "peaks": during.peaks,
+        "after": snapshot(),
+    }
+    print(f"{out['mode']}: {tokens}-token conversation {result}", flush=True)
+    return result
 
 
 def run_mode_in_child(mode: str, plan: Plan, deadline: float) -> dict[str, Any]:
@@ -502,20 +520,8 @@ def render_table(plan: Plan, results: dict[str, dict[str, Any]], environment: st
         f"decode tok/s, {plan.streams} concurrent streams (aggregate)",
         lambda r: fmt(r["streams"]["aggregate_tok_s"], ".2f"),
     )
-    row(
-        f"{plan.conversation}-token conversation: TTFT (s)",
-        lambda r: (
-            r["conversation"]["skipped"] if "skipped" in r["conversation"] else fmt(r["conversation"]["ttft_s"], ".0f")
-        ),
-    )
-    row(
-        f"RSS after the {plan.conversation}-token conversation: total / anon / file (GB)",
-        lambda r: " / ".join(gb(r["conversation"]["after"][k]) for k in KEYS),
-    )
-    row(
-        f"peak RssAnon during the {plan.conversation}-token conversation (GB)",
-        lambda r: gb(r["conversation"]["peaks"]["RssAnon"]),
-    )
+    for index, tokens in enumerate(plan.conversations):
+        conversation_rows(row, index, tokens)
     if any("gpu_after_load" in results[m] for m in modes):
         row("GPU memory after load / peak (GB)", lambda r: f"{gb(r['gpu_after_load'])} / {gb(r['gpu_peak'])}")
     row(
@@ -529,6 +535,23 @@ def render_table(plan: Plan, results: dict[str, dict[str, Any]], environment: st
 
 
 KEYS = ("VmRSS", "RssAnon", "RssFile")
+
+
+def conversation_rows(row: Any, index: int, tokens: int) -> None:
+    """The table's rows for the `index`th long conversation."""
+
+    def pick(r: dict[str, Any]) -> dict[str, Any]:
+        return r["conversations"][index]
+
+    row(
+        f"{tokens}-token conversation: TTFT (s)",
+        lambda r: pick(r)["skipped"] if "skipped" in pick(r) else fmt(pick(r)["ttft_s"], ".0f"),
+    )
+    row(
+        "peak RSS / RssAnon during it (GB)",
+        lambda r: f"{gb(pick(r)['peaks']['VmRSS'])} / {gb(pick(r)['peaks']['RssAnon'])}",
+    )
+    row("RSS after it: total / anon / file (GB)", lambda r: " / ".join(gb(pick(r)["after"][k]) for k in KEYS))
 
 
 def environment_line(plan: Plan) -> str:
@@ -574,6 +597,7 @@ def child_main(args: argparse.Namespace) -> int:
     values = json.loads(args.plan)
     values["modes"] = tuple(values["modes"])
     values["conversation_modes"] = tuple(values["conversation_modes"])
+    values["conversations"] = tuple(values["conversations"])
     plan = Plan(**values)
     result = run_mode(args.run_mode, plan, args.deadline)
     args.json.write_text(json.dumps(result, indent=2, default=str))

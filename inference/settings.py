@@ -47,7 +47,9 @@ class EngineSettings(BaseSettings):
     memory_check: bool = Field(
         True,
         description="Before loading, estimate the weights' size for QUANTIZATION from the model's config and refuse "
-        "a model that does not fit in the available RAM (free GPU memory on CUDA), naming the QUANTIZATION that fits.",
+        "a model that does not fit in the available RAM (free GPU memory on CUDA), naming the QUANTIZATION that fits; "
+        "then admit each request only when its KV cache and prefill fit what was left once the model was ready "
+        "(a request that never can is a 400, one that cannot yet waits, then 503; docs/operations.md#memory).",
     )
     cpu_isa: Literal["auto", "avx512", "avx2"] = Field(
         "auto",
@@ -101,11 +103,29 @@ class EngineSettings(BaseSettings):
         "message, a conversation's earlier turns). Exact: the replies do not change, the first token comes sooner. "
         "0 turns it off.",
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        description="Off the lean and native paths (transformers' forward: Gemma2, bitsandbytes, FAST_DECODE=false, "
+        "the sequential engine), prefill prompts this many tokens per forward pass, so the attention scores take "
+        "chunk x prompt memory instead of prompt x prompt; 0: the whole prompt in one pass.",
+    )
     max_queue: int = Field(
         32, ge=0, description="Most requests waiting for a free slot; beyond it requests get 503 with Retry-After."
     )
     queue_timeout: float = Field(
-        60.0, gt=0, description="Seconds a request may wait for a free slot before it fails with 503."
+        60.0,
+        gt=0,
+        description="Seconds a request may wait for a free slot (or for memory, MEMORY_CHECK) before it fails with "
+        "503; a stream that had started gets an error event in its protocol's shape instead.",
+    )
+    max_running_per_key: int = Field(
+        0,
+        ge=0,
+        description="Most requests of one API key generating at once (batched engine; the sequential one runs one "
+        "at a time anyway); 0: no cap. A key at its cap keeps its next requests waiting (they count towards "
+        "MAX_QUEUE and fail after QUEUE_TIMEOUT) while other keys' requests are admitted. Waiting requests are "
+        "admitted round-robin across keys whatever the cap; requests without a key (the chat page) share one.",
     )
 
     # Remote engine (ENGINE=remote): vLLM, TGI's Messages API, llama.cpp's server or another instance of this service

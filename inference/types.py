@@ -52,6 +52,9 @@ class GenerationRequest:
     min_p: float | None = None  # drop tokens below min_p x the top token's probability
     logprobs: int | None = None  # None: off; k (0-20): each token's logprob and the k most likely alternatives
     response_format: ResponseFormat | None = None
+    # Who asked, for fair admission (round-robin across clients, MAX_RUNNING_PER_KEY): an opaque, non-secret name
+    # the web layer sets (`key-2`: the second configured API key); None, requests without a key, share one identity.
+    client: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class InvalidRequest(InferenceError):
 
 
 class ContextTooLong(InvalidRequest):
+    param = "messages"  # as OpenAI names it; a route whose prompt is another field renames it (webapp.api)
+
     def __init__(self, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -219,8 +221,9 @@ class Served:
         return "".join(self.output)
 
 
-def start_server(settings: Settings, **env: str | None) -> Served:
-    """`python app.py` on a free port, ready; `env` adds variables (None removes one)."""
+def start_server(settings: Settings, address_space: int | None = None, **env: str | None) -> Served:
+    """`python app.py` on a free port, ready; `env` adds variables (None removes one); `address_space`: its RLIMIT_AS
+    (`ulimit -v`) in bytes."""
     environment: dict[str, str | None] = {
         **os.environ,
         "MODEL_ID": "embedded",
@@ -239,6 +242,7 @@ def start_server(settings: Settings, **env: str | None) -> Served:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=None if address_space is None else lambda: limit_address_space(address_space),
     )
     served = Served(process)
     assert process.stdout is not None
@@ -259,6 +263,64 @@ def start_server(settings: Settings, **env: str | None) -> Served:
         time.sleep(0.2)
     process.kill()
     raise AssertionError(f"app.py was not ready in time:\n{served.log()}")
+
+
+def limit_address_space(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def process_status(pid: int) -> dict[str, int]:
+    """VmSize, VmRSS, VmHWM and RssAnon of process `pid`, in bytes (Linux)."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmSize", "VmRSS", "VmHWM", "RssAnon"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+# ---- schemathesis runs (tests/test_fuzz.py, tests/test_fuzz_openapi.py) ----
+
+
+@dataclass
+class FuzzRecord:
+    """What a schemathesis run saw: responses by (operation, status), the first failure of each (operation, check,
+    title) described, and the engine's errors."""
+
+    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    failures: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, event: Any) -> None:
+        from schemathesis.engine import Status, events
+
+        if isinstance(event, events.ScenarioFinished):
+            for interaction in event.recorder.interactions.values():
+                if interaction.response is not None:
+                    self.statuses[(event.label or "", interaction.response.status_code)] += 1
+            for case_id, checks in event.recorder.checks.items():
+                for check in checks:
+                    if check.status == Status.FAILURE:
+                        title = check.failure_info.failure.title if check.failure_info else ""
+                        key3 = (event.label or "", check.name, title)
+                        self.failures.setdefault(key3, describe_check(check, event.recorder.interactions.get(case_id)))
+        elif isinstance(event, events.NonFatalError):
+            self.errors.append(f"{event.label}: {event.value!r}")
+        elif isinstance(event, events.FatalError):
+            self.errors.append(f"fatal: {event.exception!r}")
+
+
+def describe_check(check: Any, interaction: Any) -> str:
+    """A failed schemathesis check, its reproduction and the response, for an assertion message."""
+    info = check.failure_info
+    text = f"- {check.name}: {info.failure.title if info else ''}\n  {info.failure.message[:600] if info else ''}\n"
+    if info is not None:
+        text += f"  {info.code_sample[:1200]}\n"
+    if interaction is not None and interaction.response is not None:
+        text += f"  -> {interaction.response.status_code} {interaction.response.content[:300]!r}\n"
+    return text
 
 
 # ---- Debian's Chromium, headless, driven by Playwright ----
@@ -315,8 +377,10 @@ class ForcedFault:
     (every request when None), before their first token, or once they have generated `after` tokens.
 
     A fake only to force a fault the real model cannot produce on demand. It sits where each engine runs the model:
-    the sequential engine's `model.generate`, the batched engine's forward pass (the lean decoder's, which carries
-    the running rows and the newcomers' prompts together). Use it as a context manager.
+    the sequential engine's `model.generate`, the batched engine's pass: the lean decoder's, which carries the running
+    rows and the newcomers' prompts together, or transformers' forward (FAST_DECODE=false, Gemma2, bitsandbytes), a
+    prefill or a decoding step. A decoding pass fails when a row of that pass (the runner's batch) carries `marker`.
+    Use it as a context manager.
     """
 
     def __init__(self, engine: Engine, marker: str | None = None, after: int = 0) -> None:
@@ -331,9 +395,32 @@ class ForcedFault:
         if isinstance(engine, SequentialEngine):
             self._patch.setattr(engine.model, "generate", self._faulty_generate(engine.model.generate))
         else:
-            assert isinstance(engine, BatchedEngine) and engine.lean_pass is not None, "the lean decoder's pass"
-            self._patch.setattr(engine.lean_pass, "forward", self._faulty_pass(engine.lean_pass.forward))
+            assert isinstance(engine, BatchedEngine)
+            if engine.lean_pass is not None:
+                self._patch.setattr(engine.lean_pass, "forward", self._faulty_pass(engine.lean_pass.forward))
+            else:
+                self._patch.setattr(engine.model, "forward", self._faulty_forward(engine.model.forward))
         return self
+
+    def _decoding_row_fails(self) -> bool:
+        assert isinstance(self.engine, BatchedEngine)
+        for slot in self.engine.runner.batch.slots:  # the decoding rows of this pass, in order
+            text = slot.request.prompt or "".join(message.content for message in slot.request.messages)
+            if self._carries(text) and slot.generated >= self.after:
+                return True
+        return False
+
+    def _faulty_forward(self, original: Callable[..., object]) -> Callable[..., object]:
+        def forward(*args: object, **kwargs: Any) -> object:
+            prefill = kwargs.get("logits_to_keep") == 1  # the runner's prefill asks for the last logits only
+            rows = kwargs["input_ids"]
+            if prefill and not self.after and any(self._carries(self.engine.tokenizer.decode(row)) for row in rows):
+                raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
+            if not prefill and self.after and self._decoding_row_fails():
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
+            return original(*args, **kwargs)
+
+        return forward
 
     def __exit__(self, *exc: object) -> None:
         self._patch.undo()
@@ -362,11 +449,8 @@ class ForcedFault:
             engine = self.engine
             if not self.after and any(self._carries(engine.tokenizer.decode(p.ids[p.start :])) for p in prompts):
                 raise RuntimeError("CUDA error: device-side assert triggered (forced by test)")
-            if self.after and decode is not None:
-                for slot in engine.runner.batch.slots:  # the decoding rows of this pass, in order
-                    text = "".join(message.content for message in slot.request.messages)
-                    if self._carries(text) and slot.generated >= self.after:
-                        raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
+            if self.after and decode is not None and self._decoding_row_fails():
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by test)")
             return original(decode, prompts)
 
         return forward

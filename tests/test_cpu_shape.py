@@ -58,9 +58,9 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert run["ready"]["VmRSS"] >= run["ready"]["RssAnon"]
         assert 24 <= run["single"]["prompt_tokens"] <= 32 and run["single"]["output_tokens"] == 4
         assert run["streams"]["streams"] == 4 and run["streams"]["rows_seen"] >= 2
-        conversation = run["conversation"]
+        [conversation] = run["conversations"]
         if mode == "8bit":
-            assert conversation == {"skipped": "not asked (--conversation-modes)"}
+            assert conversation == {"tokens": 128, "skipped": "not asked (--conversation-modes)"}
             continue
         assert conversation["turns"] >= 5  # a real multi-turn conversation
         assert 112 <= conversation["total_tokens"] <= 128

@@ -24,15 +24,14 @@ import json
 import os
 import time
 import warnings
-from collections import Counter
 from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis.engine import Status, events, from_schema
+from schemathesis.engine import from_schema
 
 from inference.model.loading import LoadedModel
-from tests.helpers import API_KEY, engine_for
+from tests.helpers import API_KEY, FuzzRecord, engine_for
 from webapp.server import create_app
 from webapp.settings import Settings
 
@@ -95,16 +94,6 @@ def fuzz_config(examples: int) -> schemathesis.Config:
     )
 
 
-def describe(check: Any, interaction: Any) -> str:
-    info = check.failure_info
-    text = f"- {check.name}: {info.failure.title if info else ''}\n  {info.failure.message if info else ''}\n"
-    if info is not None:
-        text += f"  {info.code_sample[:800]}\n"
-    if interaction is not None and interaction.response is not None:
-        text += f"  -> {interaction.response.status_code} {interaction.response.content[:300]!r}\n"
-    return text
-
-
 def test_fuzz_every_route_against_the_openapi_schema(embedded_model: LoadedModel) -> None:
     settings = Settings(model_id="embedded", _env_file=None, **FUZZ_SETTINGS)  # type: ignore[call-arg]
     app = create_app(settings, engine_for(settings, embedded_model), [API_KEY], with_ui=False)
@@ -115,29 +104,15 @@ def test_fuzz_every_route_against_the_openapi_schema(embedded_model: LoadedModel
     )
 
     started = time.monotonic()
-    statuses: Counter[tuple[str, int]] = Counter()
-    failures: dict[tuple[str, str, str], str] = {}
-    errors: list[str] = []
+    record = FuzzRecord()
+    statuses, failures, errors = record.statuses, record.failures, record.errors
     stream = from_schema(schema).execute()
     stopped_early = False
     for event in stream:
         if TIME_BUDGET_S is not None and not stopped_early and time.monotonic() - started > TIME_BUDGET_S:
             stream.stop()
             stopped_early = True
-        if isinstance(event, events.ScenarioFinished):
-            for interaction in event.recorder.interactions.values():
-                if interaction.response is not None:
-                    statuses[(event.label or "", interaction.response.status_code)] += 1
-            for case_id, checks in event.recorder.checks.items():
-                for check in checks:
-                    if check.status == Status.FAILURE:
-                        title = check.failure_info.failure.title if check.failure_info else ""
-                        key = (event.label or "", check.name, title)
-                        failures.setdefault(key, describe(check, event.recorder.interactions.get(case_id)))
-        elif isinstance(event, events.NonFatalError):
-            errors.append(f"{event.label}: {event.value!r}")
-        elif isinstance(event, events.FatalError):
-            errors.append(f"fatal: {event.exception!r}")
+        record.add(event)
     elapsed = time.monotonic() - started
 
     summary = ", ".join(f"{label} {code}: {n}" for (label, code), n in sorted(statuses.items()))

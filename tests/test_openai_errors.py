@@ -95,3 +95,42 @@ def test_the_spec_routes_keep_the_spec_shape(live_server: LiveServer) -> None:
     assert malformed.status_code == 400 and "JSON" in malformed.json()["detail"]
     # ... and the page still has the rest of the site.
     assert httpx.get(f"{live_server.base_url}/", timeout=60).status_code == 200
+
+
+USER_THEN_ASSISTANT = [{"role": "user", "content": "Halo"}, {"role": "assistant", "content": "Hai"}]
+STRICT_UNSUPPORTED = {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}
+# The engine's 400s (raised at submit, after the builders) name the field too, in each route's own names.
+ENGINE_400S = {
+    "chat, last turn": ("/v1/chat/completions", {"messages": USER_THEN_ASSISTANT}, "messages", "end with a user"),
+    "responses, last turn": ("/v1/responses", {"input": USER_THEN_ASSISTANT}, "input", "end with a user"),
+    "completions, context": ("/v1/completions", {"prompt": "halo " * 9000}, "prompt", "context of"),
+    "responses, schema": (
+        "/v1/responses",
+        {
+            "input": "Halo",
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": STRICT_UNSUPPORTED, "strict": True}},
+        },
+        "text.format",
+        "uniqueItems",
+    ),
+    "chat, a forced call's parameters": (
+        "/v1/chat/completions",
+        {
+            "messages": USER_THEN_ASSISTANT[:1],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": STRICT_UNSUPPORTED}}],
+            "tool_choice": "required",
+        },
+        "tools",
+        "uniqueItems",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ENGINE_400S)
+def test_an_engine_400_names_the_field_in_param(live_server: LiveServer, case: str) -> None:
+    path, body, param, words = ENGINE_400S[case]
+    tokens = {"max_output_tokens" if path == "/v1/responses" else "max_tokens": 1}
+    response = httpx.post(f"{live_server.base_url}{path}", headers=AUTH, json={**body, **tokens}, timeout=120)
+    assert response.status_code == 400, response.text
+    error = openai_error(response)
+    assert error["param"] == param and words in error["message"], error

@@ -293,6 +293,7 @@ def test_what_the_upstream_refuses_is_our_400_with_its_message(front: LiveServer
             model="sahabat-ai", messages=[{"role": "user", "content": "hi"}], max_tokens=UPSTREAM_CAP + 100
         )
     assert "MAX_NEW_TOKENS_CAP" in raised.value.body["message"]
+    assert raised.value.body["param"] == "max_tokens"  # the upstream's name for the field, passed on
 
 
 def test_history_validation_stays_ours(front: LiveServer) -> None:

@@ -21,7 +21,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from inference.cpu.paths import CpuPath
+from inference.engines.memory_budget import MemoryBudget
+from inference.model import loading
 from inference.model.loading import LoadedModel, load_model
+from inference.model.memory import gb, pin_mmap_threshold
 from inference.sampling.grammar import GrammarCompiler, RowGrammar
 from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE
 from inference.settings import EngineSettings
@@ -152,6 +155,7 @@ class LocalEngine(Engine, ABC):
         self.terminators: list[int] = []
         self.grammars: GrammarCompiler | None = None  # response_format's compiled grammars (set at load)
         self.cpu_path: CpuPath | None = None  # the CPU path in force (set at load; None on a GPU)
+        self.memory: MemoryBudget | None = None  # what requests may take (MEMORY_CHECK; set at load)
 
     def load(self) -> None:
         """Blocking load, on the thread that will run the model (see `run_on_model_thread`)."""
@@ -180,6 +184,10 @@ class LocalEngine(Engine, ABC):
             self.grammars = GrammarCompiler(self.tokenizer, self.terminators, self.model.config.vocab_size)
             self.info = dataclasses.replace(loaded.info, engine=self.name)
             self.on_loaded()
+            if self.runs_transformers_forward():
+                pin_mmap_threshold()  # its large transients go back to the kernel when freed (inference.model.memory)
+            if self.settings.memory_check:
+                self.memory = self.memory_budget()
         except Exception as error:
             self.state, self.state_reason = "failed", f"model failed to load: {error}"
             raise
@@ -190,12 +198,34 @@ class LocalEngine(Engine, ABC):
     def on_loaded(self) -> None:
         """Hook for engines that set up more after the model is in memory."""
 
+    def runs_transformers_forward(self) -> bool:
+        """Whether prompts go through transformers' forward (not the lean or native passes): those prefills leave the
+        heap holes `pin_mmap_threshold` prevents; the native path does not (docs/operations.md#memory)."""
+        return True
+
+    def memory_budget(self) -> MemoryBudget:
+        """The memory admission's budget, from what is left now that the model is in memory."""
+        embedding = self.model.get_input_embeddings().weight
+        chunk, group_tokens = self.prefill_shape()
+        cuda = embedding.device.type == "cuda"
+        budget = MemoryBudget.at_ready(
+            self.model.config, embedding.element_size(), lambda: loading.available_memory(cuda), chunk, group_tokens
+        )
+        logger.info("memory for requests: %s (%s, less a reserve)", gb(budget.capacity), budget.where)
+        return budget
+
+    def prefill_shape(self) -> tuple[int, int]:
+        """(query tokens per prefill forward, 0 for all; the most prompt tokens prefilled together) for the budget."""
+        return self.settings.prefill_chunk_tokens, 0
+
     def prepare(self, request: GenerationRequest) -> list[int]:
-        """Prompt ids for `request`, after the context check."""
+        """Prompt ids for `request`, after the context check and the memory check (MEMORY_CHECK)."""
         info = self.ensure_ready()
         prompt_ids = self.prompt_ids(request)
         if len(prompt_ids) + request.max_new_tokens > info.context_length:
             raise ContextTooLong(len(prompt_ids), request.max_new_tokens, info.context_length)
+        if self.memory is not None:
+            self.memory.check(len(prompt_ids), request.max_new_tokens, idle=self.idle)
         return prompt_ids
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -209,7 +239,8 @@ class LocalEngine(Engine, ABC):
             raise
         except Exception as error:  # a tokenizer fault is this request's problem, not the service's
             logger.warning("prompt tokenization failed (request %s)", request.request_id or "-", exc_info=True)
-            raise InvalidRequest(f"the prompt could not be tokenized: {type(error).__name__}") from error
+            param = "prompt" if request.prompt is not None else "messages"
+            raise InvalidRequest(f"the prompt could not be tokenized: {type(error).__name__}", param=param) from error
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """The length of `prompt_ids`: what `submit` would admit, counted without the context check."""
@@ -248,6 +279,8 @@ class LocalEngine(Engine, ABC):
             min_p=None if greedy or not request.min_p else request.min_p,
             eos_token_id=self.terminators,
             pad_token_id=self._pad_token_id(),
+            # generate's own chunked prefill: a long prompt's attention scores are chunk x prompt, not prompt squared
+            prefill_chunk_size=self.settings.prefill_chunk_tokens or None,
         )
         return config
 

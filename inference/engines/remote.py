@@ -286,7 +286,7 @@ class RemoteEngine(Engine):
     async def submit(self, request: GenerationRequest) -> RemoteStream:
         info = self.ensure_ready()
         if request.prompt is None and (not request.messages or request.messages[-1].role != "user"):
-            raise InvalidRequest("the conversation must end with a user message")
+            raise InvalidRequest("the conversation must end with a user message", param="messages")
         started = time.perf_counter()
         upstream = await self._open(request, info.model_id)
         self._streams += 1
@@ -360,7 +360,8 @@ class RemoteEngine(Engine):
         if code in (400, 413, 422):
             if _CONTEXT_REFUSED.search(message):
                 return UpstreamContextTooLong(message, request.max_new_tokens)
-            return InvalidRequest(message)
+            param = error.param  # the upstream's own name for the field (OpenAI's error shape), if it gave one
+            return InvalidRequest(message, param=param if isinstance(param, str) and param else None)
         if code in (401, 403):
             reason = f"the upstream at {self.display_url} refused REMOTE_API_KEY (HTTP {code})"
             self._set_down(reason)

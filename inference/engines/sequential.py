@@ -1,4 +1,6 @@
-"""ENGINE=sequential: one `model.generate` at a time, in FIFO order, streamed through transformers' streamer.
+"""ENGINE=sequential: one `model.generate` at a time, streamed through transformers' streamer.
+
+The waiting requests are taken round-robin across clients, FIFO within one (`inference.engines.fair_queue`).
 
 The baseline engine: the batched one is checked against its greedy texts.
 """
@@ -6,6 +8,7 @@ The baseline engine: the batched one is checked against its greedy texts.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import threading
@@ -17,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from inference.engines.base import Engine, LocalEngine
+from inference.engines.fair_queue import FairQueue
 from inference.model.loading import LoadedModel, load_model
+from inference.model.memory import TRIM_AFTER_TOKENS, release_free_heap
 from inference.sampling.logprobs import LogprobRecorder, logprob_streamer
 from inference.sampling.penalties import PenaltyProcessor
 from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE, choose, uses_penalties
@@ -41,6 +46,8 @@ class _Job:
     )  # penalties and logprobs (inference.sampling.logprobs), when asked
     phase: Literal["queued", "running", "done"] = "queued"
     grammar: Any = None  # inference.sampling.grammar.RowGrammar of a constrained request (response_format)
+    # Its `_generate_blocking` ended (its error, if any): the executor task that ran it may be another job's.
+    outcome: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
 
 
 class _Ticket:
@@ -111,10 +118,12 @@ class _GrammarSampler:
 
 
 class SequentialEngine(LocalEngine):
-    """One `model.generate` at a time, in FIFO order, streamed through TextIteratorStreamer.
+    """One `model.generate` at a time, streamed through TextIteratorStreamer.
 
-    A single worker thread runs every generation, so the model is never run by two threads at once
-    and requests are served in arrival order.
+    A single worker thread runs every generation, so the model is never run by two threads at once. The waiting
+    requests are served round-robin across clients (`GenerationRequest.client`), each client's in arrival order, so
+    one API key flooding the service cannot starve the others: each submit queues its job in a `FairQueue` and one
+    task on the worker, and each task runs the job next in the rotation, not necessarily its own.
     """
 
     name = "sequential"
@@ -125,6 +134,7 @@ class SequentialEngine(LocalEngine):
         self._counts_lock = threading.Lock()
         self._queued = 0
         self._running = 0
+        self._jobs: FairQueue[_Job] = FairQueue()  # queued jobs, under `_counts_lock`; one worker task for each
         # Admission (MAX_QUEUE) counts from submit(), before the stream is first iterated.
         self.max_queue = settings.max_queue
         self.queue_timeout_s = settings.queue_timeout
@@ -204,7 +214,8 @@ class SequentialEngine(LocalEngine):
         take_tokens = getattr(streamer, "take", None)  # logprobs of the tokens generated so far
         with self._counts_lock:
             self._queued += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._generate_blocking, job)
+            self._jobs.push(request.client, job)
+        asyncio.get_running_loop().run_in_executor(self._executor, self._run_next)
         reply = ReplyAssembler(request.stop, started)
         try:
             async for piece in streamer:
@@ -221,7 +232,7 @@ class SequentialEngine(LocalEngine):
             tail = reply.flush()
             if tail is not None:
                 yield tail
-            await future
+            await asyncio.wrap_future(job.outcome)
         finally:
             job.cancel.set()  # a consumer that leaves early (client gone) frees the model at the next token
             self._move(job, "queued", "done")  # it never reached the model
@@ -286,6 +297,22 @@ class SequentialEngine(LocalEngine):
             raise GenerationFailed(f"generation failed: {type(error).__name__}") from error
         finally:
             self._move(job, "running", "done")
+            if len(job.prompt_ids) + len(job.output_ids) >= TRIM_AFTER_TOKENS:
+                release_free_heap()  # its KV cache and prefill left holes glibc keeps (inference.model.memory)
+
+    def _run_next(self) -> None:
+        """One worker task: run the job next in the round-robin across clients. Each job queued one task, and each
+        task takes one job, so every job runs; its outcome goes to its own stream, whichever task ran it."""
+        with self._counts_lock:
+            job = self._jobs.pop()
+        if job is None:
+            return
+        try:
+            self._generate_blocking(job)
+        except BaseException as error:
+            job.outcome.set_exception(error)
+        else:
+            job.outcome.set_result(None)
 
     def run_on_model_thread(self, work: Callable[[], None]) -> None:
         self._executor.submit(work).result()

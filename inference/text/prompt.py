@@ -91,7 +91,7 @@ class PromptBuilder:
     def build(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the whole prompt, ending with the template's generation prompt."""
         if not messages or messages[-1].role != "user":
-            raise InvalidRequest("the conversation must end with a user message")
+            raise InvalidRequest("the conversation must end with a user message", param="messages")
         template_messages = self.template_messages(messages)
         marked = [
             {"role": m["role"], "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(template_messages)
@@ -99,7 +99,9 @@ class PromptBuilder:
         try:
             rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
         except TemplateError as error:
-            raise InvalidRequest(f"the model's chat template rejected the conversation: {error}") from None
+            raise InvalidRequest(
+                f"the model's chat template rejected the conversation: {error}", param="messages"
+            ) from None
         ids: list[int] = []
         pieces = _MARK_RE.split(rendered)
         # split() alternates: template text, message index, template text, ...

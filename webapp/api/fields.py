@@ -4,10 +4,14 @@ setting."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
+from inference import InvalidRequest
 from webapp.errors import BadRequest
 from webapp.settings import Settings
 
@@ -52,6 +56,65 @@ class RequestModel(BaseModel):
         }
 
 
+def schema_is(replacement: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A field's `json_schema_extra` that states its accepted shapes exactly (`replacement`), where the Python type is
+    wider so that a builder can refuse the rest with a message naming the field (free-form dicts checked by hand,
+    fields accepted only at the value that means "off"). The title and description are kept."""
+
+    def edit(schema: dict[str, Any]) -> None:
+        kept = {key: schema[key] for key in ("title", "description", "default") if key in schema}
+        schema.clear()
+        schema.update(copy.deepcopy(replacement), **kept)
+
+    return edit
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON Schema with its `$defs` inlined, to embed in a field's schema (the model has no route of its
+    own, so it has no component in the OpenAPI document)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inlined(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inlined(defs[ref.removeprefix("#/$defs/")])
+            return {key: inlined(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inlined(item) for item in node]
+        return node
+
+    return inlined(schema)
+
+
+NULL: dict[str, Any] = {"type": "null"}
+
+
+def when(field: str, value: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """A rule between fields, in JSON Schema: if `field` is present and matches `value`, the body matches `then`
+    (e.g. `top_logprobs` needs `"logprobs": true`). Listed under the model's `allOf`."""
+    return {"if": {"properties": {field: value}, "required": [field]}, "then": then}
+
+
+def field_is(field: str, value: dict[str, Any]) -> dict[str, Any]:
+    """`then`: `field` is present and matches `value`."""
+    return {"properties": {field: value}, "required": [field]}
+
+
+def field_absent_or(field: str, value: dict[str, Any]) -> dict[str, Any]:
+    """`then`: `field` is absent, or matches `value`."""
+    return {"properties": {field: value}}
+
+
+# A tool_choice that forces a call (the reply is the call) takes no JSON response format.
+FORCED_CALL: dict[str, Any] = {"anyOf": [{"const": "required"}, {"type": "object"}]}
+TEXT_FORMAT_ONLY: dict[str, Any] = {"anyOf": [NULL, {"type": "object", "properties": {"type": {"const": "text"}}}]}
+
+# Every OpenAI route: `stream_options` only with `"stream": true`.
+STREAM_OPTIONS_NEED_STREAM = when("stream_options", {"type": "object"}, field_is("stream", {"const": True}))
+
+
 def _stop_schema(schema: dict[str, Any]) -> None:
     """Document the `stop` rules checked by the validators: non-empty strings, at most 4."""
     for branch in schema.get("anyOf", [schema]):
@@ -71,6 +134,18 @@ def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
     for stop in stops:
         _valid_unicode(stop)
     return value
+
+
+@contextmanager
+def engine_params(renames: dict[str, str]) -> Iterator[None]:
+    """An engine's 400 (`InvalidRequest`, raised at submit) names the field in the chat API's terms (`messages`,
+    `response_format`); a route whose body calls it otherwise renames it here (`prompt`, `input`, `text.format`)."""
+    try:
+        yield
+    except InvalidRequest as error:
+        if error.param in renames:
+            error.param = renames[error.param]
+        raise
 
 
 class ErrorResponse(BaseModel):

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from fastapi import FastAPI
 
 from webapp.settings import Settings
 
-_TOKEN_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+_TOKEN_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens", "max_output_tokens")
+# Top-level text fields counted in MAX_TOTAL_CHARS: each alone is at most that long (the sum is the builders' check).
+_TEXT_FIELDS = ("text", "system_message", "prompt", "input", "instructions", "system")
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     """Replace `app.openapi` with one that documents the configured limits and the real error codes.
 
-    - `max_new_tokens` / `max_tokens` / `max_completion_tokens` get `maximum: MAX_NEW_TOKENS_CAP`;
-      `conversation_history` and `messages` get `maxItems` from MAX_HISTORY_MESSAGES; `text` gets
-      `maxLength: MAX_TOTAL_CHARS`.
+    - `max_new_tokens` / `max_tokens` / `max_completion_tokens` / `max_output_tokens` get `maximum:
+      MAX_NEW_TOKENS_CAP`; `conversation_history` and `messages` get `maxItems` from MAX_HISTORY_MESSAGES; the text
+      fields counted in MAX_TOTAL_CHARS (`text`, `prompt`, `input`, ...) get it as `maxLength`.
+    - Component schemas no operation refers to (left behind by a field whose schema was narrowed) are dropped.
     - FastAPI's automatic 422 is removed: validation errors are answered with 400 here
       (webapp/errors.py), which every route declares.
     """
@@ -49,8 +54,30 @@ def _document_limits(schema: dict[str, Any], settings: Settings) -> None:
             _set_in_array_schema(properties["conversation_history"], settings.max_history_messages)
         if "messages" in properties:
             _set_in_array_schema(properties["messages"], settings.max_history_messages + 1)
-        if "text" in properties and properties["text"].get("type") == "string":
-            properties["text"]["maxLength"] = settings.max_total_chars
+        for name in _TEXT_FIELDS:
+            if name in properties:
+                _set_in_string_schema(properties[name], settings.max_total_chars)
+    _drop_unreferenced(schema)
+
+
+def _set_in_string_schema(field: dict[str, Any], max_length: int) -> None:
+    """The string branches of `field`, and the strings of its array branches (a list of prompts)."""
+    for branch in field.get("anyOf", [field]):
+        if branch.get("type") == "string":
+            branch["maxLength"] = max_length
+        elif branch.get("type") == "array" and branch.get("items", {}).get("type") == "string":
+            branch["items"]["maxLength"] = max_length
+
+
+def _drop_unreferenced(schema: dict[str, Any]) -> None:
+    components = schema.get("components", {}).get("schemas", {})
+    while True:
+        used = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(schema)))
+        unused = [name for name in components if name not in used]
+        if not unused:
+            return
+        for name in unused:
+            del components[name]
 
 
 def _set_in_numeric_schema(field: dict[str, Any], key: str, value: int) -> None:

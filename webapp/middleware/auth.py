@@ -2,10 +2,14 @@
 clients), the same keys and the same constant-time check on every route.
 
 The routers' `authenticate` dependency checks the key (and documents the schemes in the OpenAPI schema); it also
-guards /metrics. `ApiKeyMiddleware` makes it answer before the body is read or parsed."""
+guards /metrics. `ApiKeyMiddleware` makes it answer before the body is read or parsed.
+
+`authenticate` also names the key for fair admission (`client_of`): `key-<n>`, the key's place among the configured
+ones (API_KEYS, then API_KEYS_FILE), never the secret or a hash of it, so logs and the engine see no part of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from typing import Annotated
 
@@ -14,6 +18,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inference import GenerationRequest
 
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key from API_KEYS or API_KEYS_FILE.")
 api_key_header = APIKeyHeader(
@@ -27,11 +33,18 @@ def _unauthorized(detail: str) -> HTTPException:
 
 def key_matches(candidate: str, keys: list[bytes]) -> bool:
     """Constant-time comparison against every configured key (no early exit on the first match)."""
+    return key_index(candidate, keys) is not None
+
+
+def key_index(candidate: str, keys: list[bytes]) -> int | None:
+    """The position of the first configured key equal to `candidate`, else None; every key is compared, in
+    constant time, whichever matches."""
     given = candidate.encode("utf-8", "surrogatepass")
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key)
-    return matched
+    found: int | None = None
+    for index, key in enumerate(keys):
+        if hmac.compare_digest(given, key) and found is None:
+            found = index
+    return found
 
 
 MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
@@ -66,6 +79,14 @@ async def authenticate(
     problem = key_problem(request.headers, request.app.state.api_keys)
     if problem is not None:
         raise _unauthorized(problem)
+    index = key_index(presented_key(request.headers) or "", request.app.state.api_keys)
+    request.state.client = f"key-{index + 1}" if index is not None else None
+
+
+def client_of(request: Request, generation: GenerationRequest) -> GenerationRequest:
+    """`generation` named after the API key `authenticate` accepted (`key-<n>`), for the engines' round-robin across
+    keys and MAX_RUNNING_PER_KEY. A request that met no key check (the chat page) keeps None: one shared identity."""
+    return dataclasses.replace(generation, client=getattr(request.state, "client", None))
 
 
 class ApiKeyMiddleware:

@@ -3,7 +3,9 @@
 How it works
 - `submit` validates, then admits the request into a bounded waiting queue (`MAX_QUEUE`); a full queue
   is `EngineBusy` before any response byte, and a request that waits longer than `QUEUE_TIMEOUT` ends
-  with `EngineBusy` too.
+  with `EngineBusy` too. The queue is one FIFO per client (`GenerationRequest.client`, the API key), taken
+  round-robin (`inference.engines.fair_queue`), and a client at `MAX_RUNNING_PER_KEY` running keeps waiting while
+  the others are admitted: one key flooding the service cannot starve the rest.
 - The decode thread owns the model. Each iteration it first admits waiting requests into free slots
   (at most `MAX_BATCH` running), then hands them to its `BatchRunner` (`runner.py`), which prefills them and
   runs one pass over every running row (one token each). The batch's KV cache is in `kv_cache.py`, pass planning
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import math
@@ -32,7 +33,8 @@ from inference.cpu.passes import LeanPass
 from inference.cpu.paths import CpuPath, DecodePath
 from inference.engines.base import LocalEngine
 from inference.engines.batched.runner import BatchRunner, Done, Slot
-from inference.engines.batched.scheduling import AUTO_MAX_BATCH_ACCELERATOR, AUTO_MAX_BATCH_CPU
+from inference.engines.batched.scheduling import AUTO_MAX_BATCH_ACCELERATOR, AUTO_MAX_BATCH_CPU, PREFILL_TOKEN_BUDGET
+from inference.engines.fair_queue import FairQueue
 from inference.model.loading import LoadedModel, load_model
 from inference.sampling.logprobs import ScoredToken, token_logprob
 from inference.settings import EngineSettings
@@ -85,8 +87,11 @@ class BatchedEngine(LocalEngine):
         self.max_queue = settings.max_queue
         self.queue_timeout_s = settings.queue_timeout
         self._cond = threading.Condition()
-        self._waiting: collections.deque[Slot] = collections.deque()
+        self.max_running_per_client = settings.max_running_per_key  # 0: no cap
+        self._waiting: FairQueue[Slot] = FairQueue()  # round-robin across clients, FIFO within one
         self._active = 0  # admitted and not yet finished (being prefilled or in the batch)
+        self._running_by_client: collections.Counter[str | None] = collections.Counter()  # of the `_active` ones
+        self._admitted: set[Slot] = set()  # the `_active` ones, so a slot released twice is counted off once
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._mean_duration_s = 10.0  # running estimate of one request's time in the batch, for Retry-After
@@ -107,6 +112,7 @@ class BatchedEngine(LocalEngine):
 
             prefixes = PrefixCache(self.settings.prefix_cache_tokens)  # exact on the native path only
         self.runner.attach(self.model, device, lean_pass, self.terminators, self._pad_token_id(), prefixes)
+        self.runner.prefill_chunk_tokens = self.settings.prefill_chunk_tokens
         logger.debug("passes run on %s", type(lean_pass).__name__ if lean_pass else "transformers' forward")
 
     def run_on_model_thread(self, work: Callable[[], None]) -> None:
@@ -132,8 +138,7 @@ class BatchedEngine(LocalEngine):
         super().close()
         with self._cond:
             self._stopping = True
-            waiting = list(self._waiting)
-            self._waiting.clear()
+            waiting = self._waiting.take_all()
             self._cond.notify_all()
         self._post_many((slot, EngineNotReady("the service is shutting down")) for slot in waiting)
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -154,6 +159,14 @@ class BatchedEngine(LocalEngine):
     def lean_pass(self) -> LeanPass | None:
         """What runs each iteration as one pass (`lean_pass_for`), else None: transformers' forward."""
         return self.runner.lean_pass
+
+    def runs_transformers_forward(self) -> bool:
+        return self.runner.lean_pass is None
+
+    def prefill_shape(self) -> tuple[int, int]:
+        if self.runner.lean_pass is not None:  # prompt chunks of at most PASS_PROMPT_TOKENS ride each pass
+            return self.runner.pass_prompt_tokens, self.runner.pass_prompt_tokens
+        return self.settings.prefill_chunk_tokens, PREFILL_TOKEN_BUDGET
 
     @property
     def reused_prompt_tokens_total(self) -> int:
@@ -181,7 +194,7 @@ class BatchedEngine(LocalEngine):
                     f"the server is busy ({self._active} generating, {len(self._waiting)} waiting); retry shortly",
                     retry_after_s=self._retry_after_s(),
                 )
-            self._waiting.append(slot)
+            self._waiting.push(request.client, slot)
             self._cond.notify()
         stream = self._stream(slot)
         weakref.finalize(stream, self._cancel, slot)  # a stream dropped before it is iterated frees its slot
@@ -193,8 +206,8 @@ class BatchedEngine(LocalEngine):
 
     def _cancel(self, slot: Slot) -> None:
         slot.cancelled = True
-        with self._cond, contextlib.suppress(ValueError):  # not waiting any more
-            self._waiting.remove(slot)
+        with self._cond:
+            self._waiting.remove(slot.request.client, slot)  # False: not waiting any more
 
     async def _stream(self, slot: Slot) -> AsyncIterator[StreamEvent]:
         request = slot.request
@@ -273,31 +286,50 @@ class BatchedEngine(LocalEngine):
 
     def _take_newcomers(self) -> list[Slot] | None:
         """Waiting requests for the free rows (blocks while there is nothing to do); None to stop."""
-        expired: list[Slot] = []
         with self._cond:
             while not self._stopping and not self._waiting and self.runner.idle:
                 self._cond.wait()
             if self._stopping:
                 return None
             now = time.perf_counter()
-            while self._waiting and (
-                self._waiting[0].cancelled or now - self._waiting[0].submitted_at > self.queue_timeout_s
-            ):
-                slot = self._waiting.popleft()
-                if not slot.cancelled:
-                    expired.append(slot)
+            stale = self._waiting.drop_stale(lambda s: s.cancelled or now - s.submitted_at > self.queue_timeout_s)
+            expired = [slot for slot in stale if not slot.cancelled]
             newcomers: list[Slot] = []
-            while self._waiting and self._active < self.max_batch:
-                slot = self._waiting.popleft()
+            while self._active < self.max_batch:
+                slot = self._waiting.peek(self._has_room)
+                if slot is None:  # nothing waiting, or only clients at their MAX_RUNNING_PER_KEY
+                    break
+                if not slot.cancelled and not self._fits_memory(slot, newcomers):
+                    break  # it keeps its turn and waits for running rows to end (or QUEUE_TIMEOUT's 503)
+                self._waiting.pop(self._has_room)
                 if slot.cancelled:
                     continue
                 slot.admitted_at = now
                 newcomers.append(slot)
                 self._active += 1
+                self._admitted.add(slot)
+                self._running_by_client[slot.request.client] += 1
         if expired:
-            message = f"the request waited {self.queue_timeout_s:g} s for a free slot (QUEUE_TIMEOUT); retry shortly"
+            message = (
+                f"the request waited {self.queue_timeout_s:g} s for a free slot or for memory for its KV cache "
+                "(QUEUE_TIMEOUT); retry shortly"
+            )
             self._post_many((slot, EngineBusy(message, retry_after_s=self._retry_after_s())) for slot in expired)
         return newcomers
+
+    def _fits_memory(self, slot: Slot, newcomers: list[Slot]) -> bool:
+        """Whether `slot` fits the memory budget beside the admitted rows (MEMORY_CHECK; decode thread, under `_cond`):
+        the batch's padded KV cache with it, plus the prefill of every prompt not yet prefilled."""
+        if self.memory is None:
+            return True
+        rows = [*self._admitted, slot]  # the newcomers of this round are admitted already
+        prompts = [len(s.prompt_ids) for s in (*self.runner.prefilling, *newcomers, slot)]
+        return self.memory.fits([len(s.prompt_ids) + s.request.max_new_tokens for s in rows], prompts)
+
+    def _has_room(self, client: str | None) -> bool:
+        """Whether `client` may start one more request (MAX_RUNNING_PER_KEY; called under `_cond`)."""
+        cap = self.max_running_per_client
+        return cap == 0 or self._running_by_client[client] < cap
 
     def _release(self, slots: list[Slot]) -> None:
         if not slots:
@@ -305,6 +337,12 @@ class BatchedEngine(LocalEngine):
         now = time.perf_counter()
         with self._cond:
             self._active = max(0, self._active - len(slots))
+            for slot in slots:
+                if slot in self._admitted:
+                    self._admitted.discard(slot)
+                    self._running_by_client[slot.request.client] -= 1
+                    if not self._running_by_client[slot.request.client]:
+                        del self._running_by_client[slot.request.client]
         for slot in slots:
             if slot.admitted_at is not None and not slot.cancelled:
                 self._mean_duration_s = 0.8 * self._mean_duration_s + 0.2 * (now - slot.admitted_at)
@@ -315,9 +353,10 @@ class BatchedEngine(LocalEngine):
     def _fail_all(self, error: InferenceError) -> None:
         slots = self.runner.drop_all()
         with self._cond:
-            slots += list(self._waiting)
-            self._waiting.clear()
+            slots += self._waiting.take_all()
             self._active = 0
+            self._admitted.clear()
+            self._running_by_client.clear()
         self._post_many((slot, error) for slot in slots)
 
 

@@ -228,3 +228,35 @@ def truncate_cache(cache: Any, lengths: list[int]) -> None:
     for layer, length in zip(cache_layers(cache), lengths, strict=True):
         if layer.keys is not None and layer.keys.shape[-2] > length:
             layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+
+def snapshot_cache(cache: Any) -> list[tuple[Any, Any, int | None]]:
+    """Each layer's keys, values (and sliding-window count) as they are now, for `restore_cache`.
+
+    Exact for every layer kind: a growable layer writes past its current view and then takes a longer view, a
+    sliding-window layer assigns new tensors, so the old references still hold the old contents.
+    """
+    return [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache_layers(cache)]
+
+
+def restore_cache(cache: Any, snapshot: list[tuple[Any, Any, int | None]]) -> None:
+    """Put every layer back to `snapshot` (undoes a failed pass, whatever it had written)."""
+    for layer, (keys, values, count) in zip(cache_layers(cache), snapshot, strict=True):
+        layer.keys, layer.values = keys, values
+        if count is not None:
+            layer.cumulative_length = count
+
+
+def split_rows(batch: Batch, rows: list[int]) -> Batch:
+    """A new batch of `batch`'s rows `rows` with a cache of their own (copies of those rows); `batch` is untouched."""
+    import copy
+
+    part = copy.copy(batch)
+    part.cache = copy.copy(batch.cache)
+    part.cache.layers = [copy.copy(layer) for layer in cache_layers(batch.cache)]
+    if len(rows) == len(batch):  # keep_rows keeps every row as it is: copy them, or the two caches share buffers
+        for layer in cache_layers(part.cache):
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    keep_rows(part, rows)
+    return part

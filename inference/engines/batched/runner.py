@@ -9,8 +9,9 @@ Each iteration (`BatchRunner.run_once`) first admits the newcomers the engine ha
   inference/cpu/paths.py decides which) an iteration is ONE pass: the running
   rows' decode step and the newcomers' prompts (unpadded, at most `PASS_PROMPT_TOKENS` in all) share the matmuls;
   a newcomer joins the batch after the pass that completes its prompt. A longer prompt is prefilled in chunks over
-  several passes while the running rows keep decoding (chunked prefill). A failing pass is rolled back and its
-  parts rerun alone, so the failure stays with the request that causes it.
+  several passes while the running rows keep decoding (chunked prefill).
+On both, a failing pass is rolled back and rerun in parts (each prompt alone, the running rows in halves), so the
+failure stays with the request that causes it. Off the lean passes prompts are prefilled PREFILL_CHUNK_TOKENS at a time.
 Rows that end (terminator, `max_new_tokens`, cancelled) leave the batch right after the step; a step needs a
 single device-to-host copy (the chosen token ids), which the engine hands to each request's asyncio queue.
 """
@@ -24,7 +25,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from inference.cpu.passes import LeanPass, PromptRow
-from inference.engines.batched.kv_cache import Batch, cache_layers, keep_rows, merge_batches, new_cache, truncate_cache
+from inference.engines.batched.kv_cache import (
+    Batch,
+    cache_layers,
+    keep_rows,
+    merge_batches,
+    new_cache,
+    restore_cache,
+    snapshot_cache,
+    split_rows,
+    truncate_cache,
+)
 from inference.engines.batched.scheduling import (
     PASS_PROMPT_TOKENS,
     PREFILL_OVERHEAD_TOKENS_ACCELERATOR,
@@ -33,6 +44,7 @@ from inference.engines.batched.scheduling import (
     plan_prefill_groups,
     plan_prompt_chunks,
 )
+from inference.model.memory import TRIM_AFTER_TOKENS, release_free_heap
 from inference.sampling.sampler import GREEDY_BELOW_TEMPERATURE, choose
 from inference.types import GenerationFailed, GenerationRequest
 
@@ -93,12 +105,14 @@ class BatchRunner:
         post_many: Callable[[Iterable[tuple[Slot, Any]]], None],
         count_tokens: Callable[[int], None],
     ) -> None:
-        self._release = release
+        self._give_back = release
+        self._heap_to_trim = False  # a long row ended: give the heap's free pages back after this iteration
         self._post_many = post_many
         self._count_tokens = count_tokens
         self.batch = Batch()
         self.prefilling: list[Slot] = []  # admitted, prompt not yet fully prefilled (lean passes only)
         self.pass_prompt_tokens = PASS_PROMPT_TOKENS
+        self.prefill_chunk_tokens = 0  # PREFILL_CHUNK_TOKENS: columns per prefill forward off the lean passes (0: all)
         self.max_rows_seen = 0  # the largest batch a step has run (for tests and metrics)
         self.model: Any = None
         self.device: Any = None
@@ -133,11 +147,21 @@ class BatchRunner:
                 self._start_from_a_cached_prefix(slot)
             self.prefilling += newcomers
             self._pass(self.plan_prompt_chunks())
-            return
-        if newcomers:
-            self._admit(newcomers)
-        if len(self.batch):
-            self._step()
+        else:
+            if newcomers:
+                self._admit(newcomers)
+            if len(self.batch):
+                self._step()
+        if self._heap_to_trim:
+            self._heap_to_trim = False
+            release_free_heap()
+
+    def _release(self, slots: list[Slot]) -> None:
+        """Rows that ended go back to the engine; after a long one the heap is trimmed (its KV cache and prefill
+        left holes that glibc keeps: docs/operations.md#memory)."""
+        if any(len(slot.prompt_ids) + slot.generated >= TRIM_AFTER_TOKENS for slot in slots):
+            self._heap_to_trim = True
+        self._give_back(slots)
 
     def _start_from_a_cached_prefix(self, slot: Slot) -> None:
         """A newcomer's prompt cache starts with the longest prefix a recent prompt shares with it (the native path)."""
@@ -169,7 +193,11 @@ class BatchRunner:
         """Prefill `slots` together, sample their first tokens and merge the live ones into the batch."""
         try:
             new = self._prefill(slots)
-        except Exception as error:  # this prompt's problem (e.g. out of memory): the running batch carries on
+        except Exception as error:  # these prompts' problem (e.g. out of memory): the running batch carries on
+            if len(slots) > 1:  # whose? each prompt again alone, so only the one that fails alone fails
+                for slot in slots:
+                    self._admit_group([slot])
+                return
             self._fail_prefill(slots, error)
             return
         try:
@@ -180,54 +208,56 @@ class BatchRunner:
             self._fail_running(error, extra=new.slots)
 
     def _prefill(self, slots: list[Slot]) -> Batch:
-        import torch
-
-        device = self.device
-        longest = max(len(s.prompt_ids) for s in slots)
-        pad = self.pad_token_id
-        ids = torch.full((len(slots), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(slots), longest), dtype=torch.long)
-        positions = torch.zeros((len(slots), longest), dtype=torch.long)
-        for row, slot in enumerate(slots):
-            n = len(slot.prompt_ids)
-            ids[row, longest - n :] = torch.tensor(slot.prompt_ids, dtype=torch.long)
-            mask[row, longest - n :] = 1
-            positions[row, longest - n :] = torch.arange(n)
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = new_cache(self.model.config)
-        output = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        new = Batch()
-        new.slots, new.cache, new.mask = list(slots), cache, mask
-        new.positions = mask.sum(1)  # the next token's position: the prompt length
-        new.next_tokens = choose(new.slots, output.logits[:, -1, :]).to(device)
+        """transformers' forward over the group's prompts (`prefill_group`), their first tokens chosen."""
+        new, logits = prefill_group(self.model, slots, self.device, self.pad_token_id, self.prefill_chunk_tokens)
+        new.next_tokens = choose(new.slots, logits).to(self.device)
         return new
 
     def _step(self) -> None:
+        """One decoding step of transformers' forward for every running row; if it fails, `_apart`."""
         import torch
 
         batch = self.batch
+        saved = snapshot_cache(batch.cache)
         try:
-            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
             output = self.model(
                 input_ids=batch.next_tokens[:, None],
-                attention_mask=batch.mask,
+                attention_mask=mask,
                 position_ids=batch.positions[:, None],
                 cache=batch.cache,
                 use_cache=True,
             )
-            batch.positions = batch.positions + 1
-            batch.next_tokens = choose(batch.slots, output.logits[:, -1, :]).to(self.device)
-            self.max_rows_seen = max(self.max_rows_seen, len(batch))
+            next_tokens = choose(batch.slots, output.logits[:, -1, :]).to(self.device)
+        except Exception as error:
+            restore_cache(batch.cache, saved)
+            self._apart(error, self._step)
+            return
+        batch.mask, batch.positions, batch.next_tokens = mask, batch.positions + 1, next_tokens
+        self.max_rows_seen = max(self.max_rows_seen, len(batch))
+        try:
             self._emit_and_retire(batch)
         except Exception as error:
             self._fail_running(error)
+
+    def _apart(self, error: Exception, run: Callable[[], None]) -> None:
+        """A shared decoding pass failed (its caches already rolled back) and nobody can tell whose fault it was: run
+        it again on each half of the batch (`run` works on `self.batch`), halves that fail again split again, so only
+        a row that fails alone ends with the error and the other rows go on. A fault costs ~2 log2(rows) passes."""
+        batch = self.batch
+        if len(batch) <= 1:
+            self._fail_running(error)
+            return
+        logger.warning("a pass of %d rows failed (%s): rerunning them in halves", len(batch), type(error).__name__)
+        half = len(batch) // 2
+        parts = [split_rows(batch, list(range(half))), split_rows(batch, list(range(half, len(batch))))]
+        survivors: list[Batch] = []
+        for part in parts:
+            self.batch = part
+            run()
+            survivors.append(self.batch)
+        self.batch = Batch()
+        merge_batches(self.batch, *survivors)
 
     def plan_prompt_chunks(self) -> list[tuple[Slot, int]]:
         """The prompt chunks of the next pass (see `scheduling.plan_prompt_chunks`), cancelled prompts dropped first."""
@@ -242,7 +272,8 @@ class BatchRunner:
 
         A slot whose chunk ends its prompt gets its first token from the prompt's last logits and joins the batch
         after the pass. If the pass fails, nobody knows whose fault it was: every cache it touched is rolled back,
-        the running rows run a pass alone, then each chunk alone, so a failure stays with the request causing it.
+        the running rows run a pass alone (in halves if that fails too: `_apart`), then each chunk alone, so a failure
+        stays with the request causing it.
         """
         import torch
 
@@ -278,7 +309,7 @@ class BatchRunner:
                 for chunk in chunks:
                     self._pass([chunk], with_running=False)
             elif decode is not None:
-                self._fail_running(error)
+                self._apart(error, lambda: self._pass([]))
             elif len(chunks) > 1:
                 for chunk in chunks:
                     self._pass([chunk], with_running=False)
@@ -328,7 +359,7 @@ class BatchRunner:
 
     def _fail_running(self, error: Exception, extra: Iterable[Slot] = ()) -> None:
         slots = list(dict.fromkeys([*self.batch.slots, *extra]))
-        # One shared pass failed: every row in it fails (nobody can tell whose fault it was); the log names them all.
+        # The rows left here failed alone (`_apart`), or after their pass succeeded (delivery); the log names them all.
         logger.error("generation failed (request %s)", request_ids(slots), exc_info=error)
         self.batch.clear()
         self._release(slots)
@@ -336,39 +367,7 @@ class BatchRunner:
 
     def _emit_and_retire(self, batch: Batch) -> None:
         """Send each row its new token (one host copy for the whole batch), then drop the rows that ended."""
-        tokens: list[int] = batch.next_tokens.tolist()
-        terminators = self.terminators
-        events: list[tuple[Slot, Any]] = []
-        keep: list[int] = []
-        ended: list[Slot] = []
-        emitted = 0
-        for row, (slot, token) in enumerate(zip(batch.slots, tokens, strict=True)):
-            if slot.cancelled:
-                ended.append(slot)
-                continue
-            if token in terminators:
-                events.append((slot, Done("stop")))
-                ended.append(slot)
-                continue
-            slot.generated += 1
-            emitted += 1
-            if slot.scored is not None:
-                events.append((slot, slot.scored))
-            else:
-                events.append((slot, token))
-            if slot.history:
-                slot.history.append(token)
-            if slot.counts is not None:
-                slot.counts[token] = slot.counts.get(token, 0) + 1
-            if slot.grammar is not None and slot.grammar.advance(token):  # the JSON is complete
-                events.append((slot, Done("stop")))
-                ended.append(slot)
-                continue
-            if slot.generated >= slot.request.max_new_tokens:
-                events.append((slot, Done("length")))
-                ended.append(slot)
-                continue
-            keep.append(row)
+        events, keep, ended, emitted = outcomes(batch.slots, batch.next_tokens.tolist(), self.terminators)
         self._count_tokens(emitted)
         try:
             if ended:  # free the rows first, so a client that has its result sees the capacity back
@@ -381,3 +380,76 @@ class BatchRunner:
 def request_ids(slots: Iterable[Slot]) -> str:
     """The failure log's names for these rows: the request ids the clients saw, `-` where a request has none."""
     return ", ".join(slot.request.request_id or "-" for slot in slots)
+
+
+def outcomes(
+    slots: list[Slot], tokens: list[int], terminators: frozenset[int]
+) -> tuple[list[Any], list[int], list[Slot], int]:
+    """What one pass's new tokens do to its rows: (events to send, rows kept, slots that ended, tokens emitted).
+
+    Each row's own state moves on: its count, its penalties' history and counts, its grammar."""
+    events: list[tuple[Slot, Any]] = []
+    keep: list[int] = []
+    ended: list[Slot] = []
+    emitted = 0
+    for row, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+        if slot.cancelled:
+            ended.append(slot)
+            continue
+        if token in terminators:
+            events.append((slot, Done("stop")))
+            ended.append(slot)
+            continue
+        slot.generated += 1
+        emitted += 1
+        events.append((slot, slot.scored if slot.scored is not None else token))
+        if slot.history:
+            slot.history.append(token)
+        if slot.counts is not None:
+            slot.counts[token] = slot.counts.get(token, 0) + 1
+        if slot.grammar is not None and slot.grammar.advance(token):  # the JSON is complete
+            events.append((slot, Done("stop")))
+            ended.append(slot)
+        elif slot.generated >= slot.request.max_new_tokens:
+            events.append((slot, Done("length")))
+            ended.append(slot)
+        else:
+            keep.append(row)
+    return events, keep, ended, emitted
+
+
+def prefill_group(model: Any, slots: list[Slot], device: Any, pad: int, chunk: int) -> tuple[Batch, Any]:
+    """The group's prompts left-padded into one batch and prefilled by transformers' forward into a fresh cache:
+    (the batch, without next tokens; each row's last logits).
+
+    Chunked prefill: each forward takes `chunk` columns (PREFILL_CHUNK_TOKENS, 0 for all) against the cache so far,
+    so eager attention's scores hold rows x heads x chunk x columns, not columns squared (docs/operations.md#memory).
+    """
+    import torch
+
+    longest = max(len(s.prompt_ids) for s in slots)
+    ids = torch.full((len(slots), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(slots), longest), dtype=torch.long)
+    positions = torch.zeros((len(slots), longest), dtype=torch.long)
+    for row, slot in enumerate(slots):
+        n = len(slot.prompt_ids)
+        ids[row, longest - n :] = torch.tensor(slot.prompt_ids, dtype=torch.long)
+        mask[row, longest - n :] = 1
+        positions[row, longest - n :] = torch.arange(n)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    cache = new_cache(model.config)
+    chunk = chunk or longest
+    for start in range(0, longest, chunk):
+        end = min(longest, start + chunk)
+        output = model(
+            input_ids=ids[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, start:end],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    new = Batch()
+    new.slots, new.cache, new.mask = list(slots), cache, mask
+    new.positions = mask.sum(1)  # the next token's position: the prompt length
+    return new, output.logits[:, -1, :]

@@ -194,7 +194,9 @@ def anthropic_request(
     try:
         chat = OpenAIChatCompletionRequest.model_validate(chat_body(body, messages))
     except ValidationError as error:  # the Messages model checks first; a safety net, in the chat builder's names
-        raise BadRequest(describe_validation_errors(list(error.errors()))) from None
+        errors = list(error.errors())
+        first = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
+        raise _translated(BadRequest(describe_validation_errors(errors), param=first or None), origins) from None
     try:
         return openai_request(chat, settings, request_id=request_id)
     except BadRequest as error:

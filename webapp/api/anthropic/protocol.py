@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from webapp.api.fields import RequestModel, Text, _valid_unicode
+from webapp.api.fields import NULL, RequestModel, Text, _valid_unicode, field_absent_or, field_is, schema_is, when
 
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_STOP_SEQUENCES = 4
@@ -41,8 +41,29 @@ class ToolUseBlock(RequestModel):
     cache_control: CacheControl | None = None
 
 
+def _without_unsupported(node: Any) -> Any:
+    """`node` with every reference to UnsupportedBlock (and the discriminator naming it) left out: the model parses
+    those blocks only to refuse them with a message (webapp.api.anthropic.builder), so the schema does not offer
+    them."""
+    if isinstance(node, list):
+        return [_without_unsupported(item) for item in node if not _is_unsupported_ref(item)]
+    if isinstance(node, dict):
+        return {key: _without_unsupported(value) for key, value in node.items() if key != "discriminator"}
+    return node
+
+
+def _is_unsupported_ref(node: Any) -> bool:
+    return isinstance(node, dict) and "UnsupportedBlock" in str(node.get("$ref", ""))  # a name pydantic decorates
+
+
+def _text_blocks_only(schema: dict[str, Any]) -> None:
+    schema.update(_without_unsupported(schema))
+
+
 class ToolResultBlock(RequestModel):
     """A user turn's answer to a tool_use block; `content` text (image blocks are refused)."""
+
+    model_config = ConfigDict(json_schema_extra=_text_blocks_only)
 
     type: Literal["tool_result"]
     tool_use_id: str
@@ -72,7 +93,30 @@ ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | Unsupporte
 ToolResultBlock.model_rebuild()
 
 
+def _message_schema(schema: dict[str, Any]) -> None:
+    """One shape per role, as the builder checks them: tool_use blocks in assistant turns, tool_result blocks in user
+    turns, no block kind that is refused (images, documents, thinking, ...)."""
+    blocks = _without_unsupported(schema["properties"]["content"]["anyOf"][1]["items"])
+    kinds = blocks.pop("oneOf", None) or blocks.pop("anyOf")
+
+    def shape(role: str, refused: str) -> dict[str, Any]:
+        items = {**blocks, "anyOf": [kind for kind in kinds if refused not in kind.get("$ref", "")]}
+        content = {"anyOf": [{"type": "string"}, {"type": "array", "items": items}]}
+        return {
+            "type": "object",
+            "properties": {"role": {"type": "string", "enum": [role]}, "content": content},
+            "required": ["role", "content"],
+            "additionalProperties": False,
+        }
+
+    schema["anyOf"] = [shape("user", "ToolUseBlock"), shape("assistant", "ToolResultBlock")]
+    for key in ("properties", "required", "additionalProperties", "type"):
+        schema.pop(key, None)
+
+
 class AnthropicMessage(RequestModel):
+    model_config = ConfigDict(json_schema_extra=_message_schema)
+
     role: Literal["user", "assistant"]
     content: Text | list[ContentBlock]
 
@@ -100,7 +144,27 @@ class AnthropicTool(RequestModel):
         return data
 
 
+def _tool_choice_schema(schema: dict[str, Any]) -> None:
+    """`name` with `"type": "tool"`, and only there (the validator below)."""
+    props = schema.pop("properties")
+    common = {"disable_parallel_tool_use": props["disable_parallel_tool_use"]}
+    string = {"type": "string"}
+    schema["anyOf"] = [
+        {
+            "type": "object",
+            "properties": {"type": {"type": "string", "enum": kinds}, "name": name, **common},
+            "required": required,
+            "additionalProperties": False,
+        }
+        for kinds, name, required in ((["auto", "any", "none"], NULL, ["type"]), (["tool"], string, ["type", "name"]))
+    ]
+    for key in ("required", "additionalProperties", "type"):
+        schema.pop(key, None)
+
+
 class AnthropicToolChoice(RequestModel):
+    model_config = ConfigDict(json_schema_extra=_tool_choice_schema)
+
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = Field(None, description='The tool to call, with `"type": "tool"` only.')
     disable_parallel_tool_use: bool | None = None
@@ -112,15 +176,53 @@ class AnthropicToolChoice(RequestModel):
         return self
 
 
+def _object(required: tuple[str, ...] | None = None, extra: bool = False, **properties: Any) -> dict[str, Any]:
+    """An object schema of `properties`, all required unless `required` says which."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties if required is None else required),
+        "additionalProperties": extra,
+    }
+
+
+# `format`: a JSON Schema the reply must validate against (other keys beside type and schema are ignored).
+_OUTPUT_FORMAT = _object(extra=True, type={"type": "string", "enum": ["json_schema"]}, schema={"type": "object"})
+OUTPUT_CONFIG_SCHEMA = {"anyOf": [_object((), effort={}, format={"anyOf": [_OUTPUT_FORMAT, NULL]}), NULL]}
+
+
 class CountTokensRequest(RequestModel):
     """`POST /v1/messages/count_tokens`: the conversation, system prompt and tools, as /v1/messages takes them."""
+
+    # A tool_choice other than none needs tools (the chat builder's rule), stated for clients and fuzzers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                when(
+                    "tool_choice",
+                    {"type": "object", "properties": {"type": {"enum": ["auto", "any", "tool"]}}, "required": ["type"]},
+                    field_is("tools", {"type": "array", "minItems": 1}),
+                ),
+                # A forced call (any, tool) is the reply: no output format beside it.
+                when(
+                    "tool_choice",
+                    {"type": "object", "properties": {"type": {"enum": ["any", "tool"]}}, "required": ["type"]},
+                    field_absent_or("output_config", {"anyOf": [NULL, field_absent_or("format", NULL)]}),
+                ),
+            ]
+        }
+    )
 
     model: str = Field(description="The served model id or `sahabat-ai`; another is a 404 not_found_error.")
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: Text | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
-    thinking: dict[str, Any] | None = Field(None, description='Only `{"type": "disabled"}`: no extended thinking.')
+    thinking: dict[str, Any] | None = Field(
+        None,
+        description='Only `{"type": "disabled"}`: no extended thinking.',
+        json_schema_extra=schema_is({"anyOf": [_object(type={"type": "string", "enum": ["disabled"]}), NULL]}),
+    )
 
     def refused_thinking(self) -> bool:
         return self.thinking is not None and self.thinking != {"type": "disabled"}
@@ -146,6 +248,7 @@ class MessagesRequest(CountTokensRequest):
         None,
         description='`format` `{"type": "json_schema", "schema": {...}}`: the reply validates against the schema '
         "(constrained decoding); `effort` is accepted and ignored.",
+        json_schema_extra=schema_is(OUTPUT_CONFIG_SCHEMA),
     )
     # Accepted and ignored: they change nothing a single local model does.
     metadata: dict[str, Any] | None = None

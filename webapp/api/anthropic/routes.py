@@ -31,7 +31,7 @@ from webapp.api.openai.protocol import OpenAIToolCall
 from webapp.api.openai.tools import ToolCalls
 from webapp.api.sse import closing, sse_json, sse_response
 from webapp.errors import anthropic_error_body, error_status
-from webapp.middleware.auth import authenticate
+from webapp.middleware.auth import authenticate, client_of
 
 router = APIRouter(prefix="/v1", tags=["Anthropic-compatible"], dependencies=[Depends(authenticate)])
 
@@ -39,7 +39,7 @@ router = APIRouter(prefix="/v1", tags=["Anthropic-compatible"], dependencies=[De
 @router.post("/messages", response_model=MessageResponse, responses=MESSAGE_RESPONSES)
 async def create_message(body: MessagesRequest, request: Request):
     generation, tools = anthropic_request(body, request.app.state.settings, request_id=request.state.request_id)
-    info, stream = await submit_to_model(request.app.state.engine, generation, body.model)
+    info, stream = await submit_to_model(request.app.state.engine, client_of(request, generation), body.model)
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
         return sse_response(_events(closing(stream, through=tools.events), message_id, info.model_id, tools.active))

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from inference import GenerationResult, InferenceError, TextDelta
+from webapp.api.fields import engine_params
 from webapp.api.openai.builder import openai_request
 from webapp.api.openai.logprob_shapes import chat_logprobs
 from webapp.api.openai.models import submit_to_model
@@ -28,7 +29,7 @@ from webapp.api.openai.protocol import (
 from webapp.api.openai.tools import ToolCalls, finish_reason, tool_call_deltas
 from webapp.api.sse import closing, sse_json, sse_response
 from webapp.errors import error_status, openai_error_body
-from webapp.middleware.auth import authenticate
+from webapp.middleware.auth import authenticate, client_of
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 
@@ -36,7 +37,9 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 @router.post("/chat/completions", response_model=OpenAIChatCompletion, responses=COMPLETION_RESPONSES)
 async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     generation, tools = openai_request(body, request.app.state.settings, request_id=request.state.request_id)
-    info, stream = await submit_to_model(request.app.state.engine, generation, body.model)
+    # A forced call's grammar is built from the tools' parameters: a schema the engine cannot enforce is theirs.
+    with engine_params({"response_format": "tools"} if tools.response_format is not None else {}):
+        info, stream = await submit_to_model(request.app.state.engine, client_of(request, generation), body.model)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

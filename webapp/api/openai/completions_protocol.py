@@ -5,10 +5,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from webapp.api.fields import RequestModel, Text, _check_stops, _stop_schema, _valid_unicode
-from webapp.api.openai.protocol import OpenAIUsage, StreamOptions
+from webapp.api.fields import (
+    NULL,
+    STREAM_OPTIONS_NEED_STREAM,
+    RequestModel,
+    Text,
+    _check_stops,
+    _stop_schema,
+    _valid_unicode,
+    field_absent_or,
+    schema_is,
+    when,
+)
+from webapp.api.openai.protocol import RESPONSE_FORMAT_SCHEMA, OpenAIUsage, StreamOptions
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for max_tokens on this route
 MAX_PROMPTS = 16  # prompts in one request: the batched engine's MAX_BATCH on CPU, so one list runs as one batch
@@ -34,6 +45,15 @@ def _off_only_schema(schema: dict[str, Any]) -> None:
 
 class CompletionRequest(RequestModel):
     """`POST /v1/completions`. Fields OpenAI defines that this server cannot honour are a 400, never silence."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                when("echo", {"const": True}, field_absent_or("logprobs", NULL)),  # see unsupported()
+                STREAM_OPTIONS_NEED_STREAM,
+            ]
+        }
+    )
 
     model: str | None = Field(
         None, description="A name `GET /v1/models` lists (the served id or `sahabat-ai`); another is a 404."
@@ -62,7 +82,9 @@ class CompletionRequest(RequestModel):
         None, ge=0, le=MAX_LEGACY_LOGPROBS, description="Each token's logprob and the k most likely alternatives."
     )
     response_format: dict | None = Field(
-        None, description="`json_object` or `json_schema`: the completion is constrained to JSON (docs/api.md)."
+        None,
+        description="`json_object` or `json_schema`: the completion is constrained to JSON (docs/api.md).",
+        json_schema_extra=schema_is(RESPONSE_FORMAT_SCHEMA),
     )
     # Accepted only at the value that means "off": anything else is refused (400, naming the field).
     suffix: str | None = Field(

@@ -7,12 +7,55 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from webapp.api.fields import (
+    FORCED_CALL,
+    NULL,
+    STREAM_OPTIONS_NEED_STREAM,
+    TEXT_FORMAT_ONLY,
     RequestModel,
     Text,
     _check_stops,
     _stop_schema,
     _valid_unicode,
+    field_absent_or,
+    field_is,
+    schema_is,
+    when,
 )
+
+# The shapes `response_format` takes (webapp.api.openai.builder.parse_response_format checks them by hand, so that
+# every refusal names `response_format`). `schema` is any JSON Schema object; whether the engine can enforce it is
+# checked at submit (a 400 too, which no JSON Schema can foretell).
+FORMAT_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+JSON_SCHEMA_SPEC: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": FORMAT_NAME},
+        "schema": {"type": "object", "description": "A JSON Schema."},
+        "strict": {"anyOf": [{"type": "boolean"}, NULL]},
+        "description": {"anyOf": [{"type": "string"}, NULL]},
+    },
+    "required": ["schema"],
+    "additionalProperties": False,
+}
+
+
+def _format_kind(kind: str, **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": [kind]}, **properties},
+        "required": ["type", *properties],
+        "additionalProperties": False,
+    }
+
+
+RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
+    "oneOf": [
+        _format_kind("text"),
+        _format_kind("json_object"),
+        _format_kind("json_schema", json_schema=JSON_SCHEMA_SPEC),
+        NULL,
+    ]
+}
 
 
 class OpenAITextPart(RequestModel):
@@ -119,6 +162,22 @@ class StreamOptions(RequestModel):
 class OpenAIChatCompletionRequest(RequestModel):
     """`POST /v1/chat/completions`. Fields OpenAI defines that this server cannot honour are a 400."""
 
+    # The rules between fields that JSON Schema can state (the builder checks them, webapp.api.openai.builder).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                when("top_logprobs", {"type": "integer"}, field_is("logprobs", {"const": True})),
+                when(
+                    "tool_choice",
+                    {"not": {"anyOf": [NULL, {"const": "none"}]}},
+                    field_is("tools", {"type": "array", "minItems": 1}),
+                ),
+                when("tool_choice", FORCED_CALL, field_absent_or("response_format", TEXT_FORMAT_ONLY)),
+                STREAM_OPTIONS_NEED_STREAM,
+            ]
+        }
+    )
+
     model: str | None = Field(
         None, description="A name `GET /v1/models` lists (the served id or `sahabat-ai`); another is a 404."
     )
@@ -150,11 +209,16 @@ class OpenAIChatCompletionRequest(RequestModel):
         None, description="`auto` (the default with tools), `none`, `required` or a named function."
     )
     functions: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
-    function_call: str | dict | None = Field(None, description="Only `none`.")
+    function_call: str | dict | None = Field(
+        None,
+        description="The legacy field: only `none` (or null); use `tool_choice`.",
+        json_schema_extra=schema_is({"anyOf": [{"type": "string", "enum": ["none"]}, NULL]}),
+    )
     response_format: dict | None = Field(
         None,
         description='`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": '
         '{"name": ..., "schema": {...}, "strict": true}}`: constrained decoding (see docs/api.md).',
+        json_schema_extra=schema_is(RESPONSE_FORMAT_SCHEMA),
     )
     logit_bias: dict | None = Field(None, json_schema_extra={"maxProperties": 0})
     parallel_tool_calls: bool | None = None

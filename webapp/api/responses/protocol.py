@@ -8,10 +8,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from webapp.api.fields import RequestModel, Text
-from webapp.api.openai.protocol import ERRORS, NOT_FOUND
+from webapp.api.fields import (
+    FORCED_CALL,
+    NULL,
+    STREAM_OPTIONS_NEED_STREAM,
+    TEXT_FORMAT_ONLY,
+    RequestModel,
+    Text,
+    field_absent_or,
+    field_is,
+    inline_schema,
+    schema_is,
+    when,
+)
+from webapp.api.openai.protocol import ERRORS, JSON_SCHEMA_SPEC, NOT_FOUND
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 STATELESS = "this server does not store responses: send the whole conversation in `input`"
@@ -78,13 +90,64 @@ class NamedToolChoice(RequestModel):
     name: str
 
 
+def _format_kind(kind: str, required: tuple[str, ...] = (), **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": [kind]}, **properties},
+        "required": ["type", *required],
+        "additionalProperties": False,
+    }
+
+
+# The shapes `text.format` takes (checked by hand in webapp.api.responses.builder, then as chat's response_format).
+TEXT_FORMAT_SCHEMA: dict[str, Any] = {
+    "oneOf": [
+        _format_kind("text"),
+        _format_kind("json_object"),
+        _format_kind("json_schema", ("name", "schema"), **JSON_SCHEMA_SPEC["properties"]),
+        NULL,
+    ]
+}
+
+
 class TextConfig(RequestModel):
     format: dict[str, Any] | None = Field(
         None,
         description='`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "name": ..., '
         '"schema": {...}, "strict": true}`: constrained decoding (see docs/api.md).',
+        json_schema_extra=schema_is(TEXT_FORMAT_SCHEMA),
     )
     verbosity: Literal["low", "medium", "high"] | None = None
+
+
+def _input_schema() -> dict[str, Any]:
+    """`input`'s items as the builder checks them, one by one (kept as dicts in the model so that a 400 names
+    the exact field): a message (text parts only), a function call, a function call's output."""
+    message = inline_schema(MessageItem)
+    message["properties"]["content"] = {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": inline_schema(InputTextPart)}]
+    }
+    items = [message, inline_schema(FunctionCallItem), inline_schema(FunctionCallOutputItem)]
+    return {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": items}}]}
+
+
+def _tools_schema() -> dict[str, Any]:
+    tool = inline_schema(FunctionTool)
+    tool["properties"]["parameters"] = {
+        "anyOf": [{"type": "object", "properties": {"type": {"const": "object"}}, "required": ["type"]}, NULL],
+        "description": 'The JSON Schema of the arguments, of "type": "object" (none: no arguments).',
+    }
+    return {"anyOf": [{"type": "array", "items": tool}, NULL]}
+
+
+TOOL_CHOICE_SCHEMA = {
+    "anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, inline_schema(NamedToolChoice), NULL]
+}
+
+
+def _off_only(*accepted: dict[str, Any]) -> Any:
+    """A field refused (see unsupported()) unless at the value that means "off": `accepted` or null."""
+    return schema_is({"anyOf": [*accepted, NULL]} if accepted else NULL)
 
 
 class ResponsesStreamOptions(RequestModel):
@@ -94,37 +157,63 @@ class ResponsesStreamOptions(RequestModel):
 class ResponsesRequest(RequestModel):
     """`POST /v1/responses`. Stateless: fields that need stored state or tools this server lacks are 400s."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                when(
+                    "tool_choice",
+                    {"not": {"anyOf": [NULL, {"const": "none"}]}},
+                    field_is("tools", {"type": "array", "minItems": 1}),
+                ),
+                when(
+                    "tool_choice",
+                    FORCED_CALL,
+                    field_absent_or("text", {"anyOf": [NULL, field_absent_or("format", TEXT_FORMAT_ONLY)]}),
+                ),
+                STREAM_OPTIONS_NEED_STREAM,
+            ]
+        }
+    )
+
     model: str | None = Field(
         None, description="A name `GET /v1/models` lists (the served id or `sahabat-ai`); another is a 404."
     )
     input: Text | list[dict[str, Any]] = Field(
         description="A user message as a string, or the whole conversation as items: `message` (roles user, "
         "assistant, system, developer; text content), `function_call` and `function_call_output`.",
-        json_schema_extra={"minItems": 1},
+        json_schema_extra=schema_is(_input_schema()),
     )
     instructions: Text | None = Field(None, description="A system message put first.")
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     text: TextConfig | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="Function tools only (`type: function`).")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Function tools only (`type: function`).", json_schema_extra=schema_is(_tools_schema())
+    )
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
-        None, description='`auto` (the default with tools), `none`, `required` or `{"type": "function", "name": ...}`.'
+        None,
+        description='`auto` (the default with tools), `none`, `required` or `{"type": "function", "name": ...}`.',
+        json_schema_extra=schema_is(TOOL_CHOICE_SCHEMA),
     )
     parallel_tool_calls: bool | None = None
     stream: bool | None = False
     stream_options: ResponsesStreamOptions | None = None
     store: bool | None = Field(None, description="Accepted; nothing is ever stored.")
     # Refused unless at the value that means "off" (see unsupported()).
-    previous_response_id: str | None = None
-    conversation: str | dict[str, Any] | None = None
-    background: bool | None = None
-    reasoning: dict[str, Any] | None = None
-    include: list[str] | None = None
-    prompt: dict[str, Any] | None = None
-    max_tool_calls: int | None = None
-    top_logprobs: int | None = Field(None, json_schema_extra={"maximum": 0})
-    truncation: Literal["auto", "disabled"] | None = None
+    previous_response_id: str | None = Field(None, json_schema_extra=_off_only())
+    conversation: str | dict[str, Any] | None = Field(None, json_schema_extra=_off_only())
+    background: bool | None = Field(None, json_schema_extra=_off_only({"type": "boolean", "enum": [False]}))
+    reasoning: dict[str, Any] | None = Field(None, json_schema_extra=_off_only())
+    include: list[str] | None = Field(
+        None, json_schema_extra=_off_only({"type": "array", "items": {"type": "string"}, "maxItems": 0})
+    )
+    prompt: dict[str, Any] | None = Field(None, json_schema_extra=_off_only())
+    max_tool_calls: int | None = Field(None, json_schema_extra=_off_only())
+    top_logprobs: int | None = Field(None, json_schema_extra=_off_only({"type": "integer", "minimum": 0, "maximum": 0}))
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, json_schema_extra=_off_only({"type": "string", "enum": ["disabled"]})
+    )
     # Harmless metadata, accepted and ignored.
     metadata: dict[str, str] | None = None
     user: str | None = None

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from inference import GenerationResult, InferenceError, TextDelta
+from webapp.api.fields import engine_params
 from webapp.api.openai.models import submit_to_model
 from webapp.api.openai.protocol import OpenAIToolCall
 from webapp.api.openai.tools import ToolCalls
@@ -34,7 +35,7 @@ from webapp.api.responses.protocol import (
 )
 from webapp.api.sse import closing, sse_json, sse_response
 from webapp.errors import error_status
-from webapp.middleware.auth import authenticate
+from webapp.middleware.auth import authenticate, client_of
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 
@@ -42,7 +43,9 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 @router.post("/responses", response_model=ResponseObject, responses=RESPONSE_RESPONSES)
 async def create_response(body: ResponsesRequest, request: Request):
     generation, tools = responses_request(body, request.app.state.settings, request_id=request.state.request_id)
-    info, stream = await submit_to_model(request.app.state.engine, generation, body.model)
+    response_format = "tools" if tools.response_format is not None else "text.format"  # a forced call's grammar
+    with engine_params({"messages": "input", "response_format": response_format}):
+        info, stream = await submit_to_model(request.app.state.engine, client_of(request, generation), body.model)
     shell = _shell(body, info.model_id)
     events = closing(stream, through=tools.events)
     if body.stream:

@@ -19,7 +19,7 @@ from webapp.api.spec.protocol import (
     TextGenerationRequest,
 )
 from webapp.api.sse import closing, error_event_data, sse_json, sse_response
-from webapp.middleware.auth import authenticate
+from webapp.middleware.auth import authenticate, client_of
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
@@ -56,6 +56,7 @@ async def _respond(request: Request, body: TextGenerationRequest, system_message
     engine: Engine = request.app.state.engine
     settings = request.app.state.settings
     generation, conversation = spec_request(body, system_message, settings, request_id=request.state.request_id)
+    generation = client_of(request, generation)
     info = engine.ensure_ready()
     stream = await engine.submit(generation)  # a bad or unadmitted request fails here, before any byte is sent
     if body.stream:
