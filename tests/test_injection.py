@@ -211,9 +211,15 @@ class PromptSpy:
             original_forward = engine.model.forward
 
             def forward(*args: Any, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
-                if input_ids is not None and input_ids.shape[1] > 1:  # a prefill, not a decoding step
-                    rows = zip(input_ids, attention_mask, strict=True)
-                    self.calls += [ids[mask.bool()].tolist() for ids, mask in rows]
+                if kwargs.get("logits_to_keep") == 1:  # a prefill (the runner's asks for the last logits only)
+                    # chunked (PREFILL_CHUNK_TOKENS): the mask covers the columns so far, the ids this chunk's
+                    masks = attention_mask[:, -input_ids.shape[1] :]
+                    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, masks, strict=True)]
+                    if kwargs["cache"].get_seq_length() == 0:  # a prompt's first chunk
+                        self.calls += rows
+                    else:
+                        for index, row in enumerate(rows):
+                            self.calls[index - len(rows)] += row
                 return original_forward(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
             patch.setattr(engine.model, "forward", forward)

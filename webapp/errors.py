@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -255,3 +256,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelNotFound, on_known_error)
     app.add_exception_handler(InferenceError, on_known_error)
     app.add_exception_handler(Exception, on_unexpected_error)
+
+
+def rename_param(error: InvalidRequest, renames: Mapping[str, str]) -> None:
+    """An engine's 400 (`InvalidRequest`, raised at submit) names the field in the chat API's terms (`messages`,
+    `response_format`); a route whose body calls it otherwise renames it (`prompt`, `input`, `text.format`)."""
+    if error.param in renames:
+        error.param = renames[error.param]

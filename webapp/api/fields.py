@@ -5,13 +5,11 @@ setting."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
-from inference import InvalidRequest
 from webapp.errors import BadRequest
 from webapp.settings import Settings
 
@@ -134,18 +132,6 @@ def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
     for stop in stops:
         _valid_unicode(stop)
     return value
-
-
-@contextmanager
-def engine_params(renames: dict[str, str]) -> Iterator[None]:
-    """An engine's 400 (`InvalidRequest`, raised at submit) names the field in the chat API's terms (`messages`,
-    `response_format`); a route whose body calls it otherwise renames it here (`prompt`, `input`, `text.format`)."""
-    try:
-        yield
-    except InvalidRequest as error:
-        if error.param in renames:
-            error.param = renames[error.param]
-        raise
 
 
 class ErrorResponse(BaseModel):

@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from inference import GenerationResult, InferenceError, TextDelta
-from webapp.api.fields import engine_params
 from webapp.api.openai.builder import openai_request
 from webapp.api.openai.logprob_shapes import chat_logprobs
 from webapp.api.openai.models import submit_to_model
@@ -38,8 +37,8 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 async def chat_completions(body: OpenAIChatCompletionRequest, request: Request):
     generation, tools = openai_request(body, request.app.state.settings, request_id=request.state.request_id)
     # A forced call's grammar is built from the tools' parameters: a schema the engine cannot enforce is theirs.
-    with engine_params({"response_format": "tools"} if tools.response_format is not None else {}):
-        info, stream = await submit_to_model(request.app.state.engine, client_of(request, generation), body.model)
+    params = {"response_format": "tools"} if tools.response_format is not None else {}
+    info, stream = await submit_to_model(request.app.state.engine, client_of(request, generation), body.model, params)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -17,15 +17,22 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
-from inference import Engine, GenerationRequest, GenerationResult, InferenceError, StreamEvent, TextDelta
+from inference import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    InferenceError,
+    InvalidRequest,
+    StreamEvent,
+    TextDelta,
+)
 from inference.types import TokenLogprob
-from webapp.api.fields import engine_params
 from webapp.api.openai.builder import completion_request
 from webapp.api.openai.completions_protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs
 from webapp.api.openai.models import check_model
 from webapp.api.openai.protocol import COMPLETION_RESPONSES, OpenAIUsage
 from webapp.api.sse import closing, sse_json, sse_response
-from webapp.errors import error_status, openai_error_body
+from webapp.errors import error_status, openai_error_body, rename_param
 from webapp.middleware.auth import authenticate, client_of
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
@@ -66,8 +73,7 @@ async def completions(body: CompletionRequest, request: Request):
     generations = completion_request(body, request.app.state.settings, request_id=request.state.request_id)
     info = engine.ensure_ready()
     check_model(body.model, info)
-    with engine_params({"messages": "prompt"}):  # a prompt over the context
-        streams = await _admit_all(engine, [client_of(request, generation) for generation in generations])
+    streams = await _admit_all(engine, [client_of(request, generation) for generation in generations])
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = [_Choice(g.prompt or "", body.echo) for g in generations]
     logprobs = body.logprobs is not None
@@ -108,11 +114,13 @@ async def _admit_all(engine: Engine, generations: list[GenerationRequest]) -> li
     try:
         for generation in generations:
             streams.append(await engine.submit(generation))
-    except BaseException:
+    except BaseException as error:
         # Not iterated yet, a stream's own cleanup has not started: dropping the last reference releases its place
         # (the engines' finalizers), at once rather than when the traceback that holds this frame goes.
         while streams:
             await streams.pop().aclose()  # type: ignore[attr-defined]
+        if isinstance(error, InvalidRequest):
+            rename_param(error, {"messages": "prompt"})  # a prompt over the context
         raise
     return streams
 

@@ -9,13 +9,13 @@ the name it asked for. A body without `model` gets the served model. Responses a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from fastapi import APIRouter, Depends, Request
 
-from inference import Engine, GenerationRequest, ModelInfo, StreamEvent
+from inference import Engine, GenerationRequest, InvalidRequest, ModelInfo, StreamEvent
 from webapp.api.openai.protocol import ERRORS, NOT_FOUND, OpenAIModel, OpenAIModelList
-from webapp.errors import ModelNotFound
+from webapp.errors import ModelNotFound, rename_param
 from webapp.middleware.auth import authenticate
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
@@ -49,10 +49,15 @@ async def retrieve_model(model_id: str, request: Request) -> OpenAIModel:
 
 
 async def submit_to_model(
-    engine: Engine, generation: GenerationRequest, model: str | None
+    engine: Engine, generation: GenerationRequest, model: str | None, params: Mapping[str, str] | None = None
 ) -> tuple[ModelInfo, AsyncIterator[StreamEvent]]:
     """What every /v1 generation route does once its builder is done: the engine is ready (503 while loading), the
-    body's `model` is one this server answers to (404), and the engine admits the request (its stream)."""
+    body's `model` is one this server answers to (404), and the engine admits the request (its stream). `params`:
+    the route's names for the fields an engine's 400 names in the chat API's terms."""
     info = engine.ensure_ready()
     check_model(model, info)
-    return info, await engine.submit(generation)
+    try:
+        return info, await engine.submit(generation)
+    except InvalidRequest as error:
+        rename_param(error, params or {})
+        raise

@@ -17,7 +17,6 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from inference import GenerationResult, InferenceError, TextDelta
-from webapp.api.fields import engine_params
 from webapp.api.openai.models import submit_to_model
 from webapp.api.openai.protocol import OpenAIToolCall
 from webapp.api.openai.tools import ToolCalls
@@ -44,8 +43,8 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 async def create_response(body: ResponsesRequest, request: Request):
     generation, tools = responses_request(body, request.app.state.settings, request_id=request.state.request_id)
     response_format = "tools" if tools.response_format is not None else "text.format"  # a forced call's grammar
-    with engine_params({"messages": "input", "response_format": response_format}):
-        info, stream = await submit_to_model(request.app.state.engine, client_of(request, generation), body.model)
+    params = {"messages": "input", "response_format": response_format}
+    info, stream = await submit_to_model(request.app.state.engine, client_of(request, generation), body.model, params)
     shell = _shell(body, info.model_id)
     events = closing(stream, through=tools.events)
     if body.stream:
