@@ -106,7 +106,6 @@ class BatchRunner:
         count_tokens: Callable[[int], None],
     ) -> None:
         self._give_back = release
-        self._heap_to_trim = False  # a long row ended: give the heap's free pages back after this iteration
         self._post_many = post_many
         self._count_tokens = count_tokens
         self.batch = Batch()
@@ -152,15 +151,13 @@ class BatchRunner:
                 self._admit(newcomers)
             if len(self.batch):
                 self._step()
-        if self._heap_to_trim:
-            self._heap_to_trim = False
-            release_free_heap()
 
     def _release(self, slots: list[Slot]) -> None:
-        """Rows that ended go back to the engine; after a long one the heap is trimmed (its KV cache and prefill
-        left holes that glibc keeps: docs/operations.md#memory)."""
+        """Rows that ended (their cache rows already dropped) go back to the engine; after a long one the heap is
+        trimmed at once, before its last event is posted (its KV cache and prefill left holes that glibc keeps:
+        docs/operations.md#memory)."""
         if any(len(slot.prompt_ids) + slot.generated >= TRIM_AFTER_TOKENS for slot in slots):
-            self._heap_to_trim = True
+            release_free_heap()
         self._give_back(slots)
 
     def _start_from_a_cached_prefix(self, slot: Slot) -> None:
