@@ -494,12 +494,20 @@ async def run_load(
 
 
 async def discover_model(client: httpx.AsyncClient, target: Target) -> str | None:
-    """The first model id the server lists at GET /models; None while it lists none (e.g. 503 while loading)."""
-    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+    """The first model id the server lists at GET /models; None where it lists none (or has no such route)."""
+    return (await list_models(client, target))[1]
+
+
+async def list_models(client: httpx.AsyncClient, target: Target) -> tuple[int | None, str | None]:
+    """(GET /models' status, None without an answer; the first model id it lists, or None)."""
+    try:
         response = await client.get(f"{target.base_url.rstrip('/')}/models", headers=target.headers())
+    except httpx.HTTPError:
+        return None, None
+    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
         if response.status_code == 200:
-            return str(response.json()["data"][0]["id"])
-    return None
+            return 200, str(response.json()["data"][0]["id"])
+    return response.status_code, None
 
 
 async def wait_ready(target: Target, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -513,7 +521,11 @@ async def wait_ready(target: Target, timeout_s: float, process: subprocess.Popen
                 raise BenchError(f"the server exited with code {process.returncode} before it was ready")
             try:
                 if target.api == "openai" and target.model is None:
-                    target.model = await discover_model(client, target)
+                    status, target.model = await list_models(client, target)
+                    if status == 503:  # still loading: a request now would name no model (and get a 404)
+                        last = "503 from /models"
+                        await asyncio.sleep(0.5)
+                        continue
                 body = target.body("Hi", 1, stream=False)
                 response = await client.post(target.endpoint(), json=body, headers=target.headers())
                 if response.status_code == 200:

@@ -9,6 +9,8 @@ keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,13 +20,14 @@ import pytest
 from bench.gemma_shape import SAHABAT_AI_SHAPE, gemma2_config
 from inference.engines.batched.engine import BatchedEngine
 from inference.engines.memory_budget import ExceedsMemory, MemoryBudget, ModelShape
-from inference.model import memory
+from inference.model import loading, memory
 from inference.model.loading import LoadedModel
 from inference.types import GenerationRequest
 from tests.helpers import APP_AUTH, engine_for, process_status, start_server
 from webapp.settings import Settings
 
 GB = 10**9
+MB = 10**6
 SENTENCE = "kalimat nomor {} tentang pulau Jawa. "
 
 
@@ -94,6 +97,26 @@ def budgeted(settings: Settings, embedded_model: LoadedModel) -> Iterator[Batche
     engine.close()
 
 
+def test_too_little_memory_for_a_modest_request_is_a_warning_at_ready(
+    budgeted: BatchedEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator hears at start-up that the memory left (here 1.1 GB, ~0.05 GB after the reserve) turns away a
+    512-token prompt with 512 new tokens, not from users' 400s; with room for it the line stays an info."""
+    monkeypatch.setattr(loading, "available_memory", lambda _cuda: (1_100_000_000, "test RAM"))
+    with caplog.at_level(logging.INFO, logger="inference.engines.base"):
+        assert budgeted.memory_budget().capacity < GB
+    warned = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warned) == 1 and "a 512-token prompt with as many new tokens needs" in warned[0].getMessage()
+    assert "test RAM" in warned[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(loading, "available_memory", lambda _cuda: (8 * GB, "test RAM"))
+    with caplog.at_level(logging.INFO, logger="inference.engines.base"):
+        budgeted.memory_budget()
+    assert [record.levelno for record in caplog.records if "memory for requests" in record.getMessage()] == [
+        logging.INFO
+    ]
+
+
 async def test_a_request_that_can_never_fit_is_refused_naming_the_limit(budgeted: BatchedEngine) -> None:
     long = raw(prompt_of(budgeted, 600))
     ids = budgeted.prepare(long)
@@ -128,6 +151,29 @@ async def test_a_request_that_cannot_fit_yet_waits_for_the_running_rows(budgeted
         budgeted.memory = budget
 
 
+@pytest.mark.parametrize("kind", ["batched", "sequential"])
+async def test_the_heap_is_given_back_as_a_long_request_ends(
+    settings: Settings, embedded_model: LoadedModel, budgeted: BatchedEngine, kind: str
+) -> None:
+    """A long request's KV cache and prefill leave free heap that glibc keeps in the process's RSS; the engine gives it
+    back (`malloc_trim`) as the request ends, so a trim afterwards finds next to nothing left to return: 0-0.2 MB here,
+    66 MB without the engines' trims (a 3,000-token request: its KV cache), and 69 MB when the native pass still held
+    the cache as the batched engine trimmed. The batched engine on transformers' forward is not a case here: its
+    cache buffers are above the pinned mmap threshold, so they go back to the kernel when freed, trim or not (4 MB
+    without it). RSS against ready after a long conversation is measured on the 9B shape (docs/cpu-quantization.md)."""
+    engine = budgeted if kind == "batched" else engine_for(settings, embedded_model, kind)
+    try:
+        result = await engine.generate(raw(prompt_of(budgeted, 3000), 16))
+        assert result.output_length == 16
+        held = process_status(os.getpid())["RssAnon"]
+        memory.release_free_heap()
+        given_back = held - process_status(os.getpid())["RssAnon"]
+        assert given_back < 24 * MB, f"{given_back / MB:.0f} MB of free heap was still held after the request ended"
+    finally:
+        if engine is not budgeted:
+            engine.close()
+
+
 def _with_capacity(budget: MemoryBudget, capacity: int) -> MemoryBudget:
     return MemoryBudget(budget.shape, capacity, budget.where, budget.prefill_chunk, budget.group_tokens)
 
@@ -137,29 +183,49 @@ def complete(http: httpx.Client, prompt: str) -> httpx.Response:
     return http.post("/v1/completions", json=body)
 
 
-def test_under_an_address_space_limit_the_cap_is_honoured(settings: Settings, budgeted: BatchedEngine) -> None:
-    longest = prompt_of(budgeted, 8192 - 64)
-    probe = start_server(settings)
+# The engines and weights a capped server runs: the default (batched, the native or lean pass), the sequential engine
+# (transformers' generate) and bitsandbytes 8-bit (transformers' forward over Linear8bitLt).
+CAPPED = {"batched": {}, "sequential": {"ENGINE": "sequential"}, "8bit": {"QUANTIZATION": "8bit"}}
+# Prompt lengths tried under the cap, longest first: the longest the context allows never fits what is left; the
+# first one that fits is the closest to the cap, so it is the one most likely to overrun it if the estimate were low.
+DESCENT = (8192 - 64, 4096, 2048, 1024, 512, 256)
+
+
+@pytest.mark.parametrize("env", CAPPED.values(), ids=list(CAPPED))
+def test_under_an_address_space_limit_the_cap_is_honoured(
+    settings: Settings, budgeted: BatchedEngine, env: dict[str, str]
+) -> None:
+    """Under RLIMIT_AS = the ready process's size + 1.42 GB (~0.35 GB for requests after the 1 GB + 5% reserve; the
+    longest prompt needs ~0.54 GB by the estimate), every prompt from the longest down is refused with a 400 naming
+    the limit or served: never a 500 (an allocation failing under the cap) or a dead process. What is left at ready
+    varies by ~0.15 GB between runs (thread arenas), so the test does not fix which lengths fit, only that the longest
+    does not, that some do, and that the answer only turns from 400 to 200 going down. The estimate and the reserve
+    err high: with MEMORY_CHECK=false all six lengths are served under this cap (measured; uncapped, a 5,500-token
+    prompt takes the peak address space 0.4-0.9 GB past ready), so the test shows the limit read and honoured, not
+    a death averted."""
+    probe = start_server(settings, **env)
     try:
         ready_size = process_status(probe.process.pid)["VmSize"]
     finally:
         probe.process.terminate()
         probe.process.wait(timeout=60)
-    # What is left at ready: ~1.42 GB of address space, ~0.35 GB for requests after the reserve (1 GB + 5%): the
-    # 1,200-token prompt needs ~0.24 GB by the estimate, the longest one ~0.54 GB.
-    served = start_server(settings, address_space=ready_size + 1_420_000_000)
+    served = start_server(settings, address_space=ready_size + 1_420_000_000, **env)
     try:
         assert "address space left under this process's limit (RLIMIT_AS)" in served.log()
+        answers: list[int] = []
         with httpx.Client(base_url=served.url, headers=APP_AUTH, timeout=600) as http:
-            refused = complete(http, longest)
-            assert refused.status_code == 400, refused.text
-            assert "of memory" in refused.json()["error"]["message"]
-            assert "RLIMIT_AS" in refused.json()["error"]["message"]
-            answered = complete(http, prompt_of(budgeted, 1200))  # served within the cap (else a 500)
-            assert answered.status_code == 200, answered.text
-            assert answered.json()["usage"]["prompt_tokens"] > 1100
+            for tokens in DESCENT:
+                answer = complete(http, prompt_of(budgeted, tokens))
+                answers.append(answer.status_code)
+                if answer.status_code == 400:
+                    assert "of memory" in answer.json()["error"]["message"] and "RLIMIT_AS" in answer.text, answer.text
+                else:
+                    assert answer.status_code == 200, answer.text  # served within the cap
+                    assert answer.json()["usage"]["prompt_tokens"] > tokens * 0.9
             assert complete(http, "Halo").status_code == 200
-            assert served.process.poll() is None
+        assert answers[0] == 400 and answers[-1] == 200, answers
+        assert answers == sorted(answers, reverse=True), answers  # 400s, then 200s
+        assert served.process.poll() is None
     finally:
         served.process.terminate()
         served.process.wait(timeout=60)

@@ -42,6 +42,8 @@ from inference.types import (
 )
 
 logger = logging.getLogger(__name__)
+# Below what this prompt (with as many new tokens) costs, the memory left at ready is logged as a warning.
+MODEST_PROMPT_TOKENS = 512
 
 ResultListener = Callable[[GenerationRequest, GenerationResult], None]
 
@@ -211,7 +213,19 @@ class LocalEngine(Engine, ABC):
         budget = MemoryBudget.at_ready(
             self.model.config, embedding.element_size(), lambda: loading.available_memory(cuda), chunk, group_tokens
         )
-        logger.info("memory for requests: %s (%s, less a reserve)", gb(budget.capacity), budget.where)
+        modest = budget.cost([2 * MODEST_PROMPT_TOKENS], [MODEST_PROMPT_TOKENS])
+        if budget.capacity < modest:  # the operator should know now, not from users' 400s
+            logger.warning(
+                "memory for requests: %s (%s, less a reserve): a %d-token prompt with as many new tokens needs %s, so "
+                "such requests get a 400 until more is free; give the process more memory (MEMORY_CHECK=false skips "
+                "the check)",
+                gb(budget.capacity),
+                budget.where,
+                MODEST_PROMPT_TOKENS,
+                gb(modest),
+            )
+        else:
+            logger.info("memory for requests: %s (%s, less a reserve)", gb(budget.capacity), budget.where)
         return budget
 
     def prefill_shape(self) -> tuple[int, int]:
