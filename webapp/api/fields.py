@@ -89,6 +89,17 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 NULL: dict[str, Any] = {"type": "null"}
 
 
+def format_kind(kind: str, required: tuple[str, ...] | None = None, **properties: Any) -> dict[str, Any]:
+    """One shape of a response format (`{"type": kind, ...}`, nothing else), for the OpenAPI document's oneOf lists:
+    every property required unless `required` names which."""
+    return {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": [kind]}, **properties},
+        "required": ["type", *(properties if required is None else required)],
+        "additionalProperties": False,
+    }
+
+
 def when(field: str, value: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
     """A rule between fields, in JSON Schema: if `field` is present and matches `value`, the body matches `then`
     (e.g. `top_logprobs` needs `"logprobs": true`). Listed under the model's `allOf`."""

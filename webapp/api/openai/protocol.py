@@ -18,6 +18,7 @@ from webapp.api.fields import (
     _valid_unicode,
     field_absent_or,
     field_is,
+    format_kind,
     schema_is,
     when,
 )
@@ -39,20 +40,11 @@ JSON_SCHEMA_SPEC: dict[str, Any] = {
 }
 
 
-def _format_kind(kind: str, **properties: Any) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"type": {"type": "string", "enum": [kind]}, **properties},
-        "required": ["type", *properties],
-        "additionalProperties": False,
-    }
-
-
 RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
     "oneOf": [
-        _format_kind("text"),
-        _format_kind("json_object"),
-        _format_kind("json_schema", json_schema=JSON_SCHEMA_SPEC),
+        format_kind("text"),
+        format_kind("json_object"),
+        format_kind("json_schema", json_schema=JSON_SCHEMA_SPEC),
         NULL,
     ]
 }

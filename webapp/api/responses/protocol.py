@@ -19,6 +19,7 @@ from webapp.api.fields import (
     Text,
     field_absent_or,
     field_is,
+    format_kind,
     inline_schema,
     schema_is,
     when,
@@ -90,21 +91,12 @@ class NamedToolChoice(RequestModel):
     name: str
 
 
-def _format_kind(kind: str, required: tuple[str, ...] = (), **properties: Any) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"type": {"type": "string", "enum": [kind]}, **properties},
-        "required": ["type", *required],
-        "additionalProperties": False,
-    }
-
-
 # The shapes `text.format` takes (checked by hand in webapp.api.responses.builder, then as chat's response_format).
 TEXT_FORMAT_SCHEMA: dict[str, Any] = {
     "oneOf": [
-        _format_kind("text"),
-        _format_kind("json_object"),
-        _format_kind("json_schema", ("name", "schema"), **JSON_SCHEMA_SPEC["properties"]),
+        format_kind("text"),
+        format_kind("json_object"),
+        format_kind("json_schema", ("name", "schema"), **JSON_SCHEMA_SPEC["properties"]),
         NULL,
     ]
 }
